@@ -1,0 +1,91 @@
+"""`sft-launch`: the command line. Parses arguments, loads the config, and hands over to the controller.
+
+Bad input (a ConfigError) is printed as one paragraph, without a traceback, with exit code 2.
+Imports nothing heavy at module level: `--help` and config errors answer at once.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from launcher.config import ConfigError, RunConfig, load_config, to_dict
+
+EXIT_CONFIG = 2  # bad input: config, data, CLI
+EXIT_FAILED = 1  # the run failed (a worker error, the cluster)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sft-launch",
+        description="Supervised fine-tuning on a Ray cluster with DeepSpeed ZeRO workers.")
+    p.add_argument("config", help="YAML run config (see configs/)")
+    p.add_argument("--nodes", type=int, help="nodes to spread the workers over (scaling.nodes)")
+    p.add_argument("--workers-per-node", type=int, help="workers on each node (scaling.workers_per_node)")
+    p.add_argument("--address", help="an existing Ray cluster ('auto' or host:port; default: RAY_ADDRESS, "
+                                     "else a private local instance)")
+    p.add_argument("--output", help="output directory (output_dir)")
+    p.add_argument("--resume", nargs="?", const="", metavar="PATH",
+                   help="continue from the latest complete checkpoint in output_dir, or from PATH")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, typed like YAML (repeatable), e.g. --set optim.lr=3e-5")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config and the plan; start nothing")
+    return p
+
+
+def resolve(args: argparse.Namespace) -> RunConfig:
+    overrides = list(args.set)
+    if args.nodes is not None:
+        overrides.append(f"scaling.nodes={args.nodes}")
+    if args.workers_per_node is not None:
+        overrides.append(f"scaling.workers_per_node={args.workers_per_node}")
+    if args.output is not None:
+        overrides.append(f"output_dir={args.output}")
+    cfg = load_config(args.config, overrides)
+    if args.output is None and cfg.output_dir == "runs/default":
+        cfg = dataclasses.replace(cfg, output_dir=str(Path("runs") / Path(args.config).stem))
+    return cfg
+
+
+def cache_dir() -> str:
+    return os.environ.get("SFT_CACHE_DIR") or str(Path.home() / ".cache" / "sft")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        cfg = resolve(args)
+        if args.dry_run:
+            from launcher.plan import describe, make_plan
+
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
+            print("---")
+            print(describe(make_plan(cfg, cache_dir()), cfg))
+            return 0
+        from launcher.controller import launch
+
+        launch(cfg, args.address, args.resume, cache_dir())
+        return 0
+    except ConfigError as err:
+        print(f"sft-launch: error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        print("sft-launch: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        from launcher.ray_job import LaunchError
+
+        if isinstance(err, LaunchError):
+            print(f"sft-launch: the run failed: {err}", file=sys.stderr)
+            return EXIT_FAILED
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

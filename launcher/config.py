@@ -1,0 +1,403 @@
+"""Typed run configuration: YAML file -> frozen dataclasses, validated at load.
+
+Owns the config schema, its defaults (each written once, here) and every check that the config alone
+can tell. Imports only the stdlib and yaml: both the launcher and the workers import it, and it must
+stay cheap enough for `sft-launch --help` on any machine.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Bad user input. The message names the file and the dotted key."""
+
+
+TASKS = ("causal_lm",)
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # A hub id, a local directory, or "pkg:<python package>[/sub/dir]" for weights shipped in a package.
+    name_or_path: Optional[str] = None
+    # A GGUF file inside name_or_path; it is de-quantized once and cached as safetensors.
+    gguf_file: Optional[str] = None
+    # An inline architecture (a transformers config as a mapping with `model_type`) to build from scratch.
+    architecture: Optional[dict] = None
+    # Tokenizer location when it differs from name_or_path (required with `architecture`).
+    tokenizer: Optional[str] = None
+    task: str = "causal_lm"
+
+    def __post_init__(self) -> None:
+        if (self.name_or_path is None) == (self.architecture is None):
+            raise ValueError("give exactly one of model.name_or_path (pretrained weights) and "
+                             "model.architecture (build from scratch)")
+        if self.architecture is not None:
+            if "model_type" not in self.architecture:
+                raise ValueError("model.architecture needs a 'model_type' key (e.g. gpt2, llama, bert)")
+            if self.tokenizer is None:
+                raise ValueError("model.tokenizer is required with model.architecture: a model built "
+                                 "from scratch has no tokenizer of its own")
+        if self.gguf_file is not None and self.name_or_path is None:
+            raise ValueError("model.gguf_file needs model.name_or_path, the directory that holds it")
+        if self.task not in TASKS:
+            raise ValueError(f"model.task must be one of {', '.join(TASKS)}, got {self.task!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_file: Optional[str] = None
+    validation_file: Optional[str] = None
+    test_file: Optional[str] = None
+    # A `datasets` name (hub or local script), used when no train_file is given.
+    dataset: Optional[str] = None
+    dataset_config: Optional[str] = None
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    messages_column: str = "messages"
+    # How a prompt/response pair becomes text: the tokenizer's chat template, or prompt + response + eos.
+    template: Literal["auto", "chat", "plain"] = "auto"
+    max_length: int = 512
+    # Used when only a training set is given: train / validation / test fractions of it.
+    fractions: tuple[float, ...] = (0.8, 0.1, 0.1)
+    split_seed: Optional[int] = None  # defaults to the run's seed
+
+    def __post_init__(self) -> None:
+        if self.train_file is None and self.dataset is None:
+            raise ValueError("data needs a source: set data.train_file (jsonl/json/csv/parquet) or data.dataset")
+        if self.max_length < 8:
+            raise ValueError(f"data.max_length must be at least 8, got {self.max_length}")
+        if len(self.fractions) != 3 or any(f <= 0 for f in self.fractions) or abs(sum(self.fractions) - 1) > 1e-6:
+            raise ValueError(f"data.fractions must be three positive numbers (train, validation, test) "
+                             f"summing to 1, got {list(self.fractions)}")
+        if (self.validation_file is None) != (self.test_file is None) and self.train_file is not None:
+            raise ValueError("give both data.validation_file and data.test_file, or neither "
+                             "(then data.fractions splits data.train_file)")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    mode: Literal["global", "local"] = "global"
+    # fnmatch patterns over parameter names, used when mode is "local".
+    train: tuple[str, ...] = ()
+    freeze: tuple[str, ...] = ()
+    train_last_layers: Optional[int] = None  # the last K transformer blocks train
+    train_embeddings: Optional[bool] = None  # None: as the rules above leave them
+    train_head: Optional[bool] = None  # the output head (the embeddings too when they are tied)
+
+    def __post_init__(self) -> None:
+        local_keys = [k for k in ("train", "freeze", "train_last_layers", "train_embeddings", "train_head")
+                      if getattr(self, k) not in (None, ())]
+        if self.mode == "global" and local_keys:
+            raise ValueError(f"finetune.mode is 'global' (every weight trains) but finetune.{local_keys[0]} "
+                             f"is set: use finetune.mode: local for selective freezing")
+        if self.mode == "local" and not local_keys:
+            raise ValueError("finetune.mode is 'local' but no rule is given: set finetune.train, "
+                             "finetune.freeze, finetune.train_last_layers, train_embeddings or train_head")
+        if self.train_last_layers is not None and self.train_last_layers < 0:
+            raise ValueError(f"finetune.train_last_layers must be >= 0, got {self.train_last_layers}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, ...] = (0.9, 0.999)
+    scheduler: str = "cosine"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"optim.scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if self.warmup_steps < 0 or not 0 <= self.warmup_ratio < 1:
+            raise ValueError("optim.warmup_steps must be >= 0 and optim.warmup_ratio in [0, 1)")
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("set optim.warmup_steps or optim.warmup_ratio, not both")
+        if self.max_grad_norm < 0:
+            raise ValueError(f"optim.max_grad_norm must be >= 0 (0 turns clipping off), got {self.max_grad_norm}")
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas must be two numbers, got {list(self.betas)}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: float = 1.0
+    max_steps: Optional[int] = None  # optimizer steps; overrides epochs
+    micro_batch_size: int = 4  # per worker, per forward/backward pass
+    gradient_accumulation: int = 1
+    eval_every: int = 50  # optimizer steps
+    save_every: Optional[int] = None  # optimizer steps; defaults to eval_every
+    keep_last: int = 2
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        for key in ("micro_batch_size", "gradient_accumulation", "eval_every", "keep_last", "log_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"train.max_steps must be >= 1, got {self.max_steps}")
+        if self.epochs <= 0:
+            raise ValueError(f"train.epochs must be > 0, got {self.epochs}")
+        if self.save_every is not None and self.save_every < 1:
+            raise ValueError(f"train.save_every must be >= 1, got {self.save_every}")
+
+    @property
+    def save_interval(self) -> int:
+        return self.save_every if self.save_every is not None else self.eval_every
+
+
+@dataclass(frozen=True)
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    offload: Literal["none", "cpu"] = "none"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # A DeepSpeed JSON file passed through; batch sizes and the optimizer still come from this config.
+    config_file: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.offload == "cpu" and self.zero_stage == 0:
+            raise ValueError("deepspeed.offload: cpu needs deepspeed.zero_stage 1, 2 or 3")
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    nodes: int = 1
+    workers_per_node: int = 2
+    cpus_per_worker: int = 1
+    gpus_per_worker: Optional[float] = None  # None: 1 where the cluster has GPUs, else 0
+
+    def __post_init__(self) -> None:
+        for key in ("nodes", "workers_per_node", "cpus_per_worker"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"scaling.{key} must be >= 1, got {getattr(self, key)}")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise ValueError(f"scaling.gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.workers_per_node
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig
+    data: DataConfig
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    output_dir: str = "runs/default"
+    seed: int = 42
+
+    @property
+    def split_seed(self) -> int:
+        return self.seed if self.data.split_seed is None else self.data.split_seed
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false", dict: "a mapping"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check one scalar/list value against its annotation; lists become tuples."""
+    origin = typing.get_origin(tp)
+    wrong = ConfigError(f"{where}: {key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key, where)
+            except ConfigError:
+                pass
+        raise wrong
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise wrong
+    if origin is tuple:
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise wrong
+        return tuple(_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]", where) for i, v in enumerate(value))
+    if tp is type(None):
+        if value is None:
+            return None
+        raise wrong
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise wrong
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise wrong
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise wrong
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise wrong
+    if tp is dict:
+        if isinstance(value, dict):
+            return value
+        raise wrong
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+def _build(cls: type, raw: Any, where: str, prefix: str = "") -> Any:
+    if not isinstance(raw, dict):
+        name = prefix.rstrip(".") or "the top level"
+        raise ConfigError(f"{where}: {name} must be a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in sorted(raw.keys() - set(names), key=str):
+        close = difflib.get_close_matches(str(key), names, n=1)
+        hint = f" Did you mean '{prefix}{close[0]}'?" if close else f" Known keys: {', '.join(names)}."
+        raise ConfigError(f"{where}: unknown key '{prefix}{key}'.{hint}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}: missing required section '{prefix}{f.name}'")
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, raw[f.name] if raw[f.name] is not None else {}, where,
+                                    f"{prefix}{f.name}.")
+        else:
+            kwargs[f.name] = _coerce(raw[f.name], tp, prefix + f.name, where)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`optim.lr=3e-5` -> (["optim", "lr"], 3e-5); the value is typed like YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set optim.lr=3e-5")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = dict(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[part] = child
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: YAML syntax error{at}: {problem}") from None
+    if raw is None:
+        raise ConfigError(f"{path}: the config file is empty")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of sections (model, data, ...), "
+                          f"got {type(raw).__name__}")
+    return raw
+
+
+def from_dict(raw: dict, where: str = "<config>") -> RunConfig:
+    return _build(RunConfig, raw, where)
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML file, apply `--set key=value` overrides, validate, and resolve relative paths.
+
+    Relative data, model and tokenizer paths are taken relative to the config file when they exist
+    there, so a config works from any working directory; output_dir stays relative to the caller.
+    """
+    path = Path(path)
+    raw = apply_overrides(read_yaml(path), list(overrides))
+    cfg = from_dict(raw, str(path))
+    return resolve_paths(cfg, path.parent)
+
+
+def _resolve(value: Optional[str], base: Path) -> Optional[str]:
+    if value is None or value.startswith("pkg:") or Path(value).is_absolute():
+        return value
+    candidate = base / value
+    return str(candidate.resolve()) if candidate.exists() else value
+
+
+def resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
+    data = dataclasses.replace(cfg.data, **{k: _resolve(getattr(cfg.data, k), base)
+                                            for k in ("train_file", "validation_file", "test_file")})
+    model = dataclasses.replace(cfg.model, name_or_path=_resolve(cfg.model.name_or_path, base),
+                                tokenizer=_resolve(cfg.model.tokenizer, base))
+    ds = dataclasses.replace(cfg.deepspeed, config_file=_resolve(cfg.deepspeed.config_file, base))
+    return dataclasses.replace(cfg, data=data, model=model, deepspeed=ds)
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    """Plain dict (lists, not tuples) that `from_dict` reads back into an equal config."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+    return plain(dataclasses.asdict(cfg))

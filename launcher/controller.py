@@ -1,0 +1,188 @@
+"""The controller: runs a job from preflight to the final summary, on the driver.
+
+It receives validation metrics while training runs (one printed line per evaluation), tracks the
+best, prunes checkpoints (last keep_last + best), then runs the test evaluation on the final sharded
+checkpoint in a fresh worker group and writes test_metrics.json, run_summary.json, TensorBoard test
+scalars and the exported model. Never imports deepspeed.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from launcher.config import ConfigError, RunConfig, to_dict
+from trainer import checkpoints
+
+METRICS = ("loss", "perplexity", "token_accuracy")
+
+
+def _say(text: str) -> None:
+    print(f"[sft] {text}", flush=True)
+
+
+def resolve_resume(out: Path, resume: Optional[str]) -> Optional[Path]:
+    """--resume with no path: the latest complete checkpoint of the run in `out`."""
+    if resume is None:
+        return None
+    if resume:
+        path = Path(resume)
+        if not checkpoints.is_complete(path):
+            raise ConfigError(f"--resume {resume}: not a complete checkpoint folder "
+                              f"(expected {checkpoints.STATE_FILE}, the '{checkpoints.TAG}' shards and every "
+                              f"rank's RNG file)")
+        return path.resolve()
+    found = checkpoints.find_checkpoints(out / "checkpoints")
+    if not found:
+        raise ConfigError(f"--resume: no complete checkpoint under {out / 'checkpoints'}; "
+                          f"start the run without --resume")
+    return found[-1][1].resolve()
+
+
+def guard_output(out: Path, resuming: bool) -> None:
+    """A new run never overwrites what an earlier run left in its output directory."""
+    if not resuming and ((out / "checkpoints").exists() or (out / "run_summary.json").exists()):
+        raise ConfigError(f"output_dir {out} already holds a run; pass --resume to continue it, or choose "
+                          f"another directory with --output")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"output_dir {out}: not writable ({err.strerror})") from None
+
+
+@dataclass
+class Controller:
+    cfg: RunConfig
+    out: Path
+    protected: set = field(default_factory=set)
+    history: list = field(default_factory=list)
+    best: Optional[dict] = None
+    ranks: dict = field(default_factory=dict)
+    last_checkpoint: Optional[Path] = None
+
+    def on_train_report(self, item: dict) -> None:
+        per_rank = item["metrics"]
+        for rank, m in enumerate(per_rank):
+            self.ranks[rank] = m.get("where")
+        m = per_rank[0]
+        if "val_loss" in m:
+            entry = {"step": int(m["step"]), **{k: m[f"val_{k}"] for k in METRICS}}
+            self.history.append(entry)
+            if self.best is None or entry["loss"] < self.best["loss"]:
+                self.best = dict(entry)
+            _say(f"eval  step {entry['step']}: val loss {entry['loss']:.4f}  ppl {entry['perplexity']:.2f}  "
+                 f"token acc {entry['token_accuracy']:.3f}  (best {self.best['loss']:.4f} at step "
+                 f"{self.best['step']})")
+        if item["checkpoint"]:
+            self.last_checkpoint = Path(item["checkpoint"])
+            if self.best is not None and self.best["step"] == int(m["step"]):
+                self.best["checkpoint"] = str(self.last_checkpoint)
+            self.prune()
+
+    def prune(self) -> None:
+        found = checkpoints.find_checkpoints(self.out / "checkpoints")
+        scored = [(step, path, checkpoints.read_state(path).metrics.get("val_loss")) for step, path in found]
+        keep = checkpoints.retained(scored, self.cfg.train.keep_last,
+                                    self.protected | ({self.last_checkpoint} if self.last_checkpoint else set()))
+        for _, path, _ in scored:
+            if path not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _next_attempt(root: Path) -> int:
+    return 1 + len([p for p in root.glob("attempt-*") if p.is_dir()]) if root.is_dir() else 1
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+def _tensorboard_test(out: Path, step: int, before: dict, after: dict) -> None:
+    """test/<metric> at the final step; test_before/<metric> beside it for comparison."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(out / "tensorboard")) as writer:
+        for k in METRICS:
+            writer.add_scalar(f"test/{k}", after[k], step)
+            writer.add_scalar(f"test_before/{k}", before[k], step)
+
+
+def launch(cfg: RunConfig, address: Optional[str], resume: Optional[str], cache_dir: str) -> dict:
+    """Preflight, train, test, export. Returns the run summary."""
+    from launcher import plan as plan_mod
+    from launcher import ray_job
+
+    started_at = time.time()
+    out = Path(cfg.output_dir).resolve()
+    resume_from = resolve_resume(out, resume)
+    guard_output(out, resuming=resume is not None)
+    _say("preflight: checking data, tokenizer, model config and freezing rules")
+    plan = plan_mod.make_plan(cfg, cache_dir)
+    for line in plan_mod.describe(plan, cfg).splitlines():
+        _say(line)
+    if resume_from:
+        _say(f"resuming from {resume_from} (step {checkpoints.read_state(resume_from).step})")
+
+    ckpt_root = out / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    ctl = Controller(cfg, out, protected={resume_from} if resume_from else set())
+    attempt = f"attempt-{_next_attempt(ckpt_root)}"
+    started_ray = ray_job.start_ray(address)
+    try:
+        _say(f"training: {cfg.scaling.world_size} worker(s), checkpoints in {ckpt_root / attempt}")
+        ray_job.fit(cfg, ray_job.train_worker,
+                    {"cache_dir": cache_dir, "tensorboard_dir": str(out / "tensorboard"),
+                     "resume_from": str(resume_from) if resume_from else None},
+                    ckpt_root, attempt, ctl.on_train_report)
+        found = checkpoints.find_checkpoints(ckpt_root)
+        if not found:
+            raise ray_job.LaunchError("training ended without a complete checkpoint")
+        final_step, final = found[-1]
+        _say(f"test evaluation on the final checkpoint {final} (and on the model before fine-tuning)")
+        test: dict = {}
+        with tempfile.TemporaryDirectory(prefix="sft-test-") as scratch:
+            ray_job.fit(cfg, ray_job.test_worker,
+                        {"cache_dir": cache_dir, "final_checkpoint": str(final),
+                         "export_dir": str(out / "final_model")},
+                        Path(scratch), "test", lambda item: test.update(item["metrics"][0]))
+    finally:
+        ray_job.stop_ray(started_ray)
+
+    before = {k: test[f"before_{k}"] for k in (*METRICS, "tokens", "examples")}
+    after = {k: test[f"after_{k}"] for k in (*METRICS, "tokens", "examples")}
+    _write_json(out / "test_metrics.json", {"before": before, "after": after, "step": final_step,
+                                            "checkpoint": str(final)})
+    _tensorboard_test(out, final_step, before, after)
+    best_validation = ctl.best or (ctl.history[-1] if ctl.history else None)
+    summary = {
+        "global_step": final_step,
+        "world_size": cfg.scaling.world_size,
+        "nodes": cfg.scaling.nodes,
+        "final_checkpoint": str(final),
+        "checkpoints": [str(p) for _, p in checkpoints.find_checkpoints(ckpt_root)],
+        "best_validation": best_validation,
+        "validation_history": ctl.history,
+        "test": {"before": before, "after": after},
+        "final_model": str(out / "final_model"),
+        "tensorboard": str(out / "tensorboard"),
+        "resumed_from": str(resume_from) if resume_from else None,
+        "attempt": attempt,
+        "ranks": [{"rank": r, **(w or {})} for r, w in sorted(ctl.ranks.items())],
+        "trainable_parameters": plan.trainable,
+        "total_parameters": plan.total,
+        "elapsed_s": round(time.time() - started_at, 1),
+        "config": to_dict(cfg),
+    }
+    _write_json(out / "run_summary.json", summary)
+    _say(f"test loss {before['loss']:.4f} -> {after['loss']:.4f}  token acc {before['token_accuracy']:.3f} -> "
+         f"{after['token_accuracy']:.3f}  (step {final_step}); results in {out}")
+    return summary

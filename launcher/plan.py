@@ -1,0 +1,71 @@
+"""Preflight: everything that can be checked before a worker starts, and the plan it prints.
+
+Reads the data files and their columns, loads the tokenizer and the model's config, applies the
+freezing rules to a meta-device skeleton (no weights loaded), and derives batch sizes and steps.
+A failure is a ConfigError naming the key or file; nothing here starts Ray. Never imports deepspeed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from launcher.config import RunConfig
+
+
+@dataclass(frozen=True)
+class Plan:
+    world_size: int
+    micro_batch_size: int
+    global_batch_size: int
+    rows: dict[str, int]
+    steps: int
+    trainable: int
+    total: int
+    freezing: str
+    model_dir: str | None
+
+
+def make_plan(cfg: RunConfig, cache_dir: str) -> Plan:
+    from trainer.data import load_splits, record_kind
+    from trainer.freezing import describe_layout, select_trainable, summarize
+    from trainer.model import build_skeleton, load_tokenizer, prepare_pretrained
+    from trainer.splits import total_steps
+
+    splits = load_splits(cfg)
+    for split in splits:
+        if not split.records:
+            from launcher.config import ConfigError
+            raise ConfigError(f"{split.source}: the {split.name} split is empty")
+        record_kind(list(split.records[0].keys()), cfg.data, split.source)
+    model_dir = prepare_pretrained(cfg.model, cache_dir)
+    load_tokenizer(cfg.model, model_dir)
+    skeleton = build_skeleton(cfg.model, model_dir)
+    sizes = [(n, p.numel()) for n, p in skeleton.named_parameters()]
+    layout = describe_layout(skeleton)
+    trainable = select_trainable([n for n, _ in sizes], cfg.finetune, layout)
+    world = cfg.scaling.world_size
+    t = cfg.train
+    n_train = len(splits[0].records)
+    return Plan(
+        world_size=world, micro_batch_size=t.micro_batch_size,
+        global_batch_size=t.micro_batch_size * t.gradient_accumulation * world,
+        rows={s.name: len(s.records) for s in splits},
+        steps=total_steps(n_train, world, t.micro_batch_size, t.gradient_accumulation, t.epochs, t.max_steps),
+        trainable=sum(s for n, s in sizes if n in trainable), total=sum(s for _, s in sizes),
+        freezing=summarize(sizes, trainable, layout), model_dir=model_dir)
+
+
+def describe(plan: Plan, cfg: RunConfig) -> str:
+    t = cfg.train
+    rows = ", ".join(f"{k} {v}" for k, v in plan.rows.items())
+    return "\n".join([
+        f"world size {plan.world_size} ({cfg.scaling.nodes} node(s) x {cfg.scaling.workers_per_node} worker(s)); "
+        f"micro batch {plan.micro_batch_size} per worker x accumulation {t.gradient_accumulation} "
+        f"= global batch {plan.global_batch_size}",
+        f"data: {rows} rows; {plan.steps} optimizer steps "
+        f"({'train.max_steps' if t.max_steps else f'{t.epochs:g} epoch(s)'}), eval every {t.eval_every}, "
+        f"checkpoint every {t.save_interval}, keep last {t.keep_last} + best",
+        f"model: {cfg.model.name_or_path or 'inline ' + str(cfg.model.architecture.get('model_type'))}; "
+        f"{plan.freezing}",
+        f"deepspeed: ZeRO stage {cfg.deepspeed.zero_stage}, precision {cfg.deepspeed.precision}, "
+        f"offload {cfg.deepspeed.offload}",
+    ])

@@ -1,0 +1,256 @@
+"""Ray side: start or join a cluster, check its resources, run worker groups with Ray Train.
+
+Owns everything that touches ray: the TorchTrainer for training and for test evaluation, the
+reporting seam's Ray implementation, and the callback that forwards live metrics to the driver.
+Imports ray inside functions (and never deepspeed) so `sft-launch --help` stays instant.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Optional
+
+from launcher.config import ConfigError, RunConfig, from_dict
+
+# Environment for the driver, the raylet and every worker: quiet, and no Ray features we do not use.
+RAY_ENV = {
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # prints would be shown twice
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",  # a report blocks until the controller polls
+    "RAY_DEDUP_LOGS": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "PYTHONWARNINGS": "ignore",
+}
+
+
+class LaunchError(RuntimeError):
+    """The cluster cannot run the job as asked (missing resources, a failed worker group)."""
+
+
+def _quiet_worker_logs() -> None:
+    """worker_process_setup_hook: silence loggers that print every second or on every import."""
+    for name in ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
+                 "ray.train", "ray.data", "DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # Ray Train 2.60 names this logger by file path, so its log-level setting misses it: it would
+    # print every report's full metrics twice per rank.
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def start_ray(address: Optional[str]) -> bool:
+    """Join `address` (or RAY_ADDRESS), else start a private local instance on loopback.
+
+    Returns True when this process started the instance (and so must stop it).
+    """
+    # Ray reads its environment (auth mode and token above all) once, at import: set it first.
+    for key, value in RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address and "RAY_AUTH_MODE" not in os.environ:
+        import secrets
+
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # per run, in memory only
+    import ray
+
+    common = dict(logging_level=logging.ERROR, log_to_driver=True, configure_logging=True,
+                  runtime_env={"env_vars": {k: os.environ[k] for k in RAY_ENV},
+                               "worker_process_setup_hook": "launcher.ray_job._quiet_worker_logs"})
+    if address:
+        ray.init(address=address, **common)
+        return False
+    # The embedded default: a fresh instance for this run only (never attach to whatever runs on the
+    # host), token authentication on, listening on loopback, no dashboard.
+    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **common)
+    return True
+
+
+def stop_ray(started: bool) -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def cluster_gpus_per_node() -> list[float]:
+    import ray
+
+    return [n["Resources"].get("GPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+
+
+def check_resources(cfg: RunConfig, gpus_per_worker: float) -> None:
+    """Fail within seconds, saying what is missing, when the cluster cannot place the workers."""
+    import ray
+
+    s = cfg.scaling
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    need_cpu, need_gpu = s.workers_per_node * s.cpus_per_worker, s.workers_per_node * gpus_per_worker
+    fitting = [r for r in nodes if r.get("CPU", 0) >= need_cpu and r.get("GPU", 0) >= need_gpu]
+    if len(fitting) >= s.nodes:
+        return
+    total_cpu = sum(r.get("CPU", 0) for r in nodes)
+    total_gpu = sum(r.get("GPU", 0) for r in nodes)
+    raise LaunchError(
+        f"the Ray cluster cannot place {s.nodes} node(s) x {s.workers_per_node} worker(s): each node needs "
+        f"{need_cpu:g} CPU(s){f' and {need_gpu:g} GPU(s)' if need_gpu else ''} free, and {len(fitting)} of its "
+        f"{len(nodes)} node(s) have that (cluster total: {total_cpu:g} CPUs, {total_gpu:g} GPUs). Lower "
+        f"--nodes / --workers-per-node / scaling.cpus_per_worker, or add nodes to the cluster.")
+
+
+# ---------------------------------------------------------------- worker side
+
+
+class RayReporter:
+    """trainer.report.Reporter over ray.train.report; adds where this rank runs."""
+
+    def __init__(self):
+        import ray
+
+        self._where = {"node_id": ray.get_runtime_context().get_node_id(),
+                       "ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname()}
+
+    def report(self, metrics, checkpoint=None, name=None):
+        import ray.train
+
+        payload = {**metrics, "where": self._where}
+        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint is not None else None
+        ray.train.report(payload, checkpoint=ckpt, checkpoint_dir_name=name)
+
+
+def _worker_args(loop_config: dict):
+    args = dict(loop_config["args"])
+    if not args.pop("use_gpu"):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would probe for GPUs and warn
+    from trainer.loop import WorkerArgs
+
+    return from_dict(loop_config["cfg"]), WorkerArgs(**args)
+
+
+def train_worker(loop_config: dict) -> None:
+    import dataclasses
+
+    import ray.train
+
+    from trainer import loop
+
+    cfg, args = _worker_args(loop_config)
+    latest = ray.train.get_checkpoint()  # set when Ray restarted the worker group mid-run
+    if latest is not None:
+        with latest.as_directory() as d:
+            loop.run(cfg, RayReporter(), dataclasses.replace(args, restart_from=d))
+    else:
+        loop.run(cfg, RayReporter(), args)
+
+
+def test_worker(loop_config: dict) -> None:
+    from trainer import loop
+
+    cfg, args = _worker_args(loop_config)
+    loop.run_test(cfg, RayReporter(), args)
+
+
+# ---------------------------------------------------------------- driver side
+
+
+def _forwarding_callback(q):
+    from ray.train import UserCallback
+
+    class Forward(UserCallback):
+        """Runs in Ray Train's controller; hands every report to the driver through a queue actor."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            path = checkpoint.path if checkpoint is not None else None
+            q.actor.put_nowait.remote({"metrics": metrics, "checkpoint": path})
+
+    return Forward()
+
+
+def _unwrap(err: BaseException) -> BaseException:
+    """The user-facing error inside Ray's wrappers (a worker's ConfigError, say)."""
+    failures = getattr(err, "worker_failures", None)
+    if failures:
+        err = failures[min(failures)]
+    for _ in range(5):
+        cause = getattr(err, "cause", None) or err.__cause__
+        if cause is None or cause is err:
+            break
+        err = cause
+    return err
+
+
+def fit(cfg: RunConfig, worker: Callable, args: dict, storage: Path, name: str,
+        on_report: Callable[[dict], None], max_failures: int = 0):
+    """Run `worker` on the configured worker group; call `on_report` on the driver for every report."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Empty, Queue
+
+    s = cfg.scaling
+    gpus = s.gpus_per_worker if s.gpus_per_worker is not None else (1.0 if any(cluster_gpus_per_node()) else 0.0)
+    check_resources(cfg, gpus)
+    if s.nodes == 1:
+        strategy = "PACK"
+    else:
+        strategy = "STRICT_SPREAD" if s.workers_per_node == 1 else "SPREAD"
+    q = Queue()
+    args = {**args, "threads": s.cpus_per_worker, "use_gpu": gpus > 0}
+    trainer = TorchTrainer(
+        train_loop_per_worker=worker,
+        train_loop_config={"cfg": _plain(cfg), "args": args},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=s.world_size, use_gpu=gpus > 0, placement_strategy=strategy,
+            resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": gpus} if gpus > 0 else {})}),
+        torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=str(storage),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),  # retention: controller
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            callbacks=[_forwarding_callback(q)],
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+    )
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # handed to the main thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    thread.start()
+
+    def drain(block_s: float) -> None:
+        while True:
+            try:
+                item = q.get(timeout=block_s) if block_s else q.get_nowait()
+            except Empty:
+                return
+            on_report(item)
+            block_s = 0
+
+    while thread.is_alive():
+        drain(0.5)
+        thread.join(timeout=0.01)
+    drain(0)
+    if "error" in outcome:
+        inner = _unwrap(outcome["error"])
+        if isinstance(inner, ConfigError):
+            raise inner
+        raise LaunchError(f"{type(inner).__name__}: {str(inner).strip().splitlines()[-1] if str(inner).strip() else ''}") \
+            from outcome["error"]
+    return outcome["result"]
+
+
+def _plain(cfg: RunConfig) -> dict:
+    from launcher.config import to_dict
+
+    return to_dict(cfg)

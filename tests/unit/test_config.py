@@ -1,0 +1,109 @@
+"""Config loading: typed sections, clear errors naming the dotted key, overrides typed like YAML."""
+from pathlib import Path
+
+import pytest
+
+from launcher.config import ConfigError, from_dict, load_config, to_dict
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = {"model": {"name_or_path": "gpt2"}, "data": {"train_file": "x.jsonl"}}
+
+
+def build(**sections):
+    return from_dict({**BASE, **sections}, "cfg.yaml")
+
+
+def test_defaults_fill_every_section():
+    cfg = build()
+    assert cfg.deepspeed.zero_stage == 2 and cfg.deepspeed.precision == "auto"
+    assert cfg.finetune.mode == "global" and cfg.train.save_interval == cfg.train.eval_every
+    assert cfg.scaling.world_size == 2
+
+
+def test_unknown_key_suggests_the_closest():
+    with pytest.raises(ConfigError, match=r"cfg.yaml: unknown key 'optim.lrr'. Did you mean 'optim.lr'\?"):
+        build(optim={"lrr": 1e-4})
+
+
+def test_unknown_top_level_key_lists_known_ones_when_nothing_is_close():
+    with pytest.raises(ConfigError, match=r"unknown key 'zzz'. Known keys: model, data, finetune"):
+        build(zzz=1)
+
+
+def test_wrong_type_names_key_expected_and_found():
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size must be an integer, got 'four' \(str\)"):
+        build(train={"micro_batch_size": "four"})
+
+
+def test_range_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"optim.lr must be > 0, got 0.0"):
+        build(optim={"lr": 0})
+    with pytest.raises(ConfigError, match=r"deepspeed.zero_stage must be 0, 1, 2 or 3, got 5"):
+        build(deepspeed={"zero_stage": 5})
+    with pytest.raises(ConfigError, match=r"deepspeed.precision must be one of 'auto', 'fp32', 'bf16', 'fp16'"):
+        build(deepspeed={"precision": "fp8"})
+
+
+def test_yaml_scientific_notation_without_dot_is_a_number():
+    assert build(optim={"lr": "3e-5"}).optim.lr == 3e-5
+
+
+def test_model_needs_exactly_one_source():
+    with pytest.raises(ConfigError, match="exactly one of model.name_or_path"):
+        from_dict({"model": {}, "data": {"train_file": "x"}})
+    with pytest.raises(ConfigError, match="model.tokenizer is required with model.architecture"):
+        from_dict({"model": {"architecture": {"model_type": "gpt2"}}, "data": {"train_file": "x"}})
+
+
+def test_local_mode_needs_a_rule_and_global_mode_refuses_rules():
+    with pytest.raises(ConfigError, match="finetune.mode is 'local' but no rule is given"):
+        build(finetune={"mode": "local"})
+    with pytest.raises(ConfigError, match="finetune.mode is 'global'.*finetune.train_last_layers is set"):
+        build(finetune={"train_last_layers": 2})
+
+
+def test_fractions_must_sum_to_one():
+    with pytest.raises(ConfigError, match=r"data.fractions must be three positive numbers"):
+        build(data={"train_file": "x", "fractions": [0.5, 0.1, 0.1]})
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("model:\n  name_or_path: gpt2\ndata: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: YAML syntax error at line \d+"):
+        load_config(p)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_overrides_are_typed_like_yaml_and_checked(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model: {name_or_path: gpt2}\ndata: {train_file: x.jsonl}\n")
+    cfg = load_config(p, ["optim.lr=3e-5", "deepspeed.zero_stage=3", "finetune.mode=local",
+                          "finetune.train=[h.1.*]"])
+    assert cfg.optim.lr == 3e-5 and cfg.deepspeed.zero_stage == 3 and cfg.finetune.train == ("h.1.*",)
+    with pytest.raises(ConfigError, match="unknown key 'train.max_step'. Did you mean 'train.max_steps'"):
+        load_config(p, ["train.max_step=3"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(p, ["optim.lr"])
+
+
+def test_relative_data_paths_resolve_against_the_config_file(tmp_path):
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    p = tmp_path / "c.yaml"
+    p.write_text("model: {name_or_path: gpt2}\ndata: {train_file: d.jsonl}\n")
+    assert load_config(p).data.train_file == str((tmp_path / "d.jsonl").resolve())
+
+
+def test_round_trip_through_plain_dict():
+    cfg = build(finetune={"mode": "local", "train": ["a.*"], "train_last_layers": 1})
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.data.train_file is None or Path(cfg.data.train_file).is_file()

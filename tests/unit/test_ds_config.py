@@ -1,0 +1,44 @@
+"""The DeepSpeed config derived from ours."""
+import json
+
+import pytest
+
+from launcher.config import ConfigError, from_dict
+from trainer.ds_config import deepspeed_config, resolve_precision
+
+
+def cfg(**sections):
+    raw = {"model": {"name_or_path": "gpt2"}, "data": {"train_file": "x"},
+           "train": {"micro_batch_size": 4, "gradient_accumulation": 3}, **sections}
+    return from_dict(raw)
+
+
+def test_batch_sizes_and_stage_come_from_our_config():
+    ds = deepspeed_config(cfg(deepspeed={"zero_stage": 3}), world_size=4, precision="fp32")
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == 48 and ds["zero_optimization"]["stage"] == 3
+    assert ds["optimizer"]["params"]["torch_adam"] is True  # no JIT-compiled FusedAdam on CPU
+    assert ds["bf16"] == {"enabled": False} and ds["gradient_clipping"] == 1.0
+
+
+def test_offload_uses_cpu_adam_and_offloads_params_at_stage_3():
+    ds = deepspeed_config(cfg(deepspeed={"zero_stage": 3, "offload": "cpu"}), 1, "bf16")
+    assert ds["zero_optimization"]["offload_param"] == {"device": "cpu"}
+    assert ds["optimizer"]["params"]["torch_adam"] is False and ds["bf16"] == {"enabled": True}
+
+
+def test_user_json_is_the_base_but_cannot_contradict_batch_sizes(tmp_path):
+    f = tmp_path / "ds.json"
+    f.write_text(json.dumps({"zero_optimization": {"overlap_comm": True}, "communication_data_type": "fp32"}))
+    ds = deepspeed_config(cfg(deepspeed={"config_file": str(f)}), 2, "fp32")
+    assert ds["zero_optimization"]["overlap_comm"] is True and ds["communication_data_type"] == "fp32"
+    f.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16}))
+    with pytest.raises(ConfigError, match="sets train_micro_batch_size_per_gpu = 16 but the run config gives 4"):
+        deepspeed_config(cfg(deepspeed={"config_file": str(f)}), 2, "fp32")
+
+
+def test_auto_precision_is_fp32_on_cpu_and_bf16_on_capable_gpus():
+    assert resolve_precision("auto", has_cuda=False, has_bf16=False) == "fp32"
+    assert resolve_precision("auto", has_cuda=True, has_bf16=True) == "bf16"
+    assert resolve_precision("auto", has_cuda=True, has_bf16=False) == "fp32"
+    assert resolve_precision("fp16", has_cuda=False, has_bf16=False) == "fp16"

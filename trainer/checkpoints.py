@@ -1,0 +1,99 @@
+"""Checkpoint contents and discovery.
+
+A checkpoint folder holds DeepSpeed's sharded checkpoint (tag `ds`: each rank writes its own shard),
+each rank's RNG states (`rng_rank<r>.pt`), and `trainer_state.json` (step, data position, metrics),
+written by rank 0 after its shard. Ray merges the ranks' folders into one. A folder is complete when
+the state file and every rank's RNG file are there. Imports torch inside functions; never ray.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+TAG = "ds"
+STATE_FILE = "trainer_state.json"
+PREFIX = "step_"
+
+
+@dataclass
+class TrainState:
+    step: int  # optimizer steps taken
+    micro_step: int  # micro-batches consumed per rank: the data position
+    world_size: int
+    zero_stage: int
+    model: str  # what was trained, to refuse resuming another model's checkpoint
+    metrics: dict = field(default_factory=dict)
+
+
+def dir_name(step: int) -> str:
+    return f"{PREFIX}{step:07d}"
+
+
+def read_state(path: Path) -> TrainState:
+    return TrainState(**json.loads((Path(path) / STATE_FILE).read_text()))
+
+
+def is_complete(path: Path) -> bool:
+    path = Path(path)
+    try:
+        state = read_state(path)
+    except (OSError, ValueError, TypeError):
+        return False
+    return (path / TAG).is_dir() and all((path / f"rng_rank{r}.pt").is_file() for r in range(state.world_size))
+
+
+def find_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under `root` (any depth), oldest step first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(read_state(p).step, p) for p in root.rglob(f"{PREFIX}*") if p.is_dir() and is_complete(p)]
+    return sorted(found, key=lambda sp: (sp[0], str(sp[1])))
+
+
+def save(engine, directory: Path, state: TrainState, rank: int) -> None:
+    """Write this rank's part of a checkpoint into `directory` (every rank calls this)."""
+    import numpy as np
+    import torch
+
+    engine.save_checkpoint(str(directory), tag=TAG)
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    torch.save(rng, Path(directory) / f"rng_rank{rank}.pt")
+    if rank == 0:
+        (Path(directory) / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+
+
+def load(engine, directory: Path, rank: int, load_optimizer: bool = True) -> TrainState:
+    """Restore weights, optimizer, LR schedule and this rank's RNG streams; returns the saved state."""
+    import numpy as np
+    import torch
+
+    directory = Path(directory)
+    load_path, _ = engine.load_checkpoint(str(directory), tag=TAG, load_optimizer_states=load_optimizer,
+                                          load_lr_scheduler_states=load_optimizer)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed found no checkpoint in {directory / TAG}")
+    state = read_state(directory)
+    if load_optimizer:
+        rng = torch.load(directory / f"rng_rank{rank}.pt", weights_only=False)
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    return state
+
+
+def retained(checkpoints: list[tuple[int, Path, float | None]], keep_last: int,
+             protected: set[Path] = frozenset()) -> set[Path]:
+    """Which checkpoints to keep: the last `keep_last` by step, the best by validation loss, and any
+    protected one (the checkpoint being resumed from). Pure; the caller deletes the rest."""
+    by_step = sorted(checkpoints, key=lambda c: c[0])
+    keep = {p for _, p, _ in by_step[-keep_last:]}
+    scored = [c for c in checkpoints if c[2] is not None]
+    if scored:
+        keep.add(min(scored, key=lambda c: (c[2], -c[0]))[1])
+    return keep | (set(protected) & {p for _, p, _ in checkpoints})

@@ -1,0 +1,163 @@
+"""SFT data: read the splits, render and tokenize examples with response-only labels, and batch them.
+
+Reading uses `datasets` (jsonl/json/csv/parquet files or a datasets name); rendering uses the
+tokenizer's chat template; padding uses transformers' DataCollatorForSeq2Seq. The loop sees an
+endless, resumable stream of micro-batches. Never imports ray.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from launcher.config import ConfigError, DataConfig, RunConfig
+from trainer.masking import IGNORE, chat_text, mask_labels, plain_text
+from trainer.splits import split_indices
+
+FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class Split:
+    name: str
+    source: str  # a file path or "<dataset>:<split>", for error messages
+    records: list[dict]
+
+
+def _read_file(path: str, key: str) -> list[dict]:
+    import datasets
+
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise ConfigError(f"data.{key}: {path} has an unsupported extension {suffix!r}; "
+                          f"expected one of {', '.join(FORMATS)}")
+    if not Path(path).is_file():
+        raise ConfigError(f"data.{key}: file {path} not found")
+    try:
+        ds = datasets.load_dataset(FORMATS[suffix], data_files=path, split="train")
+    except Exception as err:  # datasets raises many kinds for a malformed file
+        raise ConfigError(f"data.{key}: cannot read {path} as {FORMATS[suffix]} "
+                          f"({str(err).splitlines()[0][:200]})") from None
+    return ds.to_list()
+
+
+def load_splits(cfg: RunConfig) -> tuple[Split, Split, Split]:
+    """train / validation / test records; a lone training set is split by data.fractions and the seed."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    d = cfg.data
+    if d.train_file is not None:
+        train = _read_file(d.train_file, "train_file")
+        if d.validation_file is not None:
+            return (Split("train", d.train_file, train),
+                    Split("validation", d.validation_file, _read_file(d.validation_file, "validation_file")),
+                    Split("test", d.test_file, _read_file(d.test_file, "test_file")))
+        source = d.train_file
+        named = {}
+    else:
+        try:
+            named = {k: v.to_list() for k, v in datasets.load_dataset(d.dataset, d.dataset_config).items()}
+        except Exception as err:
+            raise ConfigError(f"data.dataset: cannot load {d.dataset!r} ({str(err).splitlines()[0][:200]})") from None
+        if "train" not in named:
+            raise ConfigError(f"data.dataset {d.dataset!r} has no 'train' split (it has {', '.join(named)})")
+        if "validation" in named and "test" in named:
+            return tuple(Split(k, f"{d.dataset}:{k}", named[k]) for k in ("train", "validation", "test"))
+        train, source = named["train"], f"{d.dataset}:train"
+    tr, va, te = split_indices(len(train), d.fractions, cfg.split_seed)
+    return (Split("train", source, [train[i] for i in tr]),
+            Split("validation", source, [train[i] for i in va]),
+            Split("test", source, [train[i] for i in te]))
+
+
+def record_kind(columns: Sequence[str], d: DataConfig, source: str) -> str:
+    """'chat' when the messages column is present, 'pair' for prompt/response; else a clear error."""
+    if d.messages_column in columns:
+        return "chat"
+    if d.prompt_column in columns and d.response_column in columns:
+        return "pair"
+    raise ConfigError(f"{source}: expected a '{d.messages_column}' column, or '{d.prompt_column}' and "
+                      f"'{d.response_column}' columns (data.messages_column / data.prompt_column / "
+                      f"data.response_column); found columns: {', '.join(columns) or 'none'}")
+
+
+def render(record: dict, kind: str, d: DataConfig, tokenizer, row: int, source: str) -> tuple[str, list]:
+    use_chat = d.template == "chat" or (d.template == "auto" and tokenizer.chat_template is not None)
+    if kind == "chat":
+        messages = record[d.messages_column]
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise ConfigError(f"{source}, row {row}: column '{d.messages_column}' must be a non-empty list "
+                              f"of {{role, content}} messages")
+        if not any(m.get("role") == "assistant" for m in messages):
+            raise ConfigError(f"{source}, row {row}: the conversation has no assistant message to learn")
+    else:
+        prompt, response = record[d.prompt_column], record[d.response_column]
+        for col, value in ((d.prompt_column, prompt), (d.response_column, response)):
+            if not isinstance(value, str):
+                raise ConfigError(f"{source}, row {row}: column '{col}' must be text, got {value!r}")
+        if not response.strip():
+            raise ConfigError(f"{source}, row {row}: column '{d.response_column}' is empty")
+        if not use_chat:
+            return plain_text(prompt, response, tokenizer.eos_token or "")
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    if not use_chat:
+        raise ConfigError(f"{source}: chat-formatted rows need a tokenizer with a chat template "
+                          f"(data.template is {d.template!r})")
+
+    def apply(msgs, add_generation_prompt):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    try:
+        return chat_text(messages, apply)
+    except ValueError as err:
+        raise ConfigError(f"{source}, row {row}: {err}") from None
+
+
+def tokenize_split(split: Split, d: DataConfig, tokenizer) -> tuple[list[dict], int]:
+    """Examples with input_ids/attention_mask/labels, and how many were dropped because truncation to
+    data.max_length left no response token in them."""
+    if not split.records:
+        raise ConfigError(f"{split.source}: the {split.name} split is empty")
+    kind = record_kind(list(split.records[0].keys()), d, split.source)
+    examples, dropped = [], 0
+    for row, record in enumerate(split.records):
+        text, spans = render(record, kind, d, tokenizer, row, split.source)
+        enc = tokenizer(text, add_special_tokens=False, truncation=True, max_length=d.max_length,
+                        return_offsets_mapping=True)
+        labels = mask_labels(enc["input_ids"], enc["offset_mapping"], spans)
+        if all(label == IGNORE for label in labels):
+            dropped += 1
+            continue
+        examples.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
+    if not examples:
+        raise ConfigError(f"{split.source}: every response in the {split.name} split was truncated away by "
+                          f"data.max_length = {d.max_length}; raise it")
+    return examples, dropped
+
+
+def make_collator(tokenizer):
+    from transformers import DataCollatorForSeq2Seq
+
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE, return_tensors="pt")
+
+
+def micro_batch_stream(examples: list[dict], collate, rank: int, world: int, micro_batch_size: int,
+                       seed: int, start: int = 0) -> Iterator[dict]:
+    """Endless micro-batches for this rank, starting at global micro-batch index `start`.
+
+    Epoch e uses DistributedSampler's shuffle for seed + e; resuming at `start` lands on the same
+    batch an uninterrupted run would have drawn next (no example replayed or skipped).
+    """
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(examples, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    per_epoch = -(-len(sampler) // micro_batch_size)
+    epoch, offset = divmod(start, per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        for b in range(offset, per_epoch):
+            chunk = order[b * micro_batch_size:(b + 1) * micro_batch_size]
+            yield collate([examples[i] for i in chunk])
+        epoch, offset = epoch + 1, 0

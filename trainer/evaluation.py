@@ -1,0 +1,57 @@
+"""Validation and test metrics, exact across ranks: every example is counted once.
+
+Each rank evaluates a strided shard (no DistributedSampler padding), sums loss/tokens/correct, and
+one all_reduce adds the sums. Never imports ray.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from trainer.masking import IGNORE
+from trainer.splits import eval_batch_count, eval_shard
+
+
+def metrics_from_sums(loss_sum: float, tokens: float, correct: float, examples: float) -> dict[str, float]:
+    """Token-level mean loss, perplexity and next-token accuracy from summed statistics."""
+    loss = loss_sum / max(tokens, 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "token_accuracy": correct / max(tokens, 1.0),
+            "tokens": tokens, "examples": examples}
+
+
+def batch_sums(logits, labels):
+    """(loss_sum, tokens, correct) of a causal LM batch; position t predicts token t + 1."""
+    import torch.nn.functional as F
+
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:]
+    mask = target != IGNORE
+    loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
+                               ignore_index=IGNORE, reduction="sum")
+    correct = ((logits.argmax(-1) == target) & mask).sum()
+    return loss_sum, mask.sum(), correct
+
+
+def evaluate(forward: Callable, examples: list[dict], collate, rank: int, world: int,
+             batch_size: int, device) -> dict[str, float]:
+    """Metrics of `forward` (a callable taking a batch dict, returning logits) over all `examples`."""
+    import torch
+    import torch.distributed as dist
+
+    shard = eval_shard(len(examples), rank, world)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for b in range(eval_batch_count(len(examples), world, batch_size)):
+            chunk = shard[b * batch_size:(b + 1) * batch_size]
+            # A rank whose shard ran out still joins the forward pass (ZeRO-3 gathers weights across
+            # ranks) on a stand-in example, and its statistics are dropped.
+            weight = 1.0 if chunk else 0.0
+            batch = collate([examples[i] for i in (chunk or [0])])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = forward(batch)
+            loss_sum, tokens, correct = batch_sums(logits, batch["labels"])
+            sums += weight * torch.stack([loss_sum.double(), tokens.double(), correct.double(),
+                                          torch.tensor(float(len(chunk)), dtype=torch.float64, device=device)])
+    if world > 1:
+        dist.all_reduce(sums)
+    return metrics_from_sums(*sums.tolist())

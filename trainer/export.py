@@ -1,0 +1,39 @@
+"""Consolidate a sharded DeepSpeed checkpoint into a plain transformers model folder.
+
+Uses DeepSpeed's own zero_to_fp32 reader (ZeRO 1-3); stage 0 has no ZeRO files and stores the whole
+module in one file. Never imports ray.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from launcher.config import RunConfig
+from trainer.checkpoints import TAG
+from trainer.model import build_model, prepare_pretrained
+
+
+def consolidated_state_dict(checkpoint: Path, zero_stage: int) -> dict:
+    import torch
+
+    if zero_stage == 0:
+        states = torch.load(checkpoint / TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return states["module"]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=TAG)
+
+
+def export_model(cfg: RunConfig, checkpoint: Path, target: Path, tokenizer, cache_dir: str) -> None:
+    """Write safetensors weights, config and tokenizer loadable with AutoModelForCausalLM.from_pretrained."""
+    import torch
+
+    torch.manual_seed(cfg.seed)  # an inline architecture's frozen weights come from the seed
+    model = build_model(cfg.model, prepare_pretrained(cfg.model, cache_dir))
+    state = consolidated_state_dict(checkpoint, cfg.deepspeed.zero_stage)
+    result = model.load_state_dict(state, strict=False)
+    unexpected = [k for k in result.unexpected_keys]
+    if unexpected:
+        raise RuntimeError(f"the checkpoint holds parameters the model lacks: {unexpected[:5]}")
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)

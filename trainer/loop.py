@@ -1,0 +1,225 @@
+"""The per-worker fine-tuning loop. Every rank runs exactly these functions.
+
+`run` trains (with validation and checkpoints); `run_test` evaluates the test split before
+fine-tuning and from the final sharded checkpoint on disk, then rank 0 exports the consolidated
+model. The process group exists already (the orchestrator made it). Talks to the orchestrator only
+through `reporter`; never imports ray.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Optional
+
+from launcher.config import ConfigError, RunConfig
+from trainer import checkpoints
+from trainer.checkpoints import TrainState
+from trainer.data import load_splits, make_collator, micro_batch_stream, tokenize_split
+from trainer.ds_config import deepspeed_config, resolve_precision
+from trainer.evaluation import evaluate
+from trainer.freezing import apply_trainable, describe_layout, select_trainable
+from trainer.model import build_model, load_tokenizer, prepare_pretrained
+from trainer.report import Reporter
+from trainer.splits import total_steps
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    """What a worker needs beyond the config: where things are, and where to start from."""
+    cache_dir: str
+    tensorboard_dir: Optional[str] = None
+    resume_from: Optional[str] = None  # a checkpoint folder chosen by --resume
+    restart_from: Optional[str] = None  # the orchestrator's latest checkpoint after a worker restart
+    export_dir: Optional[str] = None  # run_test: where rank 0 writes the consolidated model
+    final_checkpoint: Optional[str] = None  # run_test: the checkpoint to evaluate
+    threads: int = 1
+
+
+@dataclass
+class Setup:
+    engine: object
+    tokenizer: object
+    collate: object
+    train: list
+    validation: list
+    test: list
+    total_steps: int
+    device: object
+    rank: int
+    world: int
+    model_id: str
+
+
+def _log(rank: int, text: str) -> None:
+    if rank == 0:
+        print(f"[sft] {text}", flush=True)
+
+
+def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...]) -> Setup:
+    """Model, freezing, data and DeepSpeed engine, identical on every rank."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    if not on_gpu:
+        torch.set_num_threads(args.threads)
+    precision = resolve_precision(cfg.deepspeed.precision, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
+
+    torch.manual_seed(cfg.seed)  # same seed on all ranks: identical initial weights
+    model_dir = prepare_pretrained(cfg.model, args.cache_dir)
+    tokenizer = load_tokenizer(cfg.model, model_dir)
+    model = build_model(cfg.model, model_dir)
+    names = [n for n, _ in model.named_parameters()]
+    apply_trainable(model, select_trainable(names, cfg.finetune, describe_layout(model)))
+    torch.manual_seed(cfg.seed + 1000 * (rank + 1))  # dropout differs across ranks, reproducibly
+
+    raw = dict(zip(("train", "validation", "test"), load_splits(cfg)))
+    tokenized = {}
+    for name in splits:
+        tokenized[name], dropped = tokenize_split(raw[name], cfg.data, tokenizer)
+        if dropped:
+            _log(rank, f"{name}: dropped {dropped} of {len(raw[name].records)} examples whose response "
+                       f"lies beyond data.max_length = {cfg.data.max_length}")
+    n_train = len(tokenized["train"]) if "train" in tokenized else len(raw["train"].records)
+    steps = total_steps(n_train, world, cfg.train.micro_batch_size, cfg.train.gradient_accumulation,
+                        cfg.train.epochs, cfg.train.max_steps)
+
+    # Freeze first: ZeRO partitions and the optimizer hold only what they are given.
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    warmup = cfg.optim.warmup_steps or math.ceil(cfg.optim.warmup_ratio * steps)
+
+    def scheduler(optimizer):
+        from transformers import get_scheduler
+        return get_scheduler(cfg.optim.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+
+    # The shared-memory all-reduce op is JIT-compiled on first use and serves only inference; skip it.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, lr_scheduler=scheduler,
+                                      config=deepspeed_config(cfg, world, precision))
+    model_id = cfg.model.name_or_path or f"architecture:{cfg.model.architecture.get('model_type')}"
+    return Setup(engine, tokenizer, make_collator(tokenizer), tokenized.get("train", []),
+                 tokenized.get("validation", []), tokenized.get("test", []), steps, device, rank, world, model_id)
+
+
+def _forward(engine):
+    def forward(batch):
+        return engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return forward
+
+
+def _mean_across_ranks(values: list[float], device) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
+def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TrainState:
+    """Fine-tune: train, validate every eval_every steps, checkpoint every save_every, report both."""
+    import torch
+    import torch.distributed as dist
+
+    s = setup(cfg, args, ("train", "validation"))
+    engine, rank = s.engine, s.rank
+    state = TrainState(step=0, micro_step=0, world_size=s.world, zero_stage=cfg.deepspeed.zero_stage,
+                       model=s.model_id)
+    start_from = args.restart_from or args.resume_from
+    if start_from:
+        saved = checkpoints.read_state(Path(start_from))
+        if saved.model != s.model_id:
+            raise ConfigError(f"--resume: {start_from} holds a checkpoint of {saved.model!r}, "
+                              f"not of {s.model_id!r}")
+        state = checkpoints.load(engine, Path(start_from), rank)
+        _log(rank, f"resumed from {start_from} at step {state.step}")
+
+    writer = None
+    if rank == 0 and args.tensorboard_dir:
+        from torch.utils.tensorboard import SummaryWriter
+        # purge_step hides points a previous attempt logged past this checkpoint: no duplicates.
+        writer = SummaryWriter(args.tensorboard_dir, purge_step=state.step + 1)
+
+    accumulation = cfg.train.gradient_accumulation
+    batches = micro_batch_stream(s.train, s.collate, rank, s.world, cfg.train.micro_batch_size,
+                                 cfg.seed, start=state.micro_step)
+    _log(rank, f"training steps {state.step + 1}..{s.total_steps} on {s.world} worker(s), "
+               f"{len(s.train)} training examples, {len(s.validation)} validation examples")
+    engine.train()
+    for step in range(state.step + 1, s.total_steps + 1):
+        started, loss_sum, tokens = time.perf_counter(), 0.0, 0
+        for batch in islice(batches, accumulation):
+            batch = {k: v.to(s.device) for k, v in batch.items()}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()  # DeepSpeed updates the weights only on the last micro-step
+            loss_sum += loss.item() / accumulation
+            tokens += int(batch["attention_mask"].sum())
+        state.step, state.micro_step = step, state.micro_step + accumulation
+        loss_mean, tokens_total = _mean_across_ranks([loss_sum, float(tokens)], s.device)
+        tokens_total *= s.world
+        elapsed = time.perf_counter() - started
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        lr = engine.get_lr()[0]
+        if writer:
+            writer.add_scalar("train/loss", loss_mean, step)
+            writer.add_scalar("train/lr", lr, step)
+            writer.add_scalar("train/grad_norm", grad_norm, step)
+            writer.add_scalar("train/tokens_per_s", tokens_total / elapsed, step)
+        if step % cfg.train.log_every == 0 or step == s.total_steps:
+            _log(rank, f"step {step}/{s.total_steps}  loss {loss_mean:.4f}  lr {lr:.3g}  "
+                       f"grad_norm {grad_norm:.3g}  {tokens_total / elapsed:,.0f} tok/s  {elapsed:.2f} s/step")
+
+        is_last = step == s.total_steps
+        metrics: dict[str, float] = {"step": step, "train_loss": loss_mean}
+        if step % cfg.train.eval_every == 0 or is_last:
+            engine.eval()
+            val = evaluate(_forward(engine), s.validation, s.collate, rank, s.world,
+                           cfg.train.micro_batch_size, s.device)
+            engine.train()
+            metrics.update({f"val_{k}": v for k, v in val.items()})
+            if writer:
+                for k in ("loss", "perplexity", "token_accuracy"):
+                    writer.add_scalar(f"val/{k}", val[k], step)
+                writer.flush()
+        if step % cfg.train.save_interval == 0 or is_last:
+            state.metrics = {k: v for k, v in metrics.items() if k.startswith("val_")}
+            with tempfile.TemporaryDirectory(prefix="sft-shard-") as shard_dir:
+                checkpoints.save(engine, Path(shard_dir), state, rank)
+                reporter.report(metrics, Path(shard_dir), checkpoints.dir_name(step))
+        elif "val_loss" in metrics:
+            reporter.report(metrics)
+    if writer:
+        writer.close()
+    dist.barrier()
+    return state
+
+
+def run_test(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> dict:
+    """Test metrics before fine-tuning and from the final sharded checkpoint; rank 0 then exports."""
+    s = setup(cfg, args, ("test",))
+    s.engine.eval()
+    before = evaluate(_forward(s.engine), s.test, s.collate, s.rank, s.world, cfg.train.micro_batch_size, s.device)
+    # The weights come from the shards on disk, not from any model still in memory.
+    state = checkpoints.load(s.engine, Path(args.final_checkpoint), s.rank)
+    s.engine.eval()
+    after = evaluate(_forward(s.engine), s.test, s.collate, s.rank, s.world, cfg.train.micro_batch_size, s.device)
+    result = {"before": before, "after": after, "step": state.step}
+    if s.rank == 0 and args.export_dir:
+        from trainer.export import export_model
+        export_model(cfg, Path(args.final_checkpoint), Path(args.export_dir), s.tokenizer, args.cache_dir)
+        _log(s.rank, f"exported the consolidated model to {args.export_dir}")
+    reporter.report({**{f"before_{k}": v for k, v in before.items()},
+                     **{f"after_{k}": v for k, v in after.items()}, "step": state.step})
+    return result

