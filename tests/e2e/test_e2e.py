@@ -1,0 +1,172 @@
+"""End to end on a real local Ray instance with 2 CPU workers: sft-launch as a user runs it.
+
+The expensive runs are session fixtures shared by many tests: a ZeRO-2 run, a run resumed from its
+step-8 checkpoint, and a ZeRO-3 run with selective freezing.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import tiny_config, tiny_llama, write_config
+
+pytestmark = pytest.mark.e2e
+
+
+def launch(config: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", str(config), *extra],
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        print(proc.stdout[-4000:], proc.stderr[-4000:])
+    return proc
+
+
+def scalars(logdir: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)} if tag in acc.Tags()["scalars"] else {}
+
+
+@pytest.fixture(scope="session")
+def zero2(tmp_path_factory, tokenizer_dir):
+    tmp = tmp_path_factory.mktemp("zero2")
+    config = write_config(tmp / "tiny.yaml", tiny_config(tmp, tokenizer_dir))
+    proc = launch(config)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return tmp / "run", config, proc
+
+
+@pytest.fixture(scope="session")
+def resumed(zero2, tmp_path_factory):
+    out, config, _ = zero2
+    step8 = next((out / "checkpoints").rglob("step_0000008"))
+    target = tmp_path_factory.mktemp("resumed") / "run"
+    proc = launch(config, "--output", str(target), "--resume", str(step8))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return target, proc
+
+
+@pytest.fixture(scope="session")
+def zero3(tmp_path_factory, tokenizer_dir):
+    tmp = tmp_path_factory.mktemp("zero3")
+    raw = tiny_config(tmp, tokenizer_dir, model={"architecture": tiny_llama(3), "tokenizer": str(tokenizer_dir)},
+                      finetune={"mode": "local", "train_last_layers": 2, "train_head": True},
+                      deepspeed={"zero_stage": 3}, train={"max_steps": 10, "eval_every": 5, "save_every": 5})
+    proc = launch(write_config(tmp / "tiny3.yaml", raw))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return tmp / "run", proc
+
+
+def test_test_metrics_show_fine_tuning_helped(zero2):
+    out, _, proc = zero2
+    metrics = json.loads((out / "test_metrics.json").read_text())
+    for phase in ("before", "after"):
+        assert {"loss", "perplexity", "token_accuracy"} <= metrics[phase].keys()
+        assert metrics[phase]["examples"] == 35  # the whole test split, each example once
+    assert metrics["after"]["loss"] < metrics["before"]["loss"] - 0.2
+    assert "test loss" in proc.stdout and proc.stdout.count("[sft] eval  step") == 3
+
+
+def test_run_summary_records_the_run(zero2):
+    out, _, _ = zero2
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["global_step"] == 12 and summary["world_size"] == 2
+    assert summary["config"]["deepspeed"]["zero_stage"] == 2
+    assert [r["rank"] for r in summary["ranks"]] == [0, 1] and all(r["node_id"] for r in summary["ranks"])
+    assert summary["best_validation"]["step"] == 12
+    assert [h["step"] for h in summary["validation_history"]] == [4, 8, 12]
+
+
+def test_each_rank_wrote_its_shard_and_retention_kept_last_two(zero2):
+    out, _, _ = zero2
+    kept = sorted(p.name for p in (out / "checkpoints").rglob("step_*"))
+    assert kept == ["step_0000008", "step_0000012"]  # keep_last 2; the best (12) is among them
+    final = next((out / "checkpoints").rglob("step_0000012"))
+    shards = sorted(p.name for p in (final / "ds").iterdir())
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in shards
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in shards
+    assert (final / "rng_rank0.pt").is_file() and (final / "rng_rank1.pt").is_file()
+    state = json.loads((final / "trainer_state.json").read_text())
+    assert state["step"] == 12 and state["micro_step"] == 12 and state["world_size"] == 2
+
+
+def _final_model_test_loss(out: Path, config: Path) -> float:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from launcher.config import load_config
+    from trainer.data import load_splits, make_collator, tokenize_split
+    from trainer.evaluation import evaluate
+
+    cfg = load_config(config)
+    model = AutoModelForCausalLM.from_pretrained(out / "final_model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(out / "final_model")
+    examples, _ = tokenize_split(load_splits(cfg)[2], cfg.data, tokenizer)
+    metrics = evaluate(lambda b: model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                       examples, make_collator(tokenizer), 0, 1, 8, "cpu")
+    return metrics["loss"]
+
+
+def test_final_model_loads_with_plain_transformers_and_gives_the_same_test_loss(zero2):
+    out, config, _ = zero2
+    assert (out / "final_model" / "model.safetensors").is_file()
+    after = json.loads((out / "test_metrics.json").read_text())["after"]["loss"]
+    assert _final_model_test_loss(out, config) == pytest.approx(after, rel=1e-5)
+
+
+def test_tensorboard_has_train_val_and_test_scalars_by_step(zero2):
+    out, _, _ = zero2
+    tb = out / "tensorboard"
+    assert sorted(scalars(tb, "train/loss")) == list(range(1, 13))
+    for tag in ("train/lr", "train/grad_norm", "train/tokens_per_s"):
+        assert len(scalars(tb, tag)) == 12, tag
+    assert sorted(scalars(tb, "val/loss")) == [4, 8, 12]
+    assert list(scalars(tb, "test/loss")) == [12]
+    after = json.loads((out / "test_metrics.json").read_text())["after"]["loss"]
+    assert scalars(tb, "test/loss")[12] == pytest.approx(after, rel=1e-5)
+
+
+def test_resumed_run_starts_at_the_checkpoint_step_and_repeats_the_losses(zero2, resumed):
+    out, _, _ = zero2
+    target, proc = resumed
+    assert "resumed from" in proc.stdout and "at step 8" in proc.stdout
+    assert "training steps 9..12" in proc.stdout
+    summary = json.loads((target / "run_summary.json").read_text())
+    assert summary["global_step"] == 12 and summary["resumed_from"].endswith("step_0000008")
+    new, old = scalars(target / "tensorboard", "train/loss"), scalars(out / "tensorboard", "train/loss")
+    assert sorted(new) == [9, 10, 11, 12]
+    assert [new[s] for s in new] == pytest.approx([old[s] for s in new], abs=1e-6)
+    a = json.loads((target / "test_metrics.json").read_text())["after"]["loss"]
+    b = json.loads((out / "test_metrics.json").read_text())["after"]["loss"]
+    assert a == pytest.approx(b, abs=1e-6)
+
+
+def test_zero3_shards_per_rank_and_consolidated_export(zero3, tokenizer_dir):
+    out, proc = zero3
+    final = next((out / "checkpoints").rglob("step_0000010"))
+    shards = {p.name for p in (final / "ds").iterdir()}
+    assert {"zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt",
+            "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= shards
+    metrics = json.loads((out / "test_metrics.json").read_text())
+    assert metrics["after"]["loss"] < metrics["before"]["loss"]
+    assert "blocks [.TT]" in proc.stdout  # the freezing plan, printed before any worker started
+    assert _final_model_test_loss(out, out.parent / "tiny3.yaml") == pytest.approx(metrics["after"]["loss"], rel=1e-5)
+
+
+def test_output_dir_of_a_finished_run_is_not_overwritten(zero2):
+    out, config, _ = zero2
+    before = (out / "run_summary.json").read_text()
+    proc = launch(config)
+    assert proc.returncode == 2
+    assert "already holds a run; pass --resume" in proc.stderr
+    assert (out / "run_summary.json").read_text() == before
+
+
+def test_asking_for_more_cpus_than_the_cluster_has_fails_fast(tmp_path, tokenizer_dir):
+    config = write_config(tmp_path / "big.yaml", tiny_config(tmp_path, tokenizer_dir))
+    proc = launch(config, "--workers-per-node", "64", timeout=180)  # a hang would time out
+    assert proc.returncode == 1
+    assert "cannot place 1 node(s) x 64 worker(s)" in proc.stderr and "CPUs" in proc.stderr

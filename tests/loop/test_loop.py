@@ -1,0 +1,57 @@
+"""The worker loop in one process (gloo, fp32, world size 1) on tiny real models."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from launcher.config import from_dict
+from tests.helpers import tiny_config, tiny_llama
+from trainer.checkpoints import TAG, find_checkpoints, read_state
+from trainer.loop import WorkerArgs, run
+from trainer.model import build_model
+from trainer.report import ListReporter
+
+
+def _run(tmp: Path, tokenizer_dir, **sections):
+    cfg = from_dict(tiny_config(tmp, tokenizer_dir, **sections))
+    reporter = ListReporter(tmp / "ckpt")
+    state = run(cfg, reporter, WorkerArgs(cache_dir=str(tmp / "cache"), tensorboard_dir=str(tmp / "tb")))
+    return cfg, reporter, state
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_frozen_parameters_are_bit_identical_and_trainable_ones_change(tmp_path, tokenizer_dir, process_group, stage):
+    cfg, reporter, state = _run(
+        tmp_path, tokenizer_dir, model={"architecture": tiny_llama(3), "tokenizer": str(tokenizer_dir)},
+        finetune={"mode": "local", "train_last_layers": 1, "train_head": True},
+        deepspeed={"zero_stage": stage}, train={"max_steps": 6, "eval_every": 3, "save_every": 6})
+    assert state.step == 6
+    torch.manual_seed(cfg.seed)
+    initial = build_model(cfg.model, None).state_dict()
+    final_ckpt = reporter.calls[-1][1]
+    saved = torch.load(final_ckpt / TAG / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    trains = lambda n: n.startswith("model.layers.2.") or n == "lm_head.weight"
+    changed = {n for n in initial if not torch.equal(initial[n], saved[n].float())}
+    assert changed == {n for n in initial if trains(n) and "rotary" not in n}
+
+
+def test_same_seed_same_losses_and_validation_decreases(tmp_path, tokenizer_dir, process_group):
+    _, a, _ = _run(tmp_path / "a", tokenizer_dir)
+    _, b, _ = _run(tmp_path / "b", tokenizer_dir)
+    losses = lambda r: [(m["step"], m["train_loss"], m["val_loss"]) for m, _ in r.calls]
+    assert losses(a) == losses(b)
+    assert [s for s, *_ in losses(a)] == [4, 8, 12]
+    assert losses(a)[-1][2] < losses(a)[0][2]
+
+
+def test_resume_continues_with_identical_losses(tmp_path, tokenizer_dir, process_group):
+    cfg, full, _ = _run(tmp_path / "full", tokenizer_dir, deepspeed={"zero_stage": 3},
+                        model={"architecture": tiny_llama(2), "tokenizer": str(tokenizer_dir)})
+    step4 = full.calls[0][1]
+    assert read_state(step4).step == 4 and read_state(step4).micro_step == 4
+    resumed = ListReporter(tmp_path / "resumed")
+    state = run(cfg, resumed, WorkerArgs(cache_dir=str(tmp_path / "cache"), resume_from=str(step4)))
+    assert state.step == 12
+    tail = lambda r: [(m["step"], round(m["train_loss"], 6), round(m["val_loss"], 6)) for m, _ in r.calls]
+    assert tail(resumed) == tail(full)[1:]
+    assert [s for s, _ in find_checkpoints(tmp_path / "resumed")] == [8, 12]

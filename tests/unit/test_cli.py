@@ -1,0 +1,53 @@
+"""The command line: bad input is one paragraph and exit code 2; --dry-run prints the plan."""
+import subprocess
+import sys
+
+from tests.helpers import tiny_config, write_config
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "launcher.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_bad_key_is_one_paragraph_and_exit_2(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {name_or_path: gpt2}\ndata: {train_file: x.jsonl}\ntrian: {epochs: 1}\n")
+    proc = cli(config)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"sft-launch: error: {config}: unknown key 'trian'. Did you mean 'train'?")
+
+
+def test_missing_data_file_names_the_key(tmp_path, tokenizer_dir):
+    raw = tiny_config(tmp_path, tokenizer_dir, data={"train_file": str(tmp_path / "none.jsonl")})
+    proc = cli(write_config(tmp_path / "c.yaml", raw), "--dry-run")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"data.train_file: file {tmp_path / 'none.jsonl'} not found" in proc.stderr
+
+
+def test_missing_column_names_file_and_columns(tmp_path, tokenizer_dir):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join('{"question": "q%d", "answer": "a"}\n' % i for i in range(10)))
+    proc = cli(write_config(tmp_path / "c.yaml", tiny_config(tmp_path, tokenizer_dir, data={"train_file": str(data)})),
+               "--dry-run")
+    assert proc.returncode == 2
+    assert "expected a 'messages' column, or 'prompt' and 'response' columns" in proc.stderr
+    assert "found columns: question, answer" in proc.stderr and str(data) in proc.stderr
+
+
+def test_freeze_rule_matching_nothing_fails_before_any_worker(tmp_path, tokenizer_dir):
+    raw = tiny_config(tmp_path, tokenizer_dir, finetune={"mode": "local", "train": ["decoder.*"]})
+    proc = cli(write_config(tmp_path / "c.yaml", raw), "--dry-run")
+    assert proc.returncode == 2 and "finetune.train[0] = 'decoder.*' matches no parameter" in proc.stderr
+
+
+def test_dry_run_prints_resolved_config_and_plan(tmp_path, tokenizer_dir):
+    raw = tiny_config(tmp_path, tokenizer_dir, finetune={"mode": "local", "train_last_layers": 1})
+    proc = cli(write_config(tmp_path / "c.yaml", raw), "--dry-run", "--set", "train.gradient_accumulation=2",
+               "--nodes", "1", "--workers-per-node", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "gradient_accumulation: 2" in proc.stdout
+    assert "world size 2 (1 node(s) x 2 worker(s)); micro batch 8 per worker x accumulation 2 = global batch 32" \
+        in proc.stdout
+    assert "12 optimizer steps" in proc.stdout and "blocks [.T]" in proc.stdout
+    assert not (tmp_path / "run").exists()  # a dry run starts and writes nothing
