@@ -1,0 +1,52 @@
+"""Checkpoint discovery, completeness and retention, on folders laid out like real checkpoints."""
+import json
+from pathlib import Path
+
+import pytest
+
+from launcher.config import ConfigError
+from launcher.controller import resolve_resume
+from trainer.checkpoints import find_checkpoints, is_complete, retained
+
+
+def fake(root: Path, step: int, world: int = 2, ranks=None, val_loss=None) -> Path:
+    path = root / f"step_{step:07d}"
+    (path / "ds").mkdir(parents=True)
+    for r in range(world) if ranks is None else ranks:
+        (path / f"rng_rank{r}.pt").write_bytes(b"x")
+    (path / "trainer_state.json").write_text(json.dumps(
+        {"step": step, "micro_step": step, "world_size": world, "zero_stage": 2, "model": "m",
+         "metrics": {} if val_loss is None else {"val_loss": val_loss}}))
+    return path
+
+
+def test_a_checkpoint_missing_a_rank_is_not_complete(tmp_path):
+    assert is_complete(fake(tmp_path, 4))
+    assert not is_complete(fake(tmp_path, 8, ranks=[0]))
+    half = fake(tmp_path, 12)
+    (half / "trainer_state.json").write_text("{trunc")
+    assert not is_complete(half)
+    assert [s for s, _ in find_checkpoints(tmp_path)] == [4]
+
+
+def test_latest_complete_checkpoint_across_attempts(tmp_path):
+    fake(tmp_path / "checkpoints" / "attempt-1", 4)
+    latest = fake(tmp_path / "checkpoints" / "attempt-2", 10)
+    fake(tmp_path / "checkpoints" / "attempt-2", 12, ranks=[1])  # interrupted while being written
+    assert resolve_resume(tmp_path, "") == latest.resolve()
+    assert resolve_resume(tmp_path, None) is None
+
+
+def test_resume_without_checkpoints_or_from_a_bad_path_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="--resume: no complete checkpoint under"):
+        resolve_resume(tmp_path, "")
+    with pytest.raises(ConfigError, match="not a complete checkpoint folder"):
+        resolve_resume(tmp_path, str(tmp_path))
+
+
+def test_retention_keeps_last_k_plus_best_plus_protected():
+    p = {s: Path(f"step_{s}") for s in (2, 4, 6, 8, 10)}
+    ckpts = [(2, p[2], 3.0), (4, p[4], 1.0), (6, p[6], 2.0), (8, p[8], 2.5), (10, p[10], 2.2)]
+    assert retained(ckpts, keep_last=2) == {p[8], p[10], p[4]}
+    assert retained(ckpts, keep_last=1, protected={p[2]}) == {p[10], p[4], p[2]}
+    assert retained([(c[0], c[1], None) for c in ckpts], keep_last=3) == {p[6], p[8], p[10]}
