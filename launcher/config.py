@@ -21,7 +21,7 @@ class ConfigError(ValueError):
     """Bad user input. The message names the file and the dotted key."""
 
 
-TASKS = ("causal_lm",)
+TASKS = ("causal_lm", "sequence_classification", "token_classification", "image_classification")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
@@ -33,8 +33,10 @@ class ModelConfig:
     gguf_file: Optional[str] = None
     # An inline architecture (a transformers config as a mapping with `model_type`) to build from scratch.
     architecture: Optional[dict] = None
-    # Tokenizer location when it differs from name_or_path (required with `architecture`).
+    # Tokenizer location when it differs from name_or_path (required with `architecture` for text tasks).
     tokenizer: Optional[str] = None
+    # Image processor location when it differs from name_or_path (required with `architecture` for images).
+    image_processor: Optional[str] = None
     task: str = "causal_lm"
 
     def __post_init__(self) -> None:
@@ -44,9 +46,10 @@ class ModelConfig:
         if self.architecture is not None:
             if "model_type" not in self.architecture:
                 raise ValueError("model.architecture needs a 'model_type' key (e.g. gpt2, llama, bert)")
-            if self.tokenizer is None:
-                raise ValueError("model.tokenizer is required with model.architecture: a model built "
-                                 "from scratch has no tokenizer of its own")
+            needs = "image_processor" if self.task == "image_classification" else "tokenizer"
+            if getattr(self, needs) is None:
+                raise ValueError(f"model.{needs} is required with model.architecture: a model built "
+                                 f"from scratch has no {needs.replace('_', ' ')} of its own")
         if self.gguf_file is not None and self.name_or_path is None:
             raise ValueError("model.gguf_file needs model.name_or_path, the directory that holds it")
         if self.task not in TASKS:
@@ -64,6 +67,18 @@ class DataConfig:
     prompt_column: str = "prompt"
     response_column: str = "response"
     messages_column: str = "messages"
+    text_column: str = "text"
+    text_pair_column: str = "text_pair"  # used when the data has this column
+    label_column: str = "label"
+    tokens_column: str = "tokens"
+    tags_column: str = "tags"
+    predicate_column: str = "predicate"  # SRL: the predicate's word index, used when the data has it
+    image_column: str = "image"
+    # The label set (class names or tags); default: every label of the training split, sorted.
+    labels: tuple[str, ...] = ()
+    # A bad row (unknown label, empty text, tag/word count mismatch, unreadable image) is skipped and
+    # counted instead of stopping the run.
+    skip_bad_rows: bool = False
     # How a prompt/response pair becomes text: the tokenizer's chat template, or prompt + response + eos.
     template: Literal["auto", "chat", "plain"] = "auto"
     max_length: int = 512

@@ -18,9 +18,6 @@ from typing import Optional
 from launcher.config import ConfigError, RunConfig, to_dict
 from trainer import checkpoints
 
-METRICS = ("loss", "perplexity", "token_accuracy")
-
-
 def _say(text: str) -> None:
     print(f"[sft] {text}", flush=True)
 
@@ -73,13 +70,13 @@ class Controller:
             self.ranks[rank] = m.get("where")
         m = per_rank[0]
         if "val_loss" in m:
-            entry = {"step": int(m["step"]), **{k: m[f"val_{k}"] for k in METRICS}}
+            entry = {"step": int(m["step"]), **{k[4:]: v for k, v in m.items() if k.startswith("val_")}}
             self.history.append(entry)
             if self.best is None or entry["loss"] < self.best["loss"]:
                 self.best = dict(entry)
-            _say(f"eval  step {entry['step']}: val loss {entry['loss']:.4f}  ppl {entry['perplexity']:.2f}  "
-                 f"token acc {entry['token_accuracy']:.3f}  (best {self.best['loss']:.4f} at step "
-                 f"{self.best['step']})")
+            shown = "  ".join(f"{k} {v:.4g}" for k, v in entry.items() if k not in ("step", "loss"))
+            _say(f"eval  step {entry['step']}: val loss {entry['loss']:.4f}  {shown}  (best {self.best['loss']:.4f} "
+                 f"at step {self.best['step']})")
         if item["checkpoint"]:
             self.last_checkpoint = Path(item["checkpoint"])
             if self.best is not None and self.best["step"] == int(m["step"]):
@@ -111,9 +108,10 @@ def _tensorboard_test(out: Path, step: int, before: dict, after: dict) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(out / "tensorboard")) as writer:
-        for k in METRICS:
-            writer.add_scalar(f"test/{k}", after[k], step)
-            writer.add_scalar(f"test_before/{k}", before[k], step)
+        for prefix, metrics in (("test", after), ("test_before", before)):
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and k not in ("tokens", "examples"):
+                    writer.add_scalar(f"{prefix}/{k}", v, step)
 
 
 def launch(cfg: RunConfig, address: Optional[str], resume: Optional[str], cache_dir: str) -> dict:
@@ -152,13 +150,13 @@ def launch(cfg: RunConfig, address: Optional[str], resume: Optional[str], cache_
         with tempfile.TemporaryDirectory(prefix="sft-test-") as scratch:
             ray_job.fit(cfg, ray_job.test_worker,
                         {"cache_dir": cache_dir, "final_checkpoint": str(final),
-                         "export_dir": str(out / "final_model")},
+                         "export_dir": str(out / "final_model"),
+                         "predictions_path": str(out / "test_predictions.jsonl")},
                         Path(scratch), "test", lambda item: test.update(item["metrics"][0]))
     finally:
         ray_job.stop_ray(started_ray)
 
-    before = {k: test[f"before_{k}"] for k in (*METRICS, "tokens", "examples")}
-    after = {k: test[f"after_{k}"] for k in (*METRICS, "tokens", "examples")}
+    before, after = test["before"], test["after"]
     _write_json(out / "test_metrics.json", {"before": before, "after": after, "step": final_step,
                                             "checkpoint": str(final)})
     _tensorboard_test(out, final_step, before, after)
@@ -183,6 +181,7 @@ def launch(cfg: RunConfig, address: Optional[str], resume: Optional[str], cache_
         "config": to_dict(cfg),
     }
     _write_json(out / "run_summary.json", summary)
-    _say(f"test loss {before['loss']:.4f} -> {after['loss']:.4f}  token acc {before['token_accuracy']:.3f} -> "
-         f"{after['token_accuracy']:.3f}  (step {final_step}); results in {out}")
+    changes = "  ".join(f"{k} {before[k]:.4g} -> {after[k]:.4g}" for k, v in after.items()
+                        if isinstance(v, float) and k not in ("tokens", "examples", "perplexity"))
+    _say(f"test (step {final_step}): {changes}; results in {out}")
     return summary

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launcher.config import RunConfig
+from launcher.config import ConfigError, RunConfig
 
 
 @dataclass(frozen=True)
@@ -22,23 +22,32 @@ class Plan:
     total: int
     freezing: str
     model_dir: str | None
+    labels: tuple[str, ...] = ()
 
 
 def make_plan(cfg: RunConfig, cache_dir: str) -> Plan:
     from trainer.data import load_splits, record_kind
     from trainer.freezing import describe_layout, select_trainable, summarize
-    from trainer.model import build_skeleton, load_tokenizer, prepare_pretrained
+    from trainer.model import build_skeleton, load_processor, prepare_pretrained
     from trainer.splits import total_steps
+    from trainer.tasks import CLASSIFICATION, label_names, require_columns
 
     splits = load_splits(cfg)
+    d, task = cfg.data, cfg.model.task
+    columns = {"sequence_classification": ([d.text_column, d.label_column], ["data.text_column", "data.label_column"]),
+               "token_classification": ([d.tokens_column, d.tags_column], ["data.tokens_column", "data.tags_column"]),
+               "image_classification": ([d.image_column, d.label_column], ["data.image_column", "data.label_column"])}
     for split in splits:
         if not split.records:
-            from launcher.config import ConfigError
             raise ConfigError(f"{split.source}: the {split.name} split is empty")
-        record_kind(list(split.records[0].keys()), cfg.data, split.source)
+        if task == "causal_lm":
+            record_kind(list(split.records[0].keys()), d, split.source)
+        else:
+            require_columns(split, *columns[task])
+    labels = label_names(cfg, splits[0]) if task in CLASSIFICATION else []
     model_dir = prepare_pretrained(cfg.model, cache_dir)
-    load_tokenizer(cfg.model, model_dir)
-    skeleton = build_skeleton(cfg.model, model_dir)
+    load_processor(cfg.model, model_dir)
+    skeleton = build_skeleton(cfg.model, model_dir, labels)
     sizes = [(n, p.numel()) for n, p in skeleton.named_parameters()]
     layout = describe_layout(skeleton)
     trainable = select_trainable([n for n, _ in sizes], cfg.finetune, layout)
@@ -51,7 +60,7 @@ def make_plan(cfg: RunConfig, cache_dir: str) -> Plan:
         rows={s.name: len(s.records) for s in splits},
         steps=total_steps(n_train, world, t.micro_batch_size, t.gradient_accumulation, t.epochs, t.max_steps),
         trainable=sum(s for n, s in sizes if n in trainable), total=sum(s for _, s in sizes),
-        freezing=summarize(sizes, trainable, layout), model_dir=model_dir)
+        freezing=summarize(sizes, trainable, layout), model_dir=model_dir, labels=tuple(labels))
 
 
 def describe(plan: Plan, cfg: RunConfig) -> str:
@@ -68,4 +77,5 @@ def describe(plan: Plan, cfg: RunConfig) -> str:
         f"{plan.freezing}",
         f"deepspeed: ZeRO stage {cfg.deepspeed.zero_stage}, precision {cfg.deepspeed.precision}, "
         f"offload {cfg.deepspeed.offload}",
-    ])
+    ] + ([f"task: {cfg.model.task}, {len(plan.labels)} labels: {', '.join(plan.labels[:12])}"
+          f"{' ...' if len(plan.labels) > 12 else ''}"] if plan.labels else []))

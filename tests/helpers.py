@@ -71,3 +71,59 @@ def tiny_config(tmp: Path, tokenizer: Path, **sections) -> dict:
 def write_config(path: Path, raw: dict) -> Path:
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+def make_wordpiece_tokenizer(target: Path) -> Path:
+    """A BERT WordPiece tokenizer whose vocabulary is every word of the shipped classification data."""
+    import re
+
+    from transformers import BertTokenizerFast
+
+    words = set()
+    for name in ("topics.jsonl", "ner_tiny.jsonl", "srl_tiny.jsonl"):
+        for line in (REPO / "data" / name).read_text().splitlines():
+            row = json.loads(line)
+            text = row.get("text") or " ".join(row.get("tokens", []))
+            words |= set(re.findall(r"\w+|[^\w\s]", text.lower()))
+    target.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words), *[f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]]
+    (target / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(str(target / "vocab.txt")).save_pretrained(target)
+    return target
+
+
+def make_image_processor(target: Path, size: int = 32) -> Path:
+    from transformers import ViTImageProcessor
+
+    ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(target)
+    return target
+
+
+def tiny_bert(vocab_size: int, n_layer: int = 2) -> dict:
+    return {"model_type": "bert", "vocab_size": vocab_size, "hidden_size": 32, "num_hidden_layers": n_layer,
+            "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 128}
+
+
+def tiny_resnet() -> dict:
+    """A two-stage ConvNet: learns the 8x8 digits within a few dozen steps (a tiny ViT from scratch does not)."""
+    return {"model_type": "resnet", "num_channels": 3, "embedding_size": 16, "hidden_sizes": [16, 32],
+            "depths": [1, 1], "layer_type": "basic"}
+
+
+def task_config(tmp: Path, task: str, tokenizer: Path | None = None, processor: Path | None = None, **sections) -> dict:
+    """A tiny 2-worker config for a classification task on the shipped data."""
+    if task == "image_classification":
+        model = {"architecture": tiny_resnet(), "image_processor": str(processor), "task": task}
+        data = {"train_file": str(REPO / "data" / "digits.parquet")}
+    else:
+        vocab = len((tokenizer / "vocab.txt").read_text().split())
+        model = {"architecture": tiny_bert(vocab), "tokenizer": str(tokenizer), "task": task}
+        data = {"train_file": str(REPO / "data" / ("topics.jsonl" if task == "sequence_classification"
+                                                   else "ner_tiny.jsonl")), "max_length": 64}
+    raw = tiny_config(tmp, tokenizer or processor, model=model, data={**data, "fractions": [0.8, 0.1, 0.1]},
+                      optim={"lr": 3e-3, "warmup_steps": 2, "scheduler": "linear"},
+                      train={"max_steps": 12, "micro_batch_size": 16, "eval_every": 6, "save_every": 6,
+                             "keep_last": 1, "log_every": 6})
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
+    return raw

@@ -1,8 +1,8 @@
 """SFT data: read the splits, render and tokenize examples with response-only labels, and batch them.
 
 Reading uses `datasets` (jsonl/json/csv/parquet files or a datasets name); rendering uses the
-tokenizer's chat template; padding uses transformers' DataCollatorForSeq2Seq. The loop sees an
-endless, resumable stream of micro-batches. Never imports ray.
+tokenizer's chat template. The loop sees an endless, resumable stream of micro-batches (of any
+task's examples). Never imports ray.
 """
 from __future__ import annotations
 
@@ -134,12 +134,6 @@ def tokenize_split(split: Split, d: DataConfig, tokenizer) -> tuple[list[dict], 
         raise ConfigError(f"{split.source}: every response in the {split.name} split was truncated away by "
                           f"data.max_length = {d.max_length}; raise it")
     return examples, dropped
-
-
-def make_collator(tokenizer):
-    from transformers import DataCollatorForSeq2Seq
-
-    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE, return_tensors="pt")
 
 
 def micro_batch_stream(examples: list[dict], collate, rank: int, world: int, micro_batch_size: int,

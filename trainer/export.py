@@ -23,12 +23,14 @@ def consolidated_state_dict(checkpoint: Path, zero_stage: int) -> dict:
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=TAG)
 
 
-def export_model(cfg: RunConfig, checkpoint: Path, target: Path, tokenizer, cache_dir: str) -> None:
-    """Write safetensors weights, config and tokenizer loadable with AutoModelForCausalLM.from_pretrained."""
+def export_model(cfg: RunConfig, checkpoint: Path, target: Path, processor, labels: list[str],
+                 cache_dir: str) -> None:
+    """Write safetensors weights, config (with id2label for classifiers) and the tokenizer or image
+    processor, loadable with the task's AutoModelFor... and usable in a transformers pipeline."""
     import torch
 
     torch.manual_seed(cfg.seed)  # an inline architecture's frozen weights come from the seed
-    model = build_model(cfg.model, prepare_pretrained(cfg.model, cache_dir))
+    model = build_model(cfg.model, prepare_pretrained(cfg.model, cache_dir), labels)
     state = consolidated_state_dict(checkpoint, cfg.deepspeed.zero_stage)
     result = model.load_state_dict(state, strict=False)
     unexpected = [k for k in result.unexpected_keys]
@@ -36,4 +38,4 @@ def export_model(cfg: RunConfig, checkpoint: Path, target: Path, tokenizer, cach
         raise RuntimeError(f"the checkpoint holds parameters the model lacks: {unexpected[:5]}")
     target.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(target, safe_serialization=True)
-    tokenizer.save_pretrained(target)
+    processor.save_pretrained(target)

@@ -121,6 +121,10 @@ def describe_layout(model) -> Layout:
         if not tied:
             ids = {id(p) for p in out.parameters()}
             head_names = {n for n, p in model.named_parameters() if id(p) in ids}
+    elif getattr(model, "base_model_prefix", ""):
+        # A task head (classifier) is whatever lies outside the pretrained base model.
+        prefix = model.base_model_prefix + "."
+        head_names = {n for n, _ in model.named_parameters() if not n.startswith(prefix)}
     return Layout(best[0], best[1], frozenset(embedding_names), frozenset(head_names), tied)
 
 

@@ -7,7 +7,7 @@ through `reporter`; never imports ray.
 """
 from __future__ import annotations
 
-import dataclasses
+import json
 import math
 import tempfile
 import time
@@ -19,13 +19,14 @@ from typing import Optional
 from launcher.config import ConfigError, RunConfig
 from trainer import checkpoints
 from trainer.checkpoints import TrainState
-from trainer.data import load_splits, make_collator, micro_batch_stream, tokenize_split
+from trainer.data import load_splits, micro_batch_stream, tokenize_split
 from trainer.ds_config import deepspeed_config, resolve_precision
-from trainer.evaluation import evaluate
+from trainer.evaluation import evaluate, evaluate_classification
 from trainer.freezing import apply_trainable, describe_layout, select_trainable
-from trainer.model import build_model, load_tokenizer, prepare_pretrained
+from trainer.model import build_model, load_processor, prepare_pretrained
 from trainer.report import Reporter
 from trainer.splits import total_steps
+from trainer.tasks import CLASSIFICATION, Prepared, collator, label_names, prepare
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class WorkerArgs:
     resume_from: Optional[str] = None  # a checkpoint folder chosen by --resume
     restart_from: Optional[str] = None  # the orchestrator's latest checkpoint after a worker restart
     export_dir: Optional[str] = None  # run_test: where rank 0 writes the consolidated model
+    predictions_path: Optional[str] = None  # run_test: where rank 0 writes the test predictions
     final_checkpoint: Optional[str] = None  # run_test: the checkpoint to evaluate
     threads: int = 1
 
@@ -43,11 +45,10 @@ class WorkerArgs:
 @dataclass
 class Setup:
     engine: object
-    tokenizer: object
+    processor: object  # tokenizer, or image processor
     collate: object
-    train: list
-    validation: list
-    test: list
+    data: dict  # split name -> Prepared
+    labels: list  # label names of classification tasks
     total_steps: int
     device: object
     rank: int
@@ -73,22 +74,31 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...]) -> Setup:
         torch.set_num_threads(args.threads)
     precision = resolve_precision(cfg.deepspeed.precision, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
 
-    torch.manual_seed(cfg.seed)  # same seed on all ranks: identical initial weights
+    task = cfg.model.task
     model_dir = prepare_pretrained(cfg.model, args.cache_dir)
-    tokenizer = load_tokenizer(cfg.model, model_dir)
-    model = build_model(cfg.model, model_dir)
+    processor = load_processor(cfg.model, model_dir)
+    raw = dict(zip(("train", "validation", "test"), load_splits(cfg)))
+    labels = label_names(cfg, raw["train"]) if task in CLASSIFICATION else []
+    torch.manual_seed(cfg.seed)  # same seed on all ranks: identical initial weights and heads
+    model = build_model(cfg.model, model_dir, labels)
     names = [n for n, _ in model.named_parameters()]
     apply_trainable(model, select_trainable(names, cfg.finetune, describe_layout(model)))
     torch.manual_seed(cfg.seed + 1000 * (rank + 1))  # dropout differs across ranks, reproducibly
 
-    raw = dict(zip(("train", "validation", "test"), load_splits(cfg)))
-    tokenized = {}
+    data = {}
     for name in splits:
-        tokenized[name], dropped = tokenize_split(raw[name], cfg.data, tokenizer)
-        if dropped:
-            _log(rank, f"{name}: dropped {dropped} of {len(raw[name].records)} examples whose response "
-                       f"lies beyond data.max_length = {cfg.data.max_length}")
-    n_train = len(tokenized["train"]) if "train" in tokenized else len(raw["train"].records)
+        if task == "causal_lm":
+            examples, dropped = tokenize_split(raw[name], cfg.data, processor)
+            data[name] = Prepared(examples)
+            if dropped:
+                _log(rank, f"{name}: dropped {dropped} of {len(raw[name].records)} examples whose response "
+                           f"lies beyond data.max_length = {cfg.data.max_length}")
+        else:
+            data[name] = prepare(cfg, raw[name], processor, labels)
+            if data[name].skipped:
+                _log(rank, f"{name}: skipped {data[name].skipped} bad rows of {len(raw[name].records)} "
+                           f"(data.skip_bad_rows)")
+    n_train = len(data["train"].examples) if "train" in data else len(raw["train"].records)
     steps = total_steps(n_train, world, cfg.train.micro_batch_size, cfg.train.gradient_accumulation,
                         cfg.train.epochs, cfg.train.max_steps)
 
@@ -107,14 +117,28 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...]) -> Setup:
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, lr_scheduler=scheduler,
                                       config=deepspeed_config(cfg, world, precision))
     model_id = cfg.model.name_or_path or f"architecture:{cfg.model.architecture.get('model_type')}"
-    return Setup(engine, tokenizer, make_collator(tokenizer), tokenized.get("train", []),
-                 tokenized.get("validation", []), tokenized.get("test", []), steps, device, rank, world, model_id)
+    return Setup(engine, processor, collator(task, processor), data, labels, steps, device, rank, world, model_id)
 
 
-def _forward(engine):
+def evaluate_split(cfg: RunConfig, s: Setup, split: str) -> tuple[dict, list]:
+    """Metrics of the engine's current weights on a split (each example counted once across ranks),
+    and, for classification tasks, the per-example predictions."""
     def forward(batch):
-        return engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return forward
+        return s.engine(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+    s.engine.eval()
+    try:
+        if cfg.model.task == "causal_lm":
+            return evaluate(forward, s.data[split].examples, s.collate, s.rank, s.world,
+                            cfg.train.micro_batch_size, s.device), []
+        return evaluate_classification(cfg.model.task, forward, s.data[split], s.collate, s.rank, s.world,
+                                       cfg.train.micro_batch_size, s.device, s.labels)
+    finally:
+        s.engine.train()
+
+
+def scalars(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k not in ("tokens", "examples")}
 
 
 def _mean_across_ranks(values: list[float], device) -> list[float]:
@@ -151,10 +175,12 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TrainState:
         writer = SummaryWriter(args.tensorboard_dir, purge_step=state.step + 1)
 
     accumulation = cfg.train.gradient_accumulation
-    batches = micro_batch_stream(s.train, s.collate, rank, s.world, cfg.train.micro_batch_size,
+    train, validation = s.data["train"].examples, s.data["validation"].examples
+    batches = micro_batch_stream(train, s.collate, rank, s.world, cfg.train.micro_batch_size,
                                  cfg.seed, start=state.micro_step)
+    unit = "samples" if cfg.model.task == "image_classification" else "tokens"
     _log(rank, f"training steps {state.step + 1}..{s.total_steps} on {s.world} worker(s), "
-               f"{len(s.train)} training examples, {len(s.validation)} validation examples")
+               f"{len(train)} training examples, {len(validation)} validation examples")
     engine.train()
     for step in range(state.step + 1, s.total_steps + 1):
         started, loss_sum, tokens = time.perf_counter(), 0.0, 0
@@ -164,7 +190,7 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TrainState:
             engine.backward(loss)
             engine.step()  # DeepSpeed updates the weights only on the last micro-step
             loss_sum += loss.item() / accumulation
-            tokens += int(batch["attention_mask"].sum())
+            tokens += int(batch["attention_mask"].sum()) if unit == "tokens" else len(batch["labels"])
         state.step, state.micro_step = step, state.micro_step + accumulation
         loss_mean, tokens_total = _mean_across_ranks([loss_sum, float(tokens)], s.device)
         tokens_total *= s.world
@@ -176,22 +202,19 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TrainState:
             writer.add_scalar("train/loss", loss_mean, step)
             writer.add_scalar("train/lr", lr, step)
             writer.add_scalar("train/grad_norm", grad_norm, step)
-            writer.add_scalar("train/tokens_per_s", tokens_total / elapsed, step)
+            writer.add_scalar(f"train/{unit}_per_s", tokens_total / elapsed, step)
         if step % cfg.train.log_every == 0 or step == s.total_steps:
             _log(rank, f"step {step}/{s.total_steps}  loss {loss_mean:.4f}  lr {lr:.3g}  "
-                       f"grad_norm {grad_norm:.3g}  {tokens_total / elapsed:,.0f} tok/s  {elapsed:.2f} s/step")
+                       f"grad_norm {grad_norm:.3g}  {tokens_total / elapsed:,.0f} {unit}/s  {elapsed:.2f} s/step")
 
         is_last = step == s.total_steps
         metrics: dict[str, float] = {"step": step, "train_loss": loss_mean}
         if step % cfg.train.eval_every == 0 or is_last:
-            engine.eval()
-            val = evaluate(_forward(engine), s.validation, s.collate, rank, s.world,
-                           cfg.train.micro_batch_size, s.device)
-            engine.train()
+            val = scalars(evaluate_split(cfg, s, "validation")[0])
             metrics.update({f"val_{k}": v for k, v in val.items()})
             if writer:
-                for k in ("loss", "perplexity", "token_accuracy"):
-                    writer.add_scalar(f"val/{k}", val[k], step)
+                for k, v in val.items():
+                    writer.add_scalar(f"val/{k}", v, step)
                 writer.flush()
         if step % cfg.train.save_interval == 0 or is_last:
             state.metrics = {k: v for k, v in metrics.items() if k.startswith("val_")}
@@ -209,17 +232,16 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TrainState:
 def run_test(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> dict:
     """Test metrics before fine-tuning and from the final sharded checkpoint; rank 0 then exports."""
     s = setup(cfg, args, ("test",))
-    s.engine.eval()
-    before = evaluate(_forward(s.engine), s.test, s.collate, s.rank, s.world, cfg.train.micro_batch_size, s.device)
+    before, _ = evaluate_split(cfg, s, "test")
     # The weights come from the shards on disk, not from any model still in memory.
     state = checkpoints.load(s.engine, Path(args.final_checkpoint), s.rank)
-    s.engine.eval()
-    after = evaluate(_forward(s.engine), s.test, s.collate, s.rank, s.world, cfg.train.micro_batch_size, s.device)
-    result = {"before": before, "after": after, "step": state.step}
+    after, rows = evaluate_split(cfg, s, "test")
+    if s.rank == 0 and args.predictions_path and rows:
+        Path(args.predictions_path).write_text("".join(json.dumps(r) + "\n" for r in rows))
     if s.rank == 0 and args.export_dir:
         from trainer.export import export_model
-        export_model(cfg, Path(args.final_checkpoint), Path(args.export_dir), s.tokenizer, args.cache_dir)
+        export_model(cfg, Path(args.final_checkpoint), Path(args.export_dir), s.processor, s.labels, args.cache_dir)
         _log(s.rank, f"exported the consolidated model to {args.export_dir}")
-    reporter.report({**{f"before_{k}": v for k, v in before.items()},
-                     **{f"after_{k}": v for k, v in after.items()}, "step": state.step})
+    result = {"before": before, "after": after, "step": state.step}
+    reporter.report(result)
     return result

@@ -106,22 +106,58 @@ def model_config(cfg: ModelConfig, model_dir: str | None):
                           f"({str(err).splitlines()[0]})") from None
 
 
-def build_model(cfg: ModelConfig, model_dir: str | None):
-    """The model in fp32 (DeepSpeed casts to bf16/fp16 itself). Inline architectures start from the
-    current torch seed, so every rank builds identical weights."""
-    from transformers import AutoModelForCausalLM
+def _auto_class(task: str):
+    import transformers
 
-    if cfg.architecture is not None:
-        return AutoModelForCausalLM.from_config(model_config(cfg, None))
+    return getattr(transformers, {
+        "causal_lm": "AutoModelForCausalLM", "sequence_classification": "AutoModelForSequenceClassification",
+        "token_classification": "AutoModelForTokenClassification",
+        "image_classification": "AutoModelForImageClassification"}[task])
+
+
+def _label_kwargs(labels: list[str]) -> dict:
+    if not labels:
+        return {}
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {name: i for i, name in enumerate(labels)}}
+
+
+def build_model(cfg: ModelConfig, model_dir: str | None, labels: list[str] = ()):
+    """The model in fp32 (DeepSpeed casts to bf16/fp16 itself), with a head for `labels` when the task
+    classifies. New weights (inline architectures, fresh heads) come from the current torch seed, so
+    every rank builds identical ones."""
     import torch
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    auto = _auto_class(cfg.task)
+    if cfg.architecture is not None:
+        config = model_config(cfg, None)
+        for key, value in _label_kwargs(list(labels)).items():
+            setattr(config, key, value)
+        return auto.from_config(config)
+    return auto.from_pretrained(model_dir, dtype=torch.float32, **_label_kwargs(list(labels)))
 
 
-def build_skeleton(cfg: ModelConfig, model_dir: str | None):
+def build_skeleton(cfg: ModelConfig, model_dir: str | None, labels: list[str] = ()):
     """The model's structure on the meta device: parameter names and shapes, no weights loaded."""
     import torch
-    from transformers import AutoModelForCausalLM
 
+    config = model_config(cfg, model_dir)
+    for key, value in _label_kwargs(list(labels)).items():
+        setattr(config, key, value)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model_config(cfg, model_dir))
+        return _auto_class(cfg.task).from_config(config)
+
+
+def load_processor(cfg: ModelConfig, model_dir: str | None):
+    """The tokenizer, or the image processor for image tasks."""
+    if cfg.task != "image_classification":
+        return load_tokenizer(cfg, model_dir)
+    from transformers import AutoImageProcessor
+
+    source = resolve_location(cfg.image_processor) if cfg.image_processor else model_dir
+    try:
+        return AutoImageProcessor.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        key = "model.image_processor" if cfg.image_processor else "model.name_or_path"
+        raise ConfigError(f"{key}: cannot load an image processor from {source!r} "
+                          f"({str(err).splitlines()[0]})") from None

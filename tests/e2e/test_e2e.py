@@ -68,7 +68,7 @@ def test_test_metrics_show_fine_tuning_helped(zero2):
         assert {"loss", "perplexity", "token_accuracy"} <= metrics[phase].keys()
         assert metrics[phase]["examples"] == 35  # the whole test split, each example once
     assert metrics["after"]["loss"] < metrics["before"]["loss"] - 0.2
-    assert "test loss" in proc.stdout and proc.stdout.count("[sft] eval  step") == 3
+    assert "test (step 12): loss" in proc.stdout and proc.stdout.count("[sft] eval  step") == 3
 
 
 def test_run_summary_records_the_run(zero2):
@@ -98,15 +98,16 @@ def _final_model_test_loss(out: Path, config: Path) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from launcher.config import load_config
-    from trainer.data import load_splits, make_collator, tokenize_split
+    from trainer.data import load_splits, tokenize_split
     from trainer.evaluation import evaluate
+    from trainer.tasks import collator
 
     cfg = load_config(config)
     model = AutoModelForCausalLM.from_pretrained(out / "final_model").eval()
     tokenizer = AutoTokenizer.from_pretrained(out / "final_model")
     examples, _ = tokenize_split(load_splits(cfg)[2], cfg.data, tokenizer)
     metrics = evaluate(lambda b: model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
-                       examples, make_collator(tokenizer), 0, 1, 8, "cpu")
+                       examples, collator("causal_lm", tokenizer), 0, 1, 8, "cpu")
     return metrics["loss"]
 
 

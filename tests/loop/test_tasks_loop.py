@@ -1,0 +1,39 @@
+"""Each classification task through the worker loop in one process: train, test, export."""
+import json
+
+import pytest
+
+from launcher.config import from_dict
+from tests.helpers import make_image_processor, make_wordpiece_tokenizer, task_config
+from trainer.loop import WorkerArgs, run, run_test
+from trainer.report import ListReporter
+
+
+@pytest.fixture(scope="session")
+def wordpiece(tmp_path_factory):
+    return make_wordpiece_tokenizer(tmp_path_factory.mktemp("wordpiece"))
+
+
+@pytest.fixture(scope="session")
+def image_processor(tmp_path_factory):
+    return make_image_processor(tmp_path_factory.mktemp("processor"))
+
+
+@pytest.mark.parametrize("task, main", [("sequence_classification", "accuracy"),
+                                        ("token_classification", "f1"),
+                                        ("image_classification", "accuracy")])
+def test_task_trains_tests_and_exports(tmp_path, wordpiece, image_processor, process_group, task, main):
+    raw = task_config(tmp_path, task, tokenizer=wordpiece, processor=image_processor,
+                      train={"max_steps": 30, "eval_every": 10, "save_every": 30},
+                      scaling={"workers_per_node": 1})
+    cfg = from_dict(raw)
+    reporter = ListReporter(tmp_path / "ckpt")
+    run(cfg, reporter, WorkerArgs(cache_dir=str(tmp_path / "cache")))
+    assert f"val_{main}" in reporter.calls[0][0]
+    result = run_test(cfg, ListReporter(), WorkerArgs(
+        cache_dir=str(tmp_path / "cache"), final_checkpoint=str(reporter.calls[-1][1]),
+        export_dir=str(tmp_path / "final"), predictions_path=str(tmp_path / "pred.jsonl")))
+    assert result["after"]["loss"] < result["before"]["loss"]
+    rows = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    assert len(rows) == result["after"]["examples"] and [r["id"] for r in rows] == sorted(r["id"] for r in rows)
+    assert json.loads((tmp_path / "final" / "config.json").read_text())["id2label"]
