@@ -402,7 +402,8 @@ def resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
     data = dataclasses.replace(cfg.data, **{k: _resolve(getattr(cfg.data, k), base)
                                             for k in ("train_file", "validation_file", "test_file")})
     model = dataclasses.replace(cfg.model, name_or_path=_resolve(cfg.model.name_or_path, base),
-                                tokenizer=_resolve(cfg.model.tokenizer, base))
+                                tokenizer=_resolve(cfg.model.tokenizer, base),
+                                image_processor=_resolve(cfg.model.image_processor, base))
     ds = dataclasses.replace(cfg.deepspeed, config_file=_resolve(cfg.deepspeed.config_file, base))
     return dataclasses.replace(cfg, data=data, model=model, deepspeed=ds)
 

@@ -121,9 +121,9 @@ def task_config(tmp: Path, task: str, tokenizer: Path | None = None, processor: 
         data = {"train_file": str(REPO / "data" / ("topics.jsonl" if task == "sequence_classification"
                                                    else "ner_tiny.jsonl")), "max_length": 64}
     raw = tiny_config(tmp, tokenizer or processor, model=model, data={**data, "fractions": [0.8, 0.1, 0.1]},
-                      optim={"lr": 3e-3, "warmup_steps": 2, "scheduler": "linear"},
-                      train={"max_steps": 12, "micro_batch_size": 16, "eval_every": 6, "save_every": 6,
-                             "keep_last": 1, "log_every": 6})
+                      optim={"lr": 2e-3, "warmup_steps": 5, "scheduler": "linear"},
+                      train={"max_steps": 60, "micro_batch_size": 16, "eval_every": 20, "save_every": 20,
+                             "keep_last": 1, "log_every": 20})
     for section, values in sections.items():
         raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
     return raw

@@ -24,7 +24,6 @@ def image_processor(tmp_path_factory):
                                         ("image_classification", "accuracy")])
 def test_task_trains_tests_and_exports(tmp_path, wordpiece, image_processor, process_group, task, main):
     raw = task_config(tmp_path, task, tokenizer=wordpiece, processor=image_processor,
-                      train={"max_steps": 30, "eval_every": 10, "save_every": 30},
                       scaling={"workers_per_node": 1})
     cfg = from_dict(raw)
     reporter = ListReporter(tmp_path / "ckpt")

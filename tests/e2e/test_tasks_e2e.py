@@ -1,0 +1,95 @@
+"""One real 2-worker run per classification task, shared by the tests of that task."""
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.test_e2e import launch, scalars
+from tests.helpers import make_image_processor, make_wordpiece_tokenizer, task_config, write_config
+
+pytestmark = pytest.mark.e2e
+
+TASKS = {"sequence_classification": ("text-classification", "accuracy", {}),
+         "token_classification": ("token-classification", "f1", {"data": {"fractions": [0.8, 0.0975, 0.1025]}}),
+         "image_classification": ("image-classification", "accuracy", {})}
+
+
+@pytest.fixture(scope="session", params=list(TASKS))
+def task_run(request, tmp_path_factory):
+    task = request.param
+    tmp = tmp_path_factory.mktemp(task)
+    tokenizer = make_wordpiece_tokenizer(tmp / "tok") if task != "image_classification" else None
+    processor = make_image_processor(tmp / "proc") if task == "image_classification" else None
+    raw = task_config(tmp, task, tokenizer=tokenizer, processor=processor, **TASKS[task][2])
+    raw["data"] = {**task_config(tmp, task, tokenizer=tokenizer, processor=processor)["data"],
+                   **TASKS[task][2].get("data", {})}
+    config = write_config(tmp / "task.yaml", raw)
+    proc = launch(config)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return task, tmp / "run", config
+
+
+def _single_process_metrics(out: Path, config: Path, task: str):
+    """The same checkpoint's export evaluated in this one process (world size 1)."""
+    import transformers
+
+    from launcher.config import load_config
+    from trainer.data import load_splits
+    from trainer.evaluation import evaluate_classification
+    from trainer.model import _auto_class
+    from trainer.tasks import collator, prepare
+
+    cfg = load_config(config)
+    model = _auto_class(task).from_pretrained(out / "final_model").eval()
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    auto_proc = transformers.AutoImageProcessor if task == "image_classification" else transformers.AutoTokenizer
+    processor = auto_proc.from_pretrained(out / "final_model")
+    prepared = prepare(cfg, load_splits(cfg)[2], processor, labels)
+    forward = lambda b: model(**{k: v for k, v in b.items() if k != "labels"}).logits
+    return evaluate_classification(task, forward, prepared, collator(task, processor), 0, 1, 8, "cpu", labels)
+
+
+def test_metrics_before_and_after_and_predictions(task_run):
+    task, out, _ = task_run
+    metrics = json.loads((out / "test_metrics.json").read_text())
+    main = TASKS[task][1]
+    assert metrics["after"][main] > metrics["before"][main]
+    assert metrics["after"]["loss"] < metrics["before"]["loss"]
+    if task == "token_classification":
+        assert {"precision", "recall", "f1", "token_accuracy"} <= metrics["after"].keys()
+    else:
+        assert {"accuracy", "macro_f1", "per_class_f1"} <= metrics["after"].keys()
+    rows = [json.loads(line) for line in (out / "test_predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == metrics["after"]["examples"] == len({r["id"] for r in rows})
+    assert len(rows) % 2 == 1  # the test split does not divide by the world size
+    assert scalars(out / "tensorboard", f"test/{main}")[metrics["step"]] == pytest.approx(metrics["after"][main])
+
+
+def test_distributed_metrics_equal_a_single_process_evaluation(task_run):
+    task, out, config = task_run
+    after = json.loads((out / "test_metrics.json").read_text())["after"]
+    single, rows = _single_process_metrics(out, config, task)
+    written = [json.loads(line) for line in (out / "test_predictions.jsonl").read_text().splitlines()]
+    assert [r["predicted"] for r in rows] == [r["predicted"] for r in written]
+    for key, value in single.items():
+        if isinstance(value, float):
+            assert after[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def test_exported_model_works_in_a_pipeline_with_label_names(task_run):
+    import transformers
+
+    task, out, _ = task_run
+    pipe = transformers.pipeline(TASKS[task][0], model=str(out / "final_model"))
+    labels = set(json.loads((out / "final_model" / "config.json").read_text())["id2label"].values())
+    if task == "image_classification":
+        from datasets import load_dataset
+
+        image = load_dataset("parquet", data_files=str(Path(__file__).parents[2] / "data" / "digits.parquet"),
+                             split="train")[0]["image"]
+        assert pipe(image)[0]["label"] in labels
+    elif task == "token_classification":
+        found = pipe("Maria Lopez visited Paris last year .")
+        assert found and all(e["entity"] in labels for e in found)
+    else:
+        assert pipe("Heavy rain is expected in Oslo today")[0]["label"] in labels
