@@ -17,7 +17,9 @@ import yaml
 from launcher.config import ConfigError, RunConfig, load_config, to_dict
 
 EXIT_CONFIG = 2  # bad input: config, data, CLI
-EXIT_FAILED = 1  # the run failed (a worker error, the cluster)
+EXIT_FAILED = 1  # the run failed (a worker error, the cluster, a stop that outran its grace)
+EXIT_STOPPED = 75  # stopped on a signal after writing a checkpoint: continue with --resume
+EXIT_INTERRUPTED = 130  # aborted (a second Ctrl-C)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -70,14 +72,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 0
         from launcher.controller import launch
 
-        launch(cfg, args.address, args.resume, cache_dir())
-        return 0
+        summary = launch(cfg, args.address, args.resume, cache_dir())
+        return EXIT_STOPPED if summary.get("status") == "stopped" else 0
     except ConfigError as err:
         print(f"sft-launch: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:
         print("sft-launch: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as err:
         from launcher.ray_job import LaunchError
 

@@ -159,8 +159,14 @@ class TrainConfig:
     save_every: Optional[int] = None  # optimizer steps; defaults to eval_every
     keep_last: int = 2
     log_every: int = 10
+    # Worker-group restarts (from the latest checkpoint) after a worker process dies.
+    max_failures: int = 3
+    # After SIGTERM/SIGUSR1/Ctrl-C: seconds the workers get to finish the step and checkpoint.
+    stop_grace_s: float = 300.0
 
     def __post_init__(self) -> None:
+        if self.max_failures < 0 or self.stop_grace_s <= 0:
+            raise ValueError("train.max_failures must be >= 0 and train.stop_grace_s > 0")
         for key in ("micro_batch_size", "gradient_accumulation", "eval_every", "keep_last", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")

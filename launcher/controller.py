@@ -7,8 +7,11 @@ scalars and the exported model. Never imports deepspeed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -54,6 +57,34 @@ def guard_output(out: Path, resuming: bool) -> None:
         raise ConfigError(f"output_dir {out}: not writable ({err.strerror})") from None
 
 
+def check_resume(path: Path, cfg: RunConfig, plan) -> None:
+    """Refuse, before any worker starts, a checkpoint that cannot continue this config."""
+    state = checkpoints.read_state(path)
+    if state.model != checkpoints.model_identity(cfg.model):
+        raise ConfigError(f"--resume {path}: the checkpoint is of model {state.model!r}, but the config trains "
+                          f"{checkpoints.model_identity(cfg.model)!r}")
+    if state.zero_stage != cfg.deepspeed.zero_stage:
+        raise ConfigError(f"--resume {path}: the checkpoint was written with deepspeed.zero_stage "
+                          f"{state.zero_stage}, the config asks for {cfg.deepspeed.zero_stage}; keep the stage")
+    if state.world_size != cfg.scaling.world_size:
+        raise ConfigError(f"--resume {path}: the checkpoint was written by {state.world_size} worker(s), the config "
+                          f"asks for {cfg.scaling.world_size}; resuming on another world size is not supported yet")
+    if state.trainable and state.trainable != plan.trainable_digest:
+        raise ConfigError(f"--resume {path}: the finetune rules select other trainable parameters than the run "
+                          f"that wrote the checkpoint; keep finetune.* as it was")
+    bad = checkpoints.corrupted_files(path)
+    if bad:
+        raise ConfigError(f"--resume {path}: corrupted checkpoint file(s): {', '.join(str(b) for b in bad[:3])}; "
+                          f"resume from an earlier checkpoint with --resume PATH")
+
+
+def check_disk(out: Path, needed: int) -> None:
+    free = shutil.disk_usage(out).free
+    if free < needed:
+        raise ConfigError(f"output_dir {out}: {free / 2**30:.2f} GiB free, but one checkpoint needs about "
+                          f"{needed / 2**30:.2f} GiB; free space or choose another --output")
+
+
 @dataclass
 class Controller:
     cfg: RunConfig
@@ -63,15 +94,23 @@ class Controller:
     best: Optional[dict] = None
     ranks: dict = field(default_factory=dict)
     last_checkpoint: Optional[Path] = None
+    stopped_at: Optional[int] = None
+    restarts: int = 0
 
     def on_train_report(self, item: dict) -> None:
+        if "failures" in item:
+            self.on_failure(item["failures"])
+            return
         per_rank = item["metrics"]
         for rank, m in enumerate(per_rank):
             self.ranks[rank] = m.get("where")
         m = per_rank[0]
+        if m.get("stopped"):
+            self.stopped_at = int(m["step"])
         if "val_loss" in m:
             entry = {"step": int(m["step"]), **{k[4:]: v for k, v in m.items() if k.startswith("val_")}}
-            self.history.append(entry)
+            # After a restart the steps past the checkpoint run again: keep one entry per step.
+            self.history = [h for h in self.history if h["step"] != entry["step"]] + [entry]
             if self.best is None or entry["loss"] < self.best["loss"]:
                 self.best = dict(entry)
             shown = "  ".join(f"{k} {v:.4g}" for k, v in entry.items() if k not in ("step", "loss"))
@@ -79,9 +118,21 @@ class Controller:
                  f"at step {self.best['step']})")
         if item["checkpoint"]:
             self.last_checkpoint = Path(item["checkpoint"])
+            checkpoints.mark_complete(self.last_checkpoint)  # every rank's part is persisted now
             if self.best is not None and self.best["step"] == int(m["step"]):
                 self.best["checkpoint"] = str(self.last_checkpoint)
             self.prune()
+
+    def on_failure(self, failures: dict) -> None:
+        self.restarts += 1
+        latest = checkpoints.find_checkpoints(self.out / "checkpoints")
+        where = f"step {latest[-1][0]}" if latest else "the start"
+        detail = "; ".join(f"rank {r}: {msg}" for r, msg in sorted(failures.items()))
+        if self.restarts > self.cfg.train.max_failures:
+            _say(f"worker failure ({detail}); train.max_failures = {self.cfg.train.max_failures} reached")
+        else:
+            _say(f"worker failure ({detail}); restart {self.restarts}/{self.cfg.train.max_failures}: "
+                 f"the worker group continues from the latest checkpoint ({where})")
 
     def prune(self) -> None:
         found = checkpoints.find_checkpoints(self.out / "checkpoints")
@@ -91,6 +142,43 @@ class Controller:
         for _, path, _ in scored:
             if path not in keep:
                 shutil.rmtree(path, ignore_errors=True)
+
+
+class Stopper:
+    """SIGTERM, SIGUSR1 (what Slurm sends before preemption or the time limit) and Ctrl-C ask the
+    workers to finish the current step, checkpoint and stop; a second Ctrl-C aborts at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self, stop_file: Path, grace_s: float):
+        self.stop_file, self.grace_s = stop_file, grace_s
+        self.deadline: Optional[float] = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.deadline is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.deadline = time.monotonic() + self.grace_s
+        self.stop_file.write_text(f"{signal.Signals(signum).name}\n")
+        _say(f"{signal.Signals(signum).name}: the workers checkpoint after the current step and stop "
+             f"(grace {self.grace_s:g} s; Ctrl-C again aborts at once)")
+
+    def abort_reason(self) -> Optional[str]:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            return f"the workers did not stop within train.stop_grace_s = {self.grace_s:g} s"
+        return None
+
+    @contextlib.contextmanager
+    def installed(self):
+        self.stop_file.unlink(missing_ok=True)
+        previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self.stop_file.unlink(missing_ok=True)
 
 
 def _next_attempt(root: Path) -> int:
@@ -127,24 +215,37 @@ def launch(cfg: RunConfig, address: Optional[str], resume: Optional[str], cache_
     plan = plan_mod.make_plan(cfg, cache_dir)
     for line in plan_mod.describe(plan, cfg).splitlines():
         _say(line)
+    check_disk(out, plan.checkpoint_bytes)
     if resume_from:
+        check_resume(resume_from, cfg, plan)
         _say(f"resuming from {resume_from} (step {checkpoints.read_state(resume_from).step})")
 
     ckpt_root = out / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     ctl = Controller(cfg, out, protected={resume_from} if resume_from else set())
     attempt = f"attempt-{_next_attempt(ckpt_root)}"
+    stopper = Stopper(out / ".stop-request", cfg.train.stop_grace_s)
     started_ray = ray_job.start_ray(address)
     try:
         _say(f"training: {cfg.scaling.world_size} worker(s), checkpoints in {ckpt_root / attempt}")
-        ray_job.fit(cfg, ray_job.train_worker,
-                    {"cache_dir": cache_dir, "tensorboard_dir": str(out / "tensorboard"),
-                     "resume_from": str(resume_from) if resume_from else None},
-                    ckpt_root, attempt, ctl.on_train_report)
+        with stopper.installed():
+            ray_job.fit(cfg, ray_job.train_worker,
+                        {"cache_dir": cache_dir, "tensorboard_dir": str(out / "tensorboard"),
+                         "resume_from": str(resume_from) if resume_from else None,
+                         "stop_file": str(stopper.stop_file)},
+                        ckpt_root, attempt, ctl.on_train_report, stopper.abort_reason)
         found = checkpoints.find_checkpoints(ckpt_root)
         if not found:
             raise ray_job.LaunchError("training ended without a complete checkpoint")
         final_step, final = found[-1]
+        if ctl.stopped_at is not None:
+            _say(f"stopped at step {final_step}; checkpoint {final}. Continue with: "
+                 f"sft-launch <config> --output {out} --resume")
+            summary = {"status": "stopped", "global_step": final_step, "final_checkpoint": str(final),
+                       "validation_history": ctl.history, "attempt": attempt, "restarts": ctl.restarts,
+                       "config": to_dict(cfg)}
+            _write_json(out / "run_summary.json", summary)
+            return summary
         _say(f"test evaluation on the final checkpoint {final} (and on the model before fine-tuning)")
         test: dict = {}
         with tempfile.TemporaryDirectory(prefix="sft-test-") as scratch:
@@ -162,6 +263,7 @@ def launch(cfg: RunConfig, address: Optional[str], resume: Optional[str], cache_
     _tensorboard_test(out, final_step, before, after)
     best_validation = ctl.best or (ctl.history[-1] if ctl.history else None)
     summary = {
+        "status": "completed",
         "global_step": final_step,
         "world_size": cfg.scaling.world_size,
         "nodes": cfg.scaling.nodes,
@@ -174,6 +276,7 @@ def launch(cfg: RunConfig, address: Optional[str], resume: Optional[str], cache_
         "tensorboard": str(out / "tensorboard"),
         "resumed_from": str(resume_from) if resume_from else None,
         "attempt": attempt,
+        "restarts": ctl.restarts,
         "ranks": [{"rank": r, **(w or {})} for r, w in sorted(ctl.ranks.items())],
         "trainable_parameters": plan.trainable,
         "total_parameters": plan.total,

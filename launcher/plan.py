@@ -23,14 +23,20 @@ class Plan:
     freezing: str
     model_dir: str | None
     labels: tuple[str, ...] = ()
+    trainable_digest: str = ""
+    checkpoint_bytes: int = 0  # estimated size of one checkpoint on disk
+
+
+SAMPLE_ROWS = 200  # rows of each split prepared in preflight: bad data fails before any worker starts
 
 
 def make_plan(cfg: RunConfig, cache_dir: str) -> Plan:
-    from trainer.data import load_splits, record_kind
+    from trainer.checkpoints import trainable_digest
+    from trainer.data import Split, load_splits, record_kind, tokenize_split
     from trainer.freezing import describe_layout, select_trainable, summarize
     from trainer.model import build_skeleton, load_processor, prepare_pretrained
     from trainer.splits import total_steps
-    from trainer.tasks import CLASSIFICATION, label_names, require_columns
+    from trainer.tasks import CLASSIFICATION, label_names, prepare, require_columns
 
     splits = load_splits(cfg)
     d, task = cfg.data, cfg.model.task
@@ -46,7 +52,13 @@ def make_plan(cfg: RunConfig, cache_dir: str) -> Plan:
             require_columns(split, *columns[task])
     labels = label_names(cfg, splits[0]) if task in CLASSIFICATION else []
     model_dir = prepare_pretrained(cfg.model, cache_dir)
-    load_processor(cfg.model, model_dir)
+    processor = load_processor(cfg.model, model_dir)
+    for split in splits:
+        sample = Split(split.name, split.source, split.records[:SAMPLE_ROWS])
+        if task == "causal_lm":
+            tokenize_split(sample, d, processor)
+        else:
+            prepare(cfg, sample, processor, labels)
     skeleton = build_skeleton(cfg.model, model_dir, labels)
     sizes = [(n, p.numel()) for n, p in skeleton.named_parameters()]
     layout = describe_layout(skeleton)
@@ -54,13 +66,18 @@ def make_plan(cfg: RunConfig, cache_dir: str) -> Plan:
     world = cfg.scaling.world_size
     t = cfg.train
     n_train = len(splits[0].records)
+    n_total, n_trainable = sum(s for _, s in sizes), sum(s for n, s in sizes if n in trainable)
+    # fp32 weights of every parameter, plus Adam's two fp32 moments (and fp32 master weights in
+    # bf16/fp16) of the trainable ones; ZeRO splits this across ranks but not below it.
+    per_trainable = 8 + (4 if cfg.deepspeed.precision in ("bf16", "fp16") else 0)
     return Plan(
         world_size=world, micro_batch_size=t.micro_batch_size,
         global_batch_size=t.micro_batch_size * t.gradient_accumulation * world,
         rows={s.name: len(s.records) for s in splits},
         steps=total_steps(n_train, world, t.micro_batch_size, t.gradient_accumulation, t.epochs, t.max_steps),
         trainable=sum(s for n, s in sizes if n in trainable), total=sum(s for _, s in sizes),
-        freezing=summarize(sizes, trainable, layout), model_dir=model_dir, labels=tuple(labels))
+        freezing=summarize(sizes, trainable, layout), model_dir=model_dir, labels=tuple(labels),
+        trainable_digest=trainable_digest(trainable), checkpoint_bytes=4 * n_total + per_trainable * n_trainable)
 
 
 def describe(plan: Plan, cfg: RunConfig) -> str:

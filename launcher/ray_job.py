@@ -171,6 +171,11 @@ def _forwarding_callback(q):
             path = checkpoint.path if checkpoint is not None else None
             q.actor.put_nowait.remote({"metrics": metrics, "checkpoint": path})
 
+        def after_exception(self, run_context, worker_exceptions):
+            failures = {rank: f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+                        for rank, err in worker_exceptions.items()}
+            q.actor.put_nowait.remote({"failures": failures})
+
     return Forward()
 
 
@@ -187,9 +192,17 @@ def _unwrap(err: BaseException) -> BaseException:
     return err
 
 
+class Aborted(LaunchError):
+    """The driver gave up on the worker group (stop grace expired)."""
+
+
 def fit(cfg: RunConfig, worker: Callable, args: dict, storage: Path, name: str,
-        on_report: Callable[[dict], None], max_failures: int = 0):
-    """Run `worker` on the configured worker group; call `on_report` on the driver for every report."""
+        on_report: Callable[[dict], None], abort_reason: Callable[[], Optional[str]] = lambda: None):
+    """Run `worker` on the configured worker group; call `on_report` on the driver for every report.
+
+    A dead worker makes Ray restart the group from the latest checkpoint, up to train.max_failures
+    times. `abort_reason` is polled: when it returns a reason, the run is abandoned.
+    """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Empty, Queue
@@ -213,7 +226,7 @@ def fit(cfg: RunConfig, worker: Callable, args: dict, storage: Path, name: str,
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),  # retention: controller
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=[_forwarding_callback(q)],
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
@@ -239,6 +252,9 @@ def fit(cfg: RunConfig, worker: Callable, args: dict, storage: Path, name: str,
 
     while thread.is_alive():
         drain(0.5)
+        reason = abort_reason()
+        if reason:
+            raise Aborted(reason)
         thread.join(timeout=0.01)
     drain(0)
     if "error" in outcome:

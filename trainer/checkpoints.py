@@ -2,18 +2,23 @@
 
 A checkpoint folder holds DeepSpeed's sharded checkpoint (tag `ds`: each rank writes its own shard),
 each rank's RNG states (`rng_rank<r>.pt`), and `trainer_state.json` (step, data position, metrics),
-written by rank 0 after its shard. Ray merges the ranks' folders into one. A folder is complete when
-the state file and every rank's RNG file are there. Imports torch inside functions; never ray.
+written by rank 0 after its shard. Ray merges the ranks' folders into one. A folder is complete only
+once the orchestrator, having seen every rank's part persisted, writes the `.complete` marker: a
+save interrupted at any point is never taken for the latest checkpoint. Imports torch inside
+functions; never ray.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 TAG = "ds"
 STATE_FILE = "trainer_state.json"
+MARKER = ".complete"
 PREFIX = "step_"
 
 
@@ -25,6 +30,31 @@ class TrainState:
     zero_stage: int
     model: str  # what was trained, to refuse resuming another model's checkpoint
     metrics: dict = field(default_factory=dict)
+    trainable: str = ""  # digest of the trainable parameter names (the freezing rules' outcome)
+
+
+def model_identity(model_cfg) -> str:
+    """What a checkpoint belongs to: the pretrained source, or the inline architecture itself."""
+    if model_cfg.name_or_path is not None:
+        return f"{model_cfg.name_or_path}{'#' + model_cfg.gguf_file if model_cfg.gguf_file else ''}:{model_cfg.task}"
+    arch = json.dumps(model_cfg.architecture, sort_keys=True)
+    return f"architecture:{hashlib.sha256(arch.encode()).hexdigest()[:12]}:{model_cfg.task}"
+
+
+def trainable_digest(names) -> str:
+    return hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()[:16]
+
+
+def corrupted_files(path: Path) -> list[Path]:
+    """Checkpoint files that are not complete torch archives (truncated, overwritten, empty)."""
+    bad = []
+    for f in sorted(Path(path).rglob("*.pt")):
+        try:
+            with zipfile.ZipFile(f) as archive:
+                archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            bad.append(f)
+    return bad
 
 
 def dir_name(step: int) -> str:
@@ -41,7 +71,13 @@ def is_complete(path: Path) -> bool:
         state = read_state(path)
     except (OSError, ValueError, TypeError):
         return False
-    return (path / TAG).is_dir() and all((path / f"rng_rank{r}.pt").is_file() for r in range(state.world_size))
+    return ((path / MARKER).is_file() and (path / TAG).is_dir()
+            and all((path / f"rng_rank{r}.pt").is_file() for r in range(state.world_size)))
+
+
+def mark_complete(path: Path) -> None:
+    """Called by the orchestrator once every rank's part of the checkpoint is persisted."""
+    (Path(path) / MARKER).write_text("ok\n")
 
 
 def find_checkpoints(root: Path) -> list[tuple[int, Path]]:

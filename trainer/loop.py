@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ class WorkerArgs:
     restart_from: Optional[str] = None  # the orchestrator's latest checkpoint after a worker restart
     export_dir: Optional[str] = None  # run_test: where rank 0 writes the consolidated model
     predictions_path: Optional[str] = None  # run_test: where rank 0 writes the test predictions
+    stop_file: Optional[str] = None  # when it exists, every rank checkpoints after this step and stops
     final_checkpoint: Optional[str] = None  # run_test: the checkpoint to evaluate
     threads: int = 1
 
@@ -54,6 +56,7 @@ class Setup:
     rank: int
     world: int
     model_id: str
+    trainable_digest: str
 
 
 def _log(rank: int, text: str) -> None:
@@ -82,7 +85,8 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...]) -> Setup:
     torch.manual_seed(cfg.seed)  # same seed on all ranks: identical initial weights and heads
     model = build_model(cfg.model, model_dir, labels)
     names = [n for n, _ in model.named_parameters()]
-    apply_trainable(model, select_trainable(names, cfg.finetune, describe_layout(model)))
+    trainable = select_trainable(names, cfg.finetune, describe_layout(model))
+    apply_trainable(model, trainable)
     torch.manual_seed(cfg.seed + 1000 * (rank + 1))  # dropout differs across ranks, reproducibly
 
     data = {}
@@ -116,8 +120,8 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...]) -> Setup:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, lr_scheduler=scheduler,
                                       config=deepspeed_config(cfg, world, precision))
-    model_id = cfg.model.name_or_path or f"architecture:{cfg.model.architecture.get('model_type')}"
-    return Setup(engine, processor, collator(task, processor), data, labels, steps, device, rank, world, model_id)
+    return Setup(engine, processor, collator(task, processor), data, labels, steps, device, rank, world,
+                 checkpoints.model_identity(cfg.model), checkpoints.trainable_digest(trainable))
 
 
 def evaluate_split(cfg: RunConfig, s: Setup, split: str) -> tuple[dict, list]:
@@ -158,7 +162,7 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TrainState:
     s = setup(cfg, args, ("train", "validation"))
     engine, rank = s.engine, s.rank
     state = TrainState(step=0, micro_step=0, world_size=s.world, zero_stage=cfg.deepspeed.zero_stage,
-                       model=s.model_id)
+                       model=s.model_id, trainable=s.trainable_digest)
     start_from = args.restart_from or args.resume_from
     if start_from:
         saved = checkpoints.read_state(Path(start_from))
@@ -166,6 +170,7 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TrainState:
             raise ConfigError(f"--resume: {start_from} holds a checkpoint of {saved.model!r}, "
                               f"not of {s.model_id!r}")
         state = checkpoints.load(engine, Path(start_from), rank)
+        state.trainable = s.trainable_digest
         _log(rank, f"resumed from {start_from} at step {state.step}")
 
     writer = None
@@ -192,7 +197,10 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TrainState:
             loss_sum += loss.item() / accumulation
             tokens += int(batch["attention_mask"].sum()) if unit == "tokens" else len(batch["labels"])
         state.step, state.micro_step = step, state.micro_step + accumulation
-        loss_mean, tokens_total = _mean_across_ranks([loss_sum, float(tokens)], s.device)
+        # One all_reduce per step carries the loss, the token count and the stop request, so every
+        # rank stops after the same step even if only some of them see the file yet.
+        asked = float(bool(args.stop_file) and os.path.exists(args.stop_file))
+        loss_mean, tokens_total, stop = _mean_across_ranks([loss_sum, float(tokens), asked], s.device)
         tokens_total *= s.world
         elapsed = time.perf_counter() - started
         grad_norm = engine.get_global_grad_norm()
@@ -208,6 +216,7 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TrainState:
                        f"grad_norm {grad_norm:.3g}  {tokens_total / elapsed:,.0f} {unit}/s  {elapsed:.2f} s/step")
 
         is_last = step == s.total_steps
+        stopping = stop > 0 and not is_last
         metrics: dict[str, float] = {"step": step, "train_loss": loss_mean}
         if step % cfg.train.eval_every == 0 or is_last:
             val = scalars(evaluate_split(cfg, s, "validation")[0])
@@ -216,13 +225,18 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TrainState:
                 for k, v in val.items():
                     writer.add_scalar(f"val/{k}", v, step)
                 writer.flush()
-        if step % cfg.train.save_interval == 0 or is_last:
+        if stopping:
+            metrics["stopped"] = 1.0
+            _log(rank, f"stop requested: checkpointing step {step} and stopping")
+        if step % cfg.train.save_interval == 0 or is_last or stopping:
             state.metrics = {k: v for k, v in metrics.items() if k.startswith("val_")}
             with tempfile.TemporaryDirectory(prefix="sft-shard-") as shard_dir:
                 checkpoints.save(engine, Path(shard_dir), state, rank)
                 reporter.report(metrics, Path(shard_dir), checkpoints.dir_name(step))
         elif "val_loss" in metrics:
             reporter.report(metrics)
+        if stopping:
+            break
     if writer:
         writer.close()
     dist.barrier()

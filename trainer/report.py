@@ -30,4 +30,6 @@ class ListReporter:
         if checkpoint is not None:
             kept = self.root / (name or f"checkpoint_{len(self.calls)}")
             shutil.copytree(checkpoint, kept, dirs_exist_ok=True)
+            from trainer.checkpoints import mark_complete
+            mark_complete(kept)
         self.calls.append((dict(metrics), kept))

@@ -6,10 +6,10 @@ import pytest
 
 from launcher.config import ConfigError
 from launcher.controller import resolve_resume
-from trainer.checkpoints import find_checkpoints, is_complete, retained
+from trainer.checkpoints import find_checkpoints, is_complete, mark_complete, retained
 
 
-def fake(root: Path, step: int, world: int = 2, ranks=None, val_loss=None) -> Path:
+def fake(root: Path, step: int, world: int = 2, ranks=None, val_loss=None, marked=True) -> Path:
     path = root / f"step_{step:07d}"
     (path / "ds").mkdir(parents=True)
     for r in range(world) if ranks is None else ranks:
@@ -17,12 +17,15 @@ def fake(root: Path, step: int, world: int = 2, ranks=None, val_loss=None) -> Pa
     (path / "trainer_state.json").write_text(json.dumps(
         {"step": step, "micro_step": step, "world_size": world, "zero_stage": 2, "model": "m",
          "metrics": {} if val_loss is None else {"val_loss": val_loss}}))
+    if marked:
+        mark_complete(path)
     return path
 
 
 def test_a_checkpoint_missing_a_rank_is_not_complete(tmp_path):
     assert is_complete(fake(tmp_path, 4))
     assert not is_complete(fake(tmp_path, 8, ranks=[0]))
+    assert not is_complete(fake(tmp_path, 10, marked=False))  # a save interrupted before Ray confirmed it
     half = fake(tmp_path, 12)
     (half / "trainer_state.json").write_text("{trunc")
     assert not is_complete(half)

@@ -1,0 +1,91 @@
+"""Nothing lost: a SIGKILLed worker is replaced and the run ends as if nothing happened; SIGUSR1
+makes the launcher checkpoint and stop, and --resume finishes the run with the same results."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.e2e.test_e2e import launch, scalars
+from tests.helpers import tiny_config, write_config
+
+pytestmark = pytest.mark.e2e
+
+
+def long_config(tmp, tokenizer_dir):
+    """300 short steps: a wide window to kill a worker in mid-run."""
+    return write_config(tmp / "long.yaml", tiny_config(
+        tmp, tokenizer_dir, train={"max_steps": 300, "eval_every": 50, "save_every": 50, "log_every": 50,
+                                   "keep_last": 2, "max_failures": 2}))
+
+
+def popen(config, *extra):
+    return subprocess.Popen([sys.executable, "-m", "launcher.cli", str(config), *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+@pytest.fixture(scope="session")
+def baseline(tmp_path_factory, tokenizer_dir):
+    tmp = tmp_path_factory.mktemp("baseline")
+    config = long_config(tmp, tokenizer_dir)
+    proc = launch(config)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return tmp / "run", config
+
+
+def test_killed_worker_is_replaced_and_the_run_ends_like_an_uninterrupted_one(baseline, tmp_path):
+    out, config = baseline
+    target = tmp_path / "run"
+    proc = popen(config, "--output", str(target))
+    lines, killed = [], None
+    for line in proc.stdout:
+        lines.append(line)
+        found = re.search(r"pid=(\d+)\).*\[sft\] step 100/300", line)
+        if found and killed is None:
+            killed = int(found.group(1))
+            os.kill(killed, signal.SIGKILL)
+    assert proc.wait(timeout=600) == 0, "".join(lines[-40:])
+    text = "".join(lines)
+    assert killed is not None
+    assert re.search(r"worker failure \(.*\); restart 1/2: the worker group continues from the latest "
+                     r"checkpoint \(step (50|100)\)", text), text[-3000:]
+    summary = json.loads((target / "run_summary.json").read_text())
+    assert summary["restarts"] == 1 and summary["global_step"] == 300
+    a = json.loads((target / "test_metrics.json").read_text())["after"]
+    b = json.loads((out / "test_metrics.json").read_text())["after"]
+    assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    assert [h["step"] for h in summary["validation_history"]] == [50, 100, 150, 200, 250, 300]
+    new, old = scalars(target / "tensorboard", "train/loss"), scalars(out / "tensorboard", "train/loss")
+    assert sorted(new) == list(range(1, 301))  # the replayed steps are not duplicated
+    assert [new[s] for s in range(150, 301)] == pytest.approx([old[s] for s in range(150, 301)], abs=1e-6)
+
+
+def test_sigusr1_checkpoints_and_stops_then_resume_finishes_identically(baseline, tmp_path):
+    out, config = baseline
+    target = tmp_path / "run"
+    proc = popen(config, "--output", str(target))
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "[sft] training: 2 worker(s)" in line:
+            proc.send_signal(signal.SIGUSR1)  # before step 1: the stop lands on a known step
+    assert proc.wait(timeout=600) == 75, "".join(lines[-40:])
+    text = "".join(lines)
+    assert "SIGUSR1: the workers checkpoint after the current step and stop" in text
+    assert "stopped at step 1" in text
+    summary = json.loads((target / "run_summary.json").read_text())
+    assert summary["status"] == "stopped" and summary["global_step"] == 1
+    assert not (target / "test_metrics.json").exists()
+
+    resumed = launch(config, "--output", str(target), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "training steps 2..300" in resumed.stdout
+    a = json.loads((target / "test_metrics.json").read_text())["after"]
+    b = json.loads((out / "test_metrics.json").read_text())["after"]
+    assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    new, old = scalars(target / "tensorboard", "train/loss"), scalars(out / "tensorboard", "train/loss")
+    assert sorted(new) == list(range(1, 301))
+    assert [new[s] for s in range(1, 301)] == pytest.approx([old[s] for s in range(1, 301)], abs=1e-6)
