@@ -66,9 +66,6 @@ def check_resume(path: Path, cfg: RunConfig, plan) -> None:
     if state.zero_stage != cfg.deepspeed.zero_stage:
         raise ConfigError(f"--resume {path}: the checkpoint was written with deepspeed.zero_stage "
                           f"{state.zero_stage}, the config asks for {cfg.deepspeed.zero_stage}; keep the stage")
-    if state.world_size != cfg.scaling.world_size:
-        raise ConfigError(f"--resume {path}: the checkpoint was written by {state.world_size} worker(s), the config "
-                          f"asks for {cfg.scaling.world_size}; resuming on another world size is not supported yet")
     if state.trainable and state.trainable != plan.trainable_digest:
         raise ConfigError(f"--resume {path}: the finetune rules select other trainable parameters than the run "
                           f"that wrote the checkpoint; keep finetune.* as it was")
@@ -76,6 +73,28 @@ def check_resume(path: Path, cfg: RunConfig, plan) -> None:
     if bad:
         raise ConfigError(f"--resume {path}: corrupted checkpoint file(s): {', '.join(str(b) for b in bad[:3])}; "
                           f"resume from an earlier checkpoint with --resume PATH")
+
+
+def ensure_universal(path: Path) -> None:
+    """Convert a sharded checkpoint to DeepSpeed's universal format once, cached beside the original
+    (`ds_universal/`), so it loads on any number of workers with its optimizer state."""
+    import subprocess
+    import sys
+
+    target = path / checkpoints.UNIVERSAL_TAG
+    if (target / "zero").is_dir():
+        return
+    staging = path / f".{checkpoints.UNIVERSAL_TAG}-converting"
+    shutil.rmtree(staging, ignore_errors=True)
+    _say(f"converting {path} to DeepSpeed's universal format for the new world size")
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                           str(path / checkpoints.TAG), "--output_folder", str(staging), "--inject_missing_state"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ConfigError(f"--resume {path}: converting the checkpoint to the universal format failed ({tail})")
+    staging.rename(target)
 
 
 def check_disk(out: Path, needed: int) -> None:
@@ -216,8 +235,13 @@ def launch(cfg: RunConfig, address: Optional[str], resume: Optional[str], cache_
     for line in plan_mod.describe(plan, cfg).splitlines():
         _say(line)
     check_disk(out, plan.checkpoint_bytes)
+    universal = False
     if resume_from:
         check_resume(resume_from, cfg, plan)
+        saved = checkpoints.read_state(resume_from)
+        universal = saved.world_size != cfg.scaling.world_size and saved.zero_stage > 0
+        if universal:
+            ensure_universal(resume_from)
         _say(f"resuming from {resume_from} (step {checkpoints.read_state(resume_from).step})")
 
     ckpt_root = out / "checkpoints"
@@ -227,12 +251,12 @@ def launch(cfg: RunConfig, address: Optional[str], resume: Optional[str], cache_
     stopper = Stopper(out / ".stop-request", cfg.train.stop_grace_s)
     started_ray = ray_job.start_ray(address)
     try:
-        _say(f"training: {cfg.scaling.world_size} worker(s), checkpoints in {ckpt_root / attempt}")
         with stopper.installed():
+            _say(f"training: {cfg.scaling.world_size} worker(s), checkpoints in {ckpt_root / attempt}")
             ray_job.fit(cfg, ray_job.train_worker,
                         {"cache_dir": cache_dir, "tensorboard_dir": str(out / "tensorboard"),
                          "resume_from": str(resume_from) if resume_from else None,
-                         "stop_file": str(stopper.stop_file)},
+                         "stop_file": str(stopper.stop_file), "universal": universal},
                         ckpt_root, attempt, ctl.on_train_report, stopper.abort_reason)
         found = checkpoints.find_checkpoints(ckpt_root)
         if not found:

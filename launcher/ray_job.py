@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 from dataclasses import asdict
@@ -70,7 +71,14 @@ def start_ray(address: Optional[str]) -> bool:
         return False
     # The embedded default: a fresh instance for this run only (never attach to whatever runs on the
     # host), token authentication on, listening on loopback, no dashboard.
-    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **common)
+    # Ctrl-C in a terminal reaches the whole process group, and Ray's daemons (GCS, raylet) are in
+    # ours: started with SIGINT ignored (inherited across exec), they outlive the first Ctrl-C, which
+    # the launcher turns into a checkpoint-and-stop.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **common)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return True
 
 

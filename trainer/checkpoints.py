@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 TAG = "ds"
+UNIVERSAL_TAG = "ds_universal"  # DeepSpeed's universal format, made beside TAG to change world size
 STATE_FILE = "trainer_state.json"
 MARKER = ".complete"
 PREFIX = "step_"
@@ -25,12 +26,14 @@ PREFIX = "step_"
 @dataclass
 class TrainState:
     step: int  # optimizer steps taken
-    micro_step: int  # micro-batches consumed per rank: the data position
+    micro_step: int  # micro-batches consumed per rank
     world_size: int
     zero_stage: int
     model: str  # what was trained, to refuse resuming another model's checkpoint
     metrics: dict = field(default_factory=dict)
     trainable: str = ""  # digest of the trainable parameter names (the freezing rules' outcome)
+    epoch: int = 0  # the data position: epoch, and places of its permutation consumed by all ranks
+    position: int = 0
 
 
 def model_identity(model_cfg) -> str:
@@ -102,19 +105,24 @@ def save(engine, directory: Path, state: TrainState, rank: int) -> None:
         (Path(directory) / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
 
 
-def load(engine, directory: Path, rank: int, load_optimizer: bool = True) -> TrainState:
-    """Restore weights, optimizer, LR schedule and this rank's RNG streams; returns the saved state."""
+def load(engine, directory: Path, rank: int, load_optimizer: bool = True, universal: bool = False) -> TrainState:
+    """Restore weights, optimizer, LR schedule and this rank's RNG streams; returns the saved state.
+
+    `universal` reads the universal-format copy (written by the launcher when the world size changed);
+    ranks the old run did not have keep their fresh RNG streams."""
     import numpy as np
     import torch
 
     directory = Path(directory)
-    load_path, _ = engine.load_checkpoint(str(directory), tag=TAG, load_optimizer_states=load_optimizer,
+    tag = UNIVERSAL_TAG if universal else TAG
+    load_path, _ = engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=load_optimizer,
                                           load_lr_scheduler_states=load_optimizer)
     if load_path is None:
-        raise RuntimeError(f"DeepSpeed found no checkpoint in {directory / TAG}")
+        raise RuntimeError(f"DeepSpeed found no checkpoint in {directory / tag}")
     state = read_state(directory)
-    if load_optimizer:
-        rng = torch.load(directory / f"rng_rank{rank}.pt", weights_only=False)
+    rng_file = directory / f"rng_rank{rank}.pt"
+    if load_optimizer and rng_file.is_file():
+        rng = torch.load(rng_file, weights_only=False)
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])

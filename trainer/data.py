@@ -33,12 +33,19 @@ def _read_file(path: str, key: str) -> list[dict]:
                           f"expected one of {', '.join(FORMATS)}")
     if not Path(path).is_file():
         raise ConfigError(f"data.{key}: file {path} not found")
+    if Path(path).stat().st_size == 0:
+        return []
     try:
         ds = datasets.load_dataset(FORMATS[suffix], data_files=path, split="train")
     except Exception as err:  # datasets raises many kinds for a malformed file
         raise ConfigError(f"data.{key}: cannot read {path} as {FORMATS[suffix]} "
-                          f"({str(err).splitlines()[0][:200]})") from None
+                          f"({_first_line(err)})") from None
     return ds.to_list()
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
 
 
 def load_splits(cfg: RunConfig) -> tuple[Split, Split, Split]:
@@ -59,7 +66,7 @@ def load_splits(cfg: RunConfig) -> tuple[Split, Split, Split]:
         try:
             named = {k: v.to_list() for k, v in datasets.load_dataset(d.dataset, d.dataset_config).items()}
         except Exception as err:
-            raise ConfigError(f"data.dataset: cannot load {d.dataset!r} ({str(err).splitlines()[0][:200]})") from None
+            raise ConfigError(f"data.dataset: cannot load {d.dataset!r} ({_first_line(err)})") from None
         if "train" not in named:
             raise ConfigError(f"data.dataset {d.dataset!r} has no 'train' split (it has {', '.join(named)})")
         if "validation" in named and "test" in named:
@@ -136,22 +143,47 @@ def tokenize_split(split: Split, d: DataConfig, tokenizer) -> tuple[list[dict], 
     return examples, dropped
 
 
-def micro_batch_stream(examples: list[dict], collate, rank: int, world: int, micro_batch_size: int,
-                       seed: int, start: int = 0) -> Iterator[dict]:
-    """Endless micro-batches for this rank, starting at global micro-batch index `start`.
+class MicroBatches:
+    """Endless micro-batches for one rank, resumable at a global position, also on another world size.
 
-    Epoch e uses DistributedSampler's shuffle for seed + e; resuming at `start` lands on the same
-    batch an uninterrupted run would have drawn next (no example replayed or skipped).
+    Epoch e shuffles the examples exactly as DistributedSampler(shuffle=True, seed=seed) does for
+    epoch e. `position` counts the places of that permutation already consumed by all ranks
+    together; the rest is padded (by repeating the permutation's head, as DistributedSampler does)
+    to a multiple of the world size and dealt out rank by rank. On the same world size this is
+    DistributedSampler's own order; on another, no example of the epoch is seen twice or skipped.
     """
-    from torch.utils.data import DistributedSampler
 
-    sampler = DistributedSampler(examples, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-    per_epoch = -(-len(sampler) // micro_batch_size)
-    epoch, offset = divmod(start, per_epoch)
-    while True:
-        sampler.set_epoch(epoch)
-        order = list(sampler)
-        for b in range(offset, per_epoch):
-            chunk = order[b * micro_batch_size:(b + 1) * micro_batch_size]
-            yield collate([examples[i] for i in chunk])
-        epoch, offset = epoch + 1, 0
+    def __init__(self, examples: list, collate, rank: int, world: int, micro_batch_size: int, seed: int,
+                 epoch: int = 0, position: int = 0):
+        self.examples, self.collate, self.rank, self.world = examples, collate, rank, world
+        self.micro_batch_size, self.seed = micro_batch_size, seed
+        self.epoch, self.position = epoch, position
+        self._mine: list[int] | None = None
+        self._next = 0
+
+    def _deal(self) -> None:
+        import torch
+
+        n = len(self.examples)
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(n, generator=g).tolist()
+        rest = order[self.position:]
+        pad = -len(rest) % self.world
+        rest += (order * (pad // n + 1))[:pad]
+        self._mine, self._next, self._start = rest[self.rank::self.world], 0, self.position
+        self._length = len(rest)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._mine is None:
+            self._deal()
+        b, m = self._next, self.micro_batch_size
+        chunk = self._mine[b * m:(b + 1) * m]
+        self._next += 1
+        self.position = self._start + min(self._next * m * self.world, self._length)
+        if self._next * m >= len(self._mine):  # the epoch is used up
+            self.epoch, self.position, self._mine = self.epoch + 1, 0, None
+        return self.collate([self.examples[i] for i in chunk])

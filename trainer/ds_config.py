@@ -17,7 +17,7 @@ def resolve_precision(precision: str, has_cuda: bool, has_bf16: bool) -> str:
     return "bf16" if has_cuda and has_bf16 else "fp32"
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int, precision: str) -> dict:
+def deepspeed_config(cfg: RunConfig, world_size: int, precision: str, load_universal: bool = False) -> dict:
     """A complete DeepSpeed config dict for `deepspeed.initialize`.
 
     A user's JSON file (deepspeed.config_file) is the base; batch sizes, accumulation, clipping, the
@@ -59,6 +59,8 @@ def deepspeed_config(cfg: RunConfig, world_size: int, precision: str) -> dict:
         "torch_adam": cfg.deepspeed.offload != "cpu"}}
     out["bf16"] = {"enabled": precision == "bf16"}
     out["fp16"] = {"enabled": precision == "fp16"}
+    if load_universal:  # resuming on another world size from a universal checkpoint
+        out["checkpoint"] = {**out.get("checkpoint", {}), "load_universal": True}
     out.setdefault("steps_per_print", 10 ** 9)  # the loop logs; DeepSpeed's own prints are noise
     out.setdefault("wall_clock_breakdown", False)
     return out

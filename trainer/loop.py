@@ -20,7 +20,7 @@ from typing import Optional
 from launcher.config import ConfigError, RunConfig
 from trainer import checkpoints
 from trainer.checkpoints import TrainState
-from trainer.data import load_splits, micro_batch_stream, tokenize_split
+from trainer.data import MicroBatches, load_splits, tokenize_split
 from trainer.ds_config import deepspeed_config, resolve_precision
 from trainer.evaluation import evaluate, evaluate_classification
 from trainer.freezing import apply_trainable, describe_layout, select_trainable
@@ -40,6 +40,7 @@ class WorkerArgs:
     export_dir: Optional[str] = None  # run_test: where rank 0 writes the consolidated model
     predictions_path: Optional[str] = None  # run_test: where rank 0 writes the test predictions
     stop_file: Optional[str] = None  # when it exists, every rank checkpoints after this step and stops
+    universal: bool = False  # resume_from is read in DeepSpeed's universal format (world size changed)
     final_checkpoint: Optional[str] = None  # run_test: the checkpoint to evaluate
     threads: int = 1
 
@@ -118,8 +119,9 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...]) -> Setup:
 
     # The shared-memory all-reduce op is JIT-compiled on first use and serves only inference; skip it.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    universal = args.universal and args.restart_from is None and args.resume_from is not None
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, lr_scheduler=scheduler,
-                                      config=deepspeed_config(cfg, world, precision))
+                                      config=deepspeed_config(cfg, world, precision, load_universal=universal))
     return Setup(engine, processor, collator(task, processor), data, labels, steps, device, rank, world,
                  checkpoints.model_identity(cfg.model), checkpoints.trainable_digest(trainable))
 
@@ -169,8 +171,9 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TrainState:
         if saved.model != s.model_id:
             raise ConfigError(f"--resume: {start_from} holds a checkpoint of {saved.model!r}, "
                               f"not of {s.model_id!r}")
-        state = checkpoints.load(engine, Path(start_from), rank)
-        state.trainable = s.trainable_digest
+        universal = args.universal and args.restart_from is None
+        state = checkpoints.load(engine, Path(start_from), rank, universal=universal)
+        state.trainable, state.world_size = s.trainable_digest, s.world
         _log(rank, f"resumed from {start_from} at step {state.step}")
 
     writer = None
@@ -181,8 +184,8 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TrainState:
 
     accumulation = cfg.train.gradient_accumulation
     train, validation = s.data["train"].examples, s.data["validation"].examples
-    batches = micro_batch_stream(train, s.collate, rank, s.world, cfg.train.micro_batch_size,
-                                 cfg.seed, start=state.micro_step)
+    batches = MicroBatches(train, s.collate, rank, s.world, cfg.train.micro_batch_size, cfg.seed,
+                           epoch=state.epoch, position=state.position)
     unit = "samples" if cfg.model.task == "image_classification" else "tokens"
     _log(rank, f"training steps {state.step + 1}..{s.total_steps} on {s.world} worker(s), "
                f"{len(train)} training examples, {len(validation)} validation examples")
@@ -197,6 +200,7 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TrainState:
             loss_sum += loss.item() / accumulation
             tokens += int(batch["attention_mask"].sum()) if unit == "tokens" else len(batch["labels"])
         state.step, state.micro_step = step, state.micro_step + accumulation
+        state.epoch, state.position = batches.epoch, batches.position
         # One all_reduce per step carries the loss, the token count and the stop request, so every
         # rank stops after the same step even if only some of them see the file yet.
         asked = float(bool(args.stop_file) and os.path.exists(args.stop_file))

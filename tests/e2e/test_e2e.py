@@ -166,8 +166,73 @@ def test_output_dir_of_a_finished_run_is_not_overwritten(zero2):
     assert (out / "run_summary.json").read_text() == before
 
 
-def test_asking_for_more_cpus_than_the_cluster_has_fails_fast(tmp_path, tokenizer_dir):
+@pytest.mark.parametrize("extra, message", [
+    (("--workers-per-node", "64"), "cannot place 1 node(s) x 64 worker(s)"),
+    (("--nodes", "3", "--workers-per-node", "1"), "cannot place 3 node(s) x 1 worker(s)")])
+def test_asking_for_more_than_the_cluster_has_fails_fast(tmp_path, tokenizer_dir, extra, message):
     config = write_config(tmp_path / "big.yaml", tiny_config(tmp_path, tokenizer_dir))
-    proc = launch(config, "--workers-per-node", "64", timeout=180)  # a hang would time out
+    proc = launch(config, *extra, timeout=180)  # a hang would time out
     assert proc.returncode == 1
-    assert "cannot place 1 node(s) x 64 worker(s)" in proc.stderr and "CPUs" in proc.stderr
+    assert message in proc.stderr and "CPUs" in proc.stderr
+
+
+def _copy_final_checkpoint(zero2, tmp_path):
+    import shutil
+
+    out, config, _ = zero2
+    source = next((out / "checkpoints").rglob("step_0000012"))
+    return Path(shutil.copytree(source, tmp_path / "ckpt")), config
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model": {"architecture": tiny_llama(2)}}, "the checkpoint is of model 'architecture:"),
+    ({"deepspeed": {"zero_stage": 3}}, "written with deepspeed.zero_stage 2, the config asks for 3"),
+    ({"finetune": {"mode": "local", "train_last_layers": 1}}, "select other trainable parameters"),
+    ({"corrupt": True}, "corrupted checkpoint file(s): "),
+])
+def test_resume_refuses_an_incompatible_or_corrupted_checkpoint(zero2, tmp_path, tokenizer_dir, change, message):
+    import yaml
+
+    ckpt, config = _copy_final_checkpoint(zero2, tmp_path)
+    raw = yaml.safe_load(config.read_text())
+    if change.pop("corrupt", False):
+        shard = ckpt / "ds" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+        shard.write_bytes(shard.read_bytes()[:1000])  # a truncated write
+    for section, values in change.items():
+        raw[section] = {**raw[section], **values}
+    raw["output_dir"] = str(tmp_path / "new")
+    proc = launch(write_config(tmp_path / "c.yaml", raw), "--resume", str(ckpt), timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def _resume_elsewhere(config: Path, source: Path, target: Path, *extra: str):
+    proc = launch(config, "--output", str(target), "--resume", str(source), *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((target / "run_summary.json").read_text()), proc
+
+
+def test_zero2_resumes_on_one_worker_through_a_universal_checkpoint(zero2, tmp_path):
+    out, config, _ = zero2
+    source = next((out / "checkpoints").rglob("step_0000008"))
+    summary, proc = _resume_elsewhere(config, source, tmp_path / "one", "--workers-per-node", "1")
+    assert "universal format" in proc.stdout and "training steps 9..12 on 1 worker(s)" in proc.stdout
+    assert summary["world_size"] == 1 and summary["global_step"] == 12
+    # the optimizer state travelled with the weights (Adam's moments per parameter)
+    assert list((source / "ds_universal" / "zero").glob("*/exp_avg.pt"))
+    assert sorted(scalars(tmp_path / "one" / "tensorboard", "train/loss")) == [9, 10, 11, 12]
+
+
+def test_zero3_goes_from_two_workers_to_one_and_back(zero3, tmp_path):
+    out, _ = zero3
+    config = out.parent / "tiny3.yaml"
+    source = next((out / "checkpoints").rglob("step_0000005"))
+    summary, _ = _resume_elsewhere(config, source, tmp_path / "one", "--workers-per-node", "1")
+    assert summary["world_size"] == 1 and summary["global_step"] == 10
+    final = Path(summary["final_checkpoint"])
+    assert json.loads((final / "trainer_state.json").read_text())["world_size"] == 1
+    summary, proc = _resume_elsewhere(config, final, tmp_path / "two", "--set", "train.max_steps=14")
+    assert "training steps 11..14 on 2 worker(s)" in proc.stdout
+    assert summary["world_size"] == 2 and summary["global_step"] == 14
+    metrics = json.loads((tmp_path / "two" / "test_metrics.json").read_text())
+    assert metrics["after"]["loss"] < metrics["before"]["loss"]

@@ -50,17 +50,45 @@ def test_steps_follow_the_distributed_sampler():
     assert total_steps(285, 2, 8, 1, epochs=1, max_steps=5) == 5
 
 
-def test_micro_batch_stream_resumes_on_the_same_batch_mid_epoch():
-    pytest.importorskip("torch")
+def test_micro_batches_follow_distributed_sampler_and_resume_mid_epoch():
+    torch = pytest.importorskip("torch")
     from itertools import islice
 
-    from trainer.data import micro_batch_stream
+    from torch.utils.data import DistributedSampler
+
+    from trainer.data import MicroBatches
 
     examples = list(range(23))
     for rank in (0, 1):
-        full = list(islice(micro_batch_stream(examples, list, rank, 2, 4, seed=5), 9))  # 3 per epoch
-        resumed = list(islice(micro_batch_stream(examples, list, rank, 2, 4, seed=5, start=4), 5))
-        assert resumed == full[4:]
-    epoch0 = [x for b in islice(micro_batch_stream(examples, list, 0, 2, 4, seed=5), 3) for x in b]
-    epoch0 += [x for b in islice(micro_batch_stream(examples, list, 1, 2, 4, seed=5), 3) for x in b]
-    assert set(epoch0) == set(examples)  # one epoch covers every example (padding repeats one)
+        sampler = DistributedSampler(examples, num_replicas=2, rank=rank, shuffle=True, seed=5)
+        expected = []
+        for epoch in (0, 1, 2):
+            sampler.set_epoch(epoch)
+            order = list(sampler)
+            expected += [order[i:i + 4] for i in range(0, len(order), 4)]
+        full = list(islice(MicroBatches(examples, list, rank, 2, 4, seed=5), 9))
+        assert full == expected[:9]  # the same order DistributedSampler gives, epoch after epoch
+        stream = MicroBatches(examples, list, rank, 2, 4, seed=5)
+        list(islice(stream, 4))
+        resumed = MicroBatches(examples, list, rank, 2, 4, seed=5, epoch=stream.epoch, position=stream.position)
+        assert list(islice(resumed, 5)) == full[4:]
+
+
+@pytest.mark.parametrize("old, new", [(2, 1), (1, 2), (2, 3)])
+def test_changing_world_size_mid_epoch_neither_repeats_nor_skips(old, new):
+    pytest.importorskip("torch")
+    from itertools import islice
+
+    from trainer.data import MicroBatches
+
+    examples = list(range(41))
+    first = [MicroBatches(examples, list, r, old, 3, seed=1) for r in range(old)]
+    seen = [x for stream in first for batch in islice(stream, 2) for x in batch]
+    epoch, position = first[0].epoch, first[0].position
+    assert position == 2 * 3 * old and epoch == 0
+    rest = [MicroBatches(examples, list, r, new, 3, seed=1, epoch=epoch, position=position) for r in range(new)]
+    for stream in rest:
+        while stream.epoch == 0:
+            seen += next(stream)
+    assert set(seen) == set(examples)
+    assert len(seen) - len(set(seen)) < new  # only the padding to a multiple of the world size repeats
