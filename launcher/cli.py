@@ -38,6 +38,13 @@ def parser() -> argparse.ArgumentParser:
                    help="override a config key, typed like YAML (repeatable), e.g. --set optim.lr=3e-5")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config and the plan; start nothing")
+    slurm = p.add_argument_group("Slurm")
+    slurm.add_argument("--slurm", action="store_true",
+                       help="write <output_dir>/sft.sbatch for this config instead of running it here")
+    slurm.add_argument("--submit", action="store_true", help="with --slurm: also submit it with sbatch")
+    slurm.add_argument("--partition", help="slurm.partition")
+    slurm.add_argument("--account", help="slurm.account")
+    slurm.add_argument("--time", help="slurm.time, e.g. 04:00:00")
     return p
 
 
@@ -49,6 +56,9 @@ def resolve(args: argparse.Namespace) -> RunConfig:
         overrides.append(f"scaling.workers_per_node={args.workers_per_node}")
     if args.output is not None:
         overrides.append(f"output_dir={args.output}")
+    for key in ("partition", "account", "time"):
+        if getattr(args, key) is not None:
+            overrides.append(f"slurm.{key}={getattr(args, key)}")
     cfg = load_config(args.config, overrides)
     if args.output is None and cfg.output_dir == "runs/default":
         cfg = dataclasses.replace(cfg, output_dir=str(Path("runs") / Path(args.config).stem))
@@ -63,6 +73,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser().parse_args(argv)
     try:
         cfg = resolve(args)
+        if args.submit and not args.slurm:
+            raise ConfigError("--submit goes with --slurm")
+        if args.slurm:
+            from launcher.slurm import write_and_submit
+
+            passed = [a for item in args.set for a in ("--set", item)]
+            if args.workers_per_node is not None:
+                passed += ["--workers-per-node", str(args.workers_per_node)]
+            write_and_submit(cfg, Path(args.config), sys.executable, passed, args.submit)
+            return 0
         if args.dry_run:
             from launcher.plan import describe, make_plan
 

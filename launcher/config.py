@@ -217,6 +217,27 @@ class ScalingConfig:
 
 
 @dataclass(frozen=True)
+class SlurmConfig:
+    """What `sft-launch --slurm` writes into the batch script (nodes come from scaling.nodes)."""
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    time: str = "01:00:00"
+    job_name: Optional[str] = None  # default: sft-<config name>
+    cpus_per_node: Optional[int] = None  # default: workers_per_node x cpus_per_worker
+    gpus_per_node: Optional[int] = None  # default: workers_per_node x gpus_per_worker (0 without GPUs)
+    signal_grace_s: int = 120  # USR1 this long before the time limit or a preemption
+    log: Optional[str] = None  # default: <output_dir>/slurm-%j.out
+    setup: str = ""  # shell lines run first on the first node (module load ..., source venv)
+
+    def __post_init__(self) -> None:
+        if self.signal_grace_s < 10:
+            raise ValueError(f"slurm.signal_grace_s must be >= 10, got {self.signal_grace_s}")
+        for key in ("cpus_per_node", "gpus_per_node"):
+            if getattr(self, key) is not None and getattr(self, key) < 0:
+                raise ValueError(f"slurm.{key} must be >= 0, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig
     data: DataConfig
@@ -225,6 +246,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
     output_dir: str = "runs/default"
     seed: int = 42
 

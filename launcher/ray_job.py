@@ -11,7 +11,6 @@ import os
 import signal
 import socket
 import threading
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -67,7 +66,10 @@ def start_ray(address: Optional[str]) -> bool:
                   runtime_env={"env_vars": {k: os.environ[k] for k in RAY_ENV},
                                "worker_process_setup_hook": "launcher.ray_job._quiet_worker_logs"})
     if address:
-        ray.init(address=address, **common)
+        # SFT_NODE_IP: this host's address in the cluster, where Ray would guess another one (the
+        # Slurm script sets it; on emulated nodes the loopback route hides the node's own address).
+        node_ip = {"_node_ip_address": os.environ["SFT_NODE_IP"]} if os.environ.get("SFT_NODE_IP") else {}
+        ray.init(address=address, **node_ip, **common)
         return False
     # The embedded default: a fresh instance for this run only (never attach to whatever runs on the
     # host), token authentication on, listening on loopback, no dashboard.
@@ -95,23 +97,61 @@ def cluster_gpus_per_node() -> list[float]:
     return [n["Resources"].get("GPU", 0.0) for n in ray.nodes() if n.get("Alive")]
 
 
-def check_resources(cfg: RunConfig, gpus_per_worker: float) -> None:
-    """Fail within seconds, saying what is missing, when the cluster cannot place the workers."""
+def check_resources(cfg: RunConfig, gpus_per_worker: float) -> list[str]:
+    """The ids of the nodes that will host the workers (the first `scaling.nodes` that can hold
+    `workers_per_node` workers each). Fails within seconds, saying what is missing, when too few can."""
     import ray
 
     s = cfg.scaling
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
     need_cpu, need_gpu = s.workers_per_node * s.cpus_per_worker, s.workers_per_node * gpus_per_worker
-    fitting = [r for r in nodes if r.get("CPU", 0) >= need_cpu and r.get("GPU", 0) >= need_gpu]
+    fitting = [n["NodeID"] for n in nodes
+               if n["Resources"].get("CPU", 0) >= need_cpu and n["Resources"].get("GPU", 0) >= need_gpu]
     if len(fitting) >= s.nodes:
-        return
-    total_cpu = sum(r.get("CPU", 0) for r in nodes)
-    total_gpu = sum(r.get("GPU", 0) for r in nodes)
+        return fitting[:s.nodes]
+    total_cpu = sum(n["Resources"].get("CPU", 0) for n in nodes)
+    total_gpu = sum(n["Resources"].get("GPU", 0) for n in nodes)
     raise LaunchError(
         f"the Ray cluster cannot place {s.nodes} node(s) x {s.workers_per_node} worker(s): each node needs "
         f"{need_cpu:g} CPU(s){f' and {need_gpu:g} GPU(s)' if need_gpu else ''} free, and {len(fitting)} of its "
         f"{len(nodes)} node(s) have that (cluster total: {total_cpu:g} CPUs, {total_gpu:g} GPUs). Lower "
         f"--nodes / --workers-per-node / scaling.cpus_per_worker, or add nodes to the cluster.")
+
+
+def check_shared_storage(node_ids: list[str], directory: Path) -> None:
+    """With several nodes, every node must see the output directory (checkpoints are written there by
+    every rank and read back on resume): a file the driver writes must be visible on each node."""
+    import secrets
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = directory / f".shared-probe-{secrets.token_hex(4)}"
+    probe.write_text("sft")
+
+    @ray.remote(num_cpus=0)
+    def sees(path: str) -> bool:
+        return Path(path).is_file()
+
+    try:
+        seen = ray.get([sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False))
+                        .remote(str(probe)) for n in node_ids], timeout=120)
+    finally:
+        probe.unlink(missing_ok=True)
+    blind = [n[:12] for n, ok in zip(node_ids, seen) if not ok]
+    if blind:
+        raise LaunchError(f"output_dir {directory} is not shared storage: node(s) {', '.join(blind)} cannot see "
+                          f"it. With --nodes > 1 it must be a path every node mounts (NFS, Lustre, ...).")
+
+
+def placement(cfg: RunConfig, node_ids: list[str]) -> dict:
+    """ScalingConfig placement: on one node, pack; on several, pin `workers_per_node` workers to each
+    chosen node by its id label, which no placement strategy alone can express."""
+    s = cfg.scaling
+    if s.nodes == 1:
+        return {"placement_strategy": "PACK"}
+    return {"placement_strategy": "SPREAD",
+            "label_selector": [{"ray.io/node-id": node_ids[i // s.workers_per_node]} for i in range(s.world_size)]}
 
 
 # ---------------------------------------------------------------- worker side
@@ -217,18 +257,16 @@ def fit(cfg: RunConfig, worker: Callable, args: dict, storage: Path, name: str,
 
     s = cfg.scaling
     gpus = s.gpus_per_worker if s.gpus_per_worker is not None else (1.0 if any(cluster_gpus_per_node()) else 0.0)
-    check_resources(cfg, gpus)
-    if s.nodes == 1:
-        strategy = "PACK"
-    else:
-        strategy = "STRICT_SPREAD" if s.workers_per_node == 1 else "SPREAD"
+    node_ids = check_resources(cfg, gpus)
+    if s.nodes > 1:
+        check_shared_storage(node_ids, Path(cfg.output_dir).resolve())
     q = Queue()
     args = {**args, "threads": s.cpus_per_worker, "use_gpu": gpus > 0}
     trainer = TorchTrainer(
         train_loop_per_worker=worker,
         train_loop_config={"cfg": _plain(cfg), "args": args},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=s.world_size, use_gpu=gpus > 0, placement_strategy=strategy,
+            num_workers=s.world_size, use_gpu=gpus > 0, **placement(cfg, node_ids),
             resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": gpus} if gpus > 0 else {})}),
         torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
         run_config=ray.train.RunConfig(

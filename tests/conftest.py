@@ -3,7 +3,8 @@ import socket
 
 import pytest
 
-from tests.helpers import make_tokenizer
+from tests.e2e.common import launch
+from tests.helpers import make_tokenizer, tiny_config, tiny_llama, write_config
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +25,35 @@ def process_group():
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     yield
+
+
+# The expensive end-to-end runs, shared by every module that needs them (e2e, multi-node, Slurm).
+
+@pytest.fixture(scope="session")
+def zero2(tmp_path_factory, tokenizer_dir):
+    tmp = tmp_path_factory.mktemp("zero2")
+    config = write_config(tmp / "tiny.yaml", tiny_config(tmp, tokenizer_dir))
+    proc = launch(config)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return tmp / "run", config, proc
+
+
+@pytest.fixture(scope="session")
+def resumed(zero2, tmp_path_factory):
+    out, config, _ = zero2
+    step8 = next((out / "checkpoints").rglob("step_0000008"))
+    target = tmp_path_factory.mktemp("resumed") / "run"
+    proc = launch(config, "--output", str(target), "--resume", str(step8))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return target, proc
+
+
+@pytest.fixture(scope="session")
+def zero3(tmp_path_factory, tokenizer_dir):
+    tmp = tmp_path_factory.mktemp("zero3")
+    raw = tiny_config(tmp, tokenizer_dir, model={"architecture": tiny_llama(3), "tokenizer": str(tokenizer_dir)},
+                      finetune={"mode": "local", "train_last_layers": 2, "train_head": True},
+                      deepspeed={"zero_stage": 3}, train={"max_steps": 10, "eval_every": 5, "save_every": 5})
+    proc = launch(write_config(tmp / "tiny3.yaml", raw))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return tmp / "run", proc

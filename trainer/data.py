@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from launcher.config import ConfigError, DataConfig, RunConfig
 from trainer.masking import IGNORE, chat_text, mask_labels, plain_text

@@ -158,7 +158,6 @@ def _mean_across_ranks(values: list[float], device) -> list[float]:
 
 def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TrainState:
     """Fine-tune: train, validate every eval_every steps, checkpoint every save_every, report both."""
-    import torch
     import torch.distributed as dist
 
     s = setup(cfg, args, ("train", "validation"))

@@ -1,64 +1,14 @@
-"""End to end on a real local Ray instance with 2 CPU workers: sft-launch as a user runs it.
-
-The expensive runs are session fixtures shared by many tests: a ZeRO-2 run, a run resumed from its
-step-8 checkpoint, and a ZeRO-3 run with selective freezing.
-"""
+"""End to end on a real local Ray instance with 2 CPU workers: sft-launch as a user runs it, on the
+shared runs of conftest.py."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.e2e.common import launch, scalars
 from tests.helpers import tiny_config, tiny_llama, write_config
 
 pytestmark = pytest.mark.e2e
-
-
-def launch(config: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "launcher.cli", str(config), *extra],
-                          capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        print(proc.stdout[-4000:], proc.stderr[-4000:])
-    return proc
-
-
-def scalars(logdir: Path, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars(tag)} if tag in acc.Tags()["scalars"] else {}
-
-
-@pytest.fixture(scope="session")
-def zero2(tmp_path_factory, tokenizer_dir):
-    tmp = tmp_path_factory.mktemp("zero2")
-    config = write_config(tmp / "tiny.yaml", tiny_config(tmp, tokenizer_dir))
-    proc = launch(config)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return tmp / "run", config, proc
-
-
-@pytest.fixture(scope="session")
-def resumed(zero2, tmp_path_factory):
-    out, config, _ = zero2
-    step8 = next((out / "checkpoints").rglob("step_0000008"))
-    target = tmp_path_factory.mktemp("resumed") / "run"
-    proc = launch(config, "--output", str(target), "--resume", str(step8))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return target, proc
-
-
-@pytest.fixture(scope="session")
-def zero3(tmp_path_factory, tokenizer_dir):
-    tmp = tmp_path_factory.mktemp("zero3")
-    raw = tiny_config(tmp, tokenizer_dir, model={"architecture": tiny_llama(3), "tokenizer": str(tokenizer_dir)},
-                      finetune={"mode": "local", "train_last_layers": 2, "train_head": True},
-                      deepspeed={"zero_stage": 3}, train={"max_steps": 10, "eval_every": 5, "save_every": 5})
-    proc = launch(write_config(tmp / "tiny3.yaml", raw))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return tmp / "run", proc
 
 
 def test_test_metrics_show_fine_tuning_helped(zero2):

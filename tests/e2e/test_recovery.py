@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.e2e.test_e2e import launch, scalars
+from tests.e2e.common import launch, scalars
 from tests.helpers import tiny_config, write_config
 
 pytestmark = pytest.mark.e2e

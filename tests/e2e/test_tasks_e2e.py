@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_e2e import launch, scalars
+from tests.e2e.common import launch, scalars
 from tests.helpers import make_image_processor, make_wordpiece_tokenizer, task_config, write_config
 
 pytestmark = pytest.mark.e2e

@@ -44,14 +44,21 @@ def test_same_seed_same_losses_and_validation_decreases(tmp_path, tokenizer_dir,
     assert losses(a)[-1][2] < losses(a)[0][2]
 
 
-def test_resume_continues_with_identical_losses(tmp_path, tokenizer_dir, process_group):
-    cfg, full, _ = _run(tmp_path / "full", tokenizer_dir, deepspeed={"zero_stage": 3},
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_continues_with_identical_losses(tmp_path, tokenizer_dir, process_group, stage):
+    cfg, full, _ = _run(tmp_path / "full", tokenizer_dir, deepspeed={"zero_stage": stage},
                         model={"architecture": tiny_llama(2), "tokenizer": str(tokenizer_dir)})
     step4 = full.calls[0][1]
     assert read_state(step4).step == 4 and read_state(step4).micro_step == 4
     resumed = ListReporter(tmp_path / "resumed")
-    state = run(cfg, resumed, WorkerArgs(cache_dir=str(tmp_path / "cache"), resume_from=str(step4)))
+    state = run(cfg, resumed, WorkerArgs(cache_dir=str(tmp_path / "cache"), resume_from=str(step4),
+                                         tensorboard_dir=str(tmp_path / "tb-resumed")))
     assert state.step == 12
     tail = lambda r: [(m["step"], round(m["train_loss"], 6), round(m["val_loss"], 6)) for m, _ in r.calls]
     assert tail(resumed) == tail(full)[1:]
     assert [s for s, _ in find_checkpoints(tmp_path / "resumed")] == [8, 12]
+    # every logged step after the checkpoint: the same training loss as the uninterrupted run
+    from tests.e2e.common import scalars
+    new, old = scalars(tmp_path / "tb-resumed", "train/loss"), scalars(tmp_path / "full" / "tb", "train/loss")
+    assert sorted(new) == list(range(5, 13))
+    assert [new[s] for s in new] == pytest.approx([old[s] for s in new], abs=1e-6)

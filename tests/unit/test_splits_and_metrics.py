@@ -51,7 +51,7 @@ def test_steps_follow_the_distributed_sampler():
 
 
 def test_micro_batches_follow_distributed_sampler_and_resume_mid_epoch():
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from itertools import islice
 
     from torch.utils.data import DistributedSampler

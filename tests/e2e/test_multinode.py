@@ -1,0 +1,92 @@
+"""A real two-node Ray cluster on this machine (two `ray start` processes, token auth on): --nodes 2
+spreads the ranks over both nodes and gives the same results as the single-node run."""
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+pytestmark = pytest.mark.e2e
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _alive_nodes(address: str, env: dict) -> int:
+    probe = ("import ray; ray.init(address=%r, logging_level='ERROR'); "
+             "print(sum(1 for n in ray.nodes() if n['Alive']))" % address)
+    proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    return int(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 and proc.stdout.strip() else 0
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    """Starts and stops only its own Ray processes (never `ray stop`, which ends every Ray here)."""
+    tmp = tmp_path_factory.mktemp("cluster")
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--object-store-memory=100000000", "--block"]
+    procs = [subprocess.Popen([RAY, "start", "--head", f"--port={port}", "--include-dashboard=false",
+                               f"--temp-dir={tmp / 'ray'}", *common], env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        deadline = time.monotonic() + 90
+        while _alive_nodes(address, env) < 1:
+            assert time.monotonic() < deadline, "the Ray head did not come up"
+            time.sleep(1)
+        procs.append(subprocess.Popen([RAY, "start", f"--address={address}", *common], env=env,
+                                      start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        while _alive_nodes(address, env) < 2:  # wait until the second node has joined: no blind sleep
+            assert time.monotonic() < deadline, "the second Ray node did not join"
+            time.sleep(1)
+        yield address, env
+    finally:
+        for proc in reversed(procs):
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_two_nodes_one_worker_each_match_the_single_node_run(two_nodes, zero2, tmp_path):
+    address, env = two_nodes
+    single, config, _ = zero2
+    target = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", str(config), "--address", address, "--nodes", "2",
+                           "--workers-per-node", "1", "--output", str(target)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((target / "run_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["nodes"] == 2
+    assert len({r["node_id"] for r in summary["ranks"]}) == 2  # one rank on each node
+    a = json.loads((target / "test_metrics.json").read_text())["after"]
+    b = json.loads((single / "test_metrics.json").read_text())["after"]
+    assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+
+
+def test_more_nodes_than_the_cluster_has_is_an_error(two_nodes, zero2, tmp_path):
+    address, env = two_nodes
+    _, config, _ = zero2
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", str(config), "--address", address, "--nodes", "3",
+                           "--workers-per-node", "1", "--output", str(tmp_path / "run")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "cannot place 3 node(s) x 1 worker(s)" in proc.stderr
+    assert "2 of its 2 node(s)" in proc.stderr
