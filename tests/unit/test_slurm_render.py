@@ -1,0 +1,28 @@
+"""Rendering the Slurm batch script: a pure function of the config."""
+from pathlib import Path
+
+from launcher.config import from_dict
+from launcher.slurm import TEMPLATE, render, sbatch_lines
+
+
+def cfg(**sections):
+    return from_dict({"model": {"name_or_path": "gpt2"}, "data": {"train_file": "x"}, "output_dir": "/shared/run",
+                      **sections})
+
+
+def test_sbatch_header_follows_scaling_and_slurm_keys():
+    c = cfg(scaling={"nodes": 4, "workers_per_node": 2, "cpus_per_worker": 3, "gpus_per_worker": 1},
+            slurm={"partition": "gpu", "account": "ml", "time": "08:00:00", "signal_grace_s": 300})
+    lines = sbatch_lines(c, Path("configs/gpt_ft.yaml"), Path("/shared/run"))
+    for expected in ("--nodes=4", "--ntasks-per-node=1", "--cpus-per-task=6", "--gpus-per-node=2",
+                     "--partition=gpu", "--account=ml", "--time=08:00:00", "--requeue", "--signal=B:USR1@300",
+                     "--job-name=sft-gpt_ft", "--output=/shared/run/slurm-%j.out"):
+        assert f"#SBATCH {expected}" in lines
+
+
+def test_rendered_script_runs_the_launcher_with_the_passed_overrides():
+    text = render(cfg(), Path("/cfg/a b.yaml"), "/venv/bin/python", ["--set", "optim.lr=1e-4"], TEMPLATE.read_text())
+    assert "@@" not in text
+    assert "CONFIG='/cfg/a b.yaml'" in text and "ARGS=(--set optim.lr=1e-4)" in text
+    assert "--gpus-per-node" not in text and "--num-gpus" not in text  # a CPU job asks for no GPUs
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in text and "trap 'kill -USR1" in text
