@@ -241,14 +241,14 @@ def launch(cfg: RunConfig, address: Optional[str], resume: Optional[str], cache_
         universal = saved.world_size != cfg.scaling.world_size and saved.zero_stage > 0
         if universal:
             ensure_universal(resume_from)
-        _say(f"resuming from {resume_from} (step {checkpoints.read_state(resume_from).step})")
+        _say(f"resuming from {resume_from} (step {saved.step})")
 
     ckpt_root = out / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     ctl = Controller(cfg, out, protected={resume_from} if resume_from else set())
     attempt = f"attempt-{_next_attempt(ckpt_root)}"
     stopper = Stopper(out / ".stop-request", cfg.train.stop_grace_s)
-    started_ray = ray_job.start_ray(address)
+    ray_job.start_ray(address)
     try:
         with stopper.installed():
             _say(f"training: {cfg.scaling.world_size} worker(s), checkpoints in {ckpt_root / attempt}")
@@ -278,7 +278,7 @@ def launch(cfg: RunConfig, address: Optional[str], resume: Optional[str], cache_
                          "predictions_path": str(out / "test_predictions.jsonl")},
                         Path(scratch), "test", lambda item: test.update(item["metrics"][0]))
     finally:
-        ray_job.stop_ray(started_ray)
+        ray_job.stop_ray()
 
     before, after = test["before"], test["after"]
     _write_json(out / "test_metrics.json", {"before": before, "after": after, "step": final_step,

@@ -46,11 +46,8 @@ def _quiet_worker_logs() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-def start_ray(address: Optional[str]) -> bool:
-    """Join `address` (or RAY_ADDRESS), else start a private local instance on loopback.
-
-    Returns True when this process started the instance (and so must stop it).
-    """
+def start_ray(address: Optional[str]) -> None:
+    """Join `address` (or RAY_ADDRESS), else start a private local instance for this run."""
     # Ray reads its environment (auth mode and token above all) once, at import: set it first.
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
@@ -70,9 +67,9 @@ def start_ray(address: Optional[str]) -> bool:
         # Slurm script sets it; on emulated nodes the loopback route hides the node's own address).
         node_ip = {"_node_ip_address": os.environ["SFT_NODE_IP"]} if os.environ.get("SFT_NODE_IP") else {}
         ray.init(address=address, **node_ip, **common)
-        return False
+        return
     # The embedded default: a fresh instance for this run only (never attach to whatever runs on the
-    # host), token authentication on, listening on loopback, no dashboard.
+    # host), token authentication on, nodes addressed on 127.0.0.1, no dashboard.
     # Ctrl-C in a terminal reaches the whole process group, and Ray's daemons (GCS, raylet) are in
     # ours: started with SIGINT ignored (inherited across exec), they outlive the first Ctrl-C, which
     # the launcher turns into a checkpoint-and-stop.
@@ -81,10 +78,10 @@ def start_ray(address: Optional[str]) -> bool:
         ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **common)
     finally:
         signal.signal(signal.SIGINT, previous)
-    return True
 
 
-def stop_ray(started: bool) -> None:
+def stop_ray() -> None:
+    """Stop the private instance, or disconnect from a cluster."""
     import ray
 
     if ray.is_initialized():
