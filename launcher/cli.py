@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
@@ -54,11 +55,12 @@ def resolve(args: argparse.Namespace) -> RunConfig:
         overrides.append(f"scaling.nodes={args.nodes}")
     if args.workers_per_node is not None:
         overrides.append(f"scaling.workers_per_node={args.workers_per_node}")
+    # Text options are quoted, so that YAML keeps `--time 12:00:00` or `--account 1234` as text.
     if args.output is not None:
-        overrides.append(f"output_dir={args.output}")
+        overrides.append(f"output_dir={json.dumps(args.output)}")
     for key in ("partition", "account", "time"):
         if getattr(args, key) is not None:
-            overrides.append(f"slurm.{key}={getattr(args, key)}")
+            overrides.append(f"slurm.{key}={json.dumps(getattr(args, key))}")
     cfg = load_config(args.config, overrides)
     if args.output is None and cfg.output_dir == "runs/default":
         cfg = dataclasses.replace(cfg, output_dir=str(Path("runs") / Path(args.config).stem))

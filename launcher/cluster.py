@@ -1,6 +1,6 @@
 """`python -m launcher.cluster wait ADDRESS NODES TIMEOUT_S`: block until a Ray cluster has NODES live
 nodes (what the Slurm script runs instead of a blind sleep). Exit 0 when they are there, 1 on timeout.
-Imports ray inside main only."""
+Imports ray only inside the function that uses it."""
 from __future__ import annotations
 
 import logging

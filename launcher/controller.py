@@ -44,7 +44,7 @@ def resolve_resume(out: Path, resume: Optional[str]) -> Optional[Path]:
 
 def guard_output(out: Path, resuming: bool) -> None:
     """A new run never overwrites what an earlier run left in its output directory."""
-    if not resuming and ((out / "checkpoints").exists() or (out / "run_summary.json").exists()):
+    if not resuming and (checkpoints.find_checkpoints(out / "checkpoints") or (out / "run_summary.json").exists()):
         raise ConfigError(f"output_dir {out} already holds a run; pass --resume to continue it, or choose "
                           f"another directory with --output")
     try:
@@ -93,6 +93,7 @@ def ensure_universal(path: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise ConfigError(f"--resume {path}: converting the checkpoint to the universal format failed ({tail})")
+    shutil.rmtree(target, ignore_errors=True)  # a conversion left half-done by an earlier launch
     staging.rename(target)
 
 
@@ -114,10 +115,23 @@ class Controller:
     last_checkpoint: Optional[Path] = None
     stopped_at: Optional[int] = None
     restarts: int = 0
+    config_error: Optional[str] = None
+    test: dict = field(default_factory=dict)
+
+    def on_test_report(self, item: dict) -> None:
+        if "failures" in item:
+            self.on_failure(item["failures"])
+        elif "config_error" in item["metrics"][0]:
+            self.config_error = item["metrics"][0]["config_error"]
+        else:
+            self.test = item["metrics"][0]
 
     def on_train_report(self, item: dict) -> None:
         if "failures" in item:
             self.on_failure(item["failures"])
+            return
+        if "config_error" in item["metrics"][0]:
+            self.config_error = item["metrics"][0]["config_error"]
             return
         per_rank = item["metrics"]
         for rank, m in enumerate(per_rank):
@@ -182,6 +196,10 @@ class Stopper:
         _say(f"{signal.Signals(signum).name}: the workers checkpoint after the current step and stop "
              f"(grace {self.grace_s:g} s; Ctrl-C again aborts at once)")
 
+    @property
+    def requested(self) -> bool:
+        return self.deadline is not None
+
     def abort_reason(self) -> Optional[str]:
         if self.deadline is not None and time.monotonic() > self.deadline:
             return f"the workers did not stop within train.stop_grace_s = {self.grace_s:g} s"
@@ -200,7 +218,9 @@ class Stopper:
 
 
 def _next_attempt(root: Path) -> int:
-    return 1 + len([p for p in root.glob("attempt-*") if p.is_dir()]) if root.is_dir() else 1
+    """One more than any attempt so far: a reused name would make Ray restore that attempt's state."""
+    numbers = [int(p.name.split("-", 1)[1]) for p in root.glob("attempt-*") if p.name.split("-", 1)[1].isdigit()]
+    return max(numbers, default=0) + 1
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -229,62 +249,82 @@ def launch(cfg: RunConfig, address: Optional[str], resume: Optional[str], cache_
     out = Path(cfg.output_dir).resolve()
     resume_from = resolve_resume(out, resume)
     guard_output(out, resuming=resume is not None)
-    _say("preflight: checking data, tokenizer, model config and freezing rules")
-    plan = plan_mod.make_plan(cfg, cache_dir)
-    for line in plan_mod.describe(plan, cfg).splitlines():
-        _say(line)
-    check_disk(out, plan.checkpoint_bytes)
-    universal = False
-    if resume_from:
-        check_resume(resume_from, cfg, plan)
-        saved = checkpoints.read_state(resume_from)
-        universal = saved.world_size != cfg.scaling.world_size and saved.zero_stage > 0
-        if universal:
-            ensure_universal(resume_from)
-        _say(f"resuming from {resume_from} (step {saved.step})")
-
     ckpt_root = out / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    ctl = Controller(cfg, out, protected={resume_from} if resume_from else set())
     attempt = f"attempt-{_next_attempt(ckpt_root)}"
+    ctl = Controller(cfg, out, protected={resume_from} if resume_from else set())
     stopper = Stopper(out / ".stop-request", cfg.train.stop_grace_s)
-    ray_job.start_ray(address)
-    try:
-        with stopper.installed():
+
+    def stopped(final: Optional[Path], step: int) -> dict:
+        where = f"checkpoint {final}" if final else "no checkpoint yet"
+        _say(f"stopped at step {step}; {where}. Continue with: sft-launch <config> --output {out} --resume")
+        summary = {"status": "stopped", "global_step": step, "final_checkpoint": str(final) if final else None,
+                   "world_size": cfg.scaling.world_size, "validation_history": ctl.history, "attempt": attempt,
+                   "restarts": ctl.restarts, "ranks": [{"rank": r, **(w or {})} for r, w in sorted(ctl.ranks.items())],
+                   "config": to_dict(cfg)}
+        _write_json(out / "run_summary.json", summary)
+        return summary
+
+    # Signals are taken from here on: before training starts, a stop just ends the launch; during
+    # training the workers checkpoint first; during the test evaluation the final checkpoint exists
+    # already, and --resume goes straight back to the test.
+    with stopper.installed():
+        _say("preflight: checking data, tokenizer, model config and freezing rules")
+        plan = plan_mod.make_plan(cfg, cache_dir)
+        for line in plan_mod.describe(plan, cfg).splitlines():
+            _say(line)
+        check_disk(out, plan.checkpoint_bytes)
+        universal = False
+        if resume_from:
+            check_resume(resume_from, cfg, plan)
+            saved = checkpoints.read_state(resume_from)
+            universal = saved.world_size != cfg.scaling.world_size and saved.zero_stage > 0
+            if universal:
+                ensure_universal(resume_from)
+            _say(f"resuming from {resume_from} (step {saved.step})")
+        if stopper.requested:
+            return stopped(resume_from, checkpoints.read_state(resume_from).step if resume_from else 0)
+
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        ray_job.start_ray(address)
+        try:
             _say(f"training: {cfg.scaling.world_size} worker(s), checkpoints in {ckpt_root / attempt}")
             ray_job.fit(cfg, ray_job.train_worker,
                         {"cache_dir": cache_dir, "tensorboard_dir": str(out / "tensorboard"),
                          "resume_from": str(resume_from) if resume_from else None,
                          "stop_file": str(stopper.stop_file), "universal": universal},
                         ckpt_root, attempt, ctl.on_train_report, stopper.abort_reason)
-        found = checkpoints.find_checkpoints(ckpt_root)
-        if not found:
-            raise ray_job.LaunchError("training ended without a complete checkpoint")
-        final_step, final = found[-1]
-        if ctl.stopped_at is not None:
-            _say(f"stopped at step {final_step}; checkpoint {final}. Continue with: "
-                 f"sft-launch <config> --output {out} --resume")
-            summary = {"status": "stopped", "global_step": final_step, "final_checkpoint": str(final),
-                       "validation_history": ctl.history, "attempt": attempt, "restarts": ctl.restarts,
-                       "config": to_dict(cfg)}
-            _write_json(out / "run_summary.json", summary)
-            return summary
-        _say(f"test evaluation on the final checkpoint {final} (and on the model before fine-tuning)")
-        test: dict = {}
-        with tempfile.TemporaryDirectory(prefix="sft-test-") as scratch:
-            ray_job.fit(cfg, ray_job.test_worker,
-                        {"cache_dir": cache_dir, "final_checkpoint": str(final),
-                         "export_dir": str(out / "final_model"),
-                         "predictions_path": str(out / "test_predictions.jsonl")},
-                        Path(scratch), "test", lambda item: test.update(item["metrics"][0]))
-    finally:
-        ray_job.stop_ray()
+            if ctl.config_error:
+                raise ConfigError(ctl.config_error)
+            found = checkpoints.find_checkpoints(ckpt_root)
+            if found:
+                final_step, final = found[-1]
+            elif resume_from:  # resumed at the end of its schedule: nothing was left to train
+                final_step, final = checkpoints.read_state(resume_from).step, resume_from
+            else:
+                raise ray_job.LaunchError("training ended without a complete checkpoint")
+            if ctl.stopped_at is not None or stopper.requested:
+                return stopped(final, final_step)
+            _say(f"test evaluation on the final checkpoint {final} (and on the model before fine-tuning)")
+            with tempfile.TemporaryDirectory(prefix="sft-test-") as scratch:
+                try:
+                    ray_job.fit(cfg, ray_job.test_worker,
+                                {"cache_dir": cache_dir, "final_checkpoint": str(final),
+                                 "export_dir": str(out / "final_model"),
+                                 "predictions_path": str(out / "test_predictions.jsonl")},
+                                Path(scratch), "test", ctl.on_test_report,
+                                lambda: "stop requested" if stopper.requested else None)
+                except ray_job.Aborted:
+                    return stopped(final, final_step)
+            if ctl.config_error:
+                raise ConfigError(ctl.config_error)
+        finally:
+            ray_job.stop_ray()
 
+    test = ctl.test
     before, after = test["before"], test["after"]
     _write_json(out / "test_metrics.json", {"before": before, "after": after, "step": final_step,
                                             "checkpoint": str(final)})
     _tensorboard_test(out, final_step, before, after)
-    best_validation = ctl.best or (ctl.history[-1] if ctl.history else None)
     summary = {
         "status": "completed",
         "global_step": final_step,
@@ -292,7 +332,7 @@ def launch(cfg: RunConfig, address: Optional[str], resume: Optional[str], cache_
         "nodes": cfg.scaling.nodes,
         "final_checkpoint": str(final),
         "checkpoints": [str(p) for _, p in checkpoints.find_checkpoints(ckpt_root)],
-        "best_validation": best_validation,
+        "best_validation": ctl.best,
         "validation_history": ctl.history,
         "test": {"before": before, "after": after},
         "final_model": str(out / "final_model"),

@@ -180,6 +180,18 @@ def _worker_args(loop_config: dict):
     return from_dict(loop_config["cfg"]), WorkerArgs(**args)
 
 
+def _reporting_bad_input(body: Callable[[], object]) -> None:
+    """Bad input found in a worker (a bad row past the preflight sample, say) is the user's to fix:
+    report it and end normally, rather than raise and have Ray restart the group for nothing. Every
+    rank prepares the same data, so every rank reports it at the same point."""
+    import ray.train
+
+    try:
+        body()
+    except ConfigError as err:
+        ray.train.report({"config_error": str(err)})
+
+
 def train_worker(loop_config: dict) -> None:
     import dataclasses
 
@@ -191,16 +203,16 @@ def train_worker(loop_config: dict) -> None:
     latest = ray.train.get_checkpoint()  # set when Ray restarted the worker group mid-run
     if latest is not None:
         with latest.as_directory() as d:
-            loop.run(cfg, RayReporter(), dataclasses.replace(args, restart_from=d))
+            _reporting_bad_input(lambda: loop.run(cfg, RayReporter(), dataclasses.replace(args, restart_from=d)))
     else:
-        loop.run(cfg, RayReporter(), args)
+        _reporting_bad_input(lambda: loop.run(cfg, RayReporter(), args))
 
 
 def test_worker(loop_config: dict) -> None:
     from trainer import loop
 
     cfg, args = _worker_args(loop_config)
-    loop.run_test(cfg, RayReporter(), args)
+    _reporting_bad_input(lambda: loop.run_test(cfg, RayReporter(), args))
 
 
 # ---------------------------------------------------------------- driver side

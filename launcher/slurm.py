@@ -5,6 +5,7 @@ Imports only the stdlib and our config.
 """
 from __future__ import annotations
 
+import math
 import shlex
 import subprocess
 from pathlib import Path
@@ -17,8 +18,10 @@ TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "sft.sbatch"
 def sbatch_lines(cfg: RunConfig, config_path: Path, output_dir: Path) -> list[str]:
     s, sl = cfg.scaling, cfg.slurm
     cpus = sl.cpus_per_node if sl.cpus_per_node is not None else s.workers_per_node * s.cpus_per_worker
-    gpus = sl.gpus_per_node if sl.gpus_per_node is not None else int(s.workers_per_node * (s.gpus_per_worker or 0))
+    gpus = sl.gpus_per_node if sl.gpus_per_node is not None else math.ceil(s.workers_per_node * (s.gpus_per_worker or 0))
+    # --exclusive: Ray's fixed ports (client server, dashboard agent) would clash between two jobs on a node.
     lines = [f"--job-name={sl.job_name or 'sft-' + config_path.stem}", f"--nodes={s.nodes}", "--ntasks-per-node=1",
+             "--exclusive",
              f"--cpus-per-task={cpus}", f"--time={sl.time}",
              f"--output={sl.log or output_dir / 'slurm-%j.out'}", "--open-mode=append",
              "--requeue", f"--signal=B:USR1@{sl.signal_grace_s}"]
@@ -59,6 +62,9 @@ def write_and_submit(cfg: RunConfig, config_path: Path, python: str, extra_args:
     script.write_text(render(cfg, config_path, python, extra_args, TEMPLATE.read_text()))
     script.chmod(0o755)
     print(f"[sft] wrote {script}")
+    if "--gpus-per-node" not in script.read_text():
+        print("[sft] note: the job asks for no GPUs (scaling.gpus_per_worker is not set); set it, or "
+              "slurm.gpus_per_node, to train on GPUs")
     if not submit:
         print(f"[sft] submit it with: sbatch {script}")
         return script
@@ -67,7 +73,8 @@ def write_and_submit(cfg: RunConfig, config_path: Path, python: str, extra_args:
     except FileNotFoundError:
         raise ConfigError("--submit: sbatch not found; is this a Slurm login node?") from None
     if proc.returncode != 0:
-        raise ConfigError(f"--submit: sbatch refused {script}: {proc.stderr.strip().splitlines()[-1:]}")
+        reason = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        raise ConfigError(f"--submit: sbatch refused {script}: {reason}")
     print(f"[sft] submitted job {proc.stdout.strip().split(';')[0]}; log: "
           f"{cfg.slurm.log or output_dir / 'slurm-<job>.out'}")
     return script

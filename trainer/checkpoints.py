@@ -83,13 +83,21 @@ def mark_complete(path: Path) -> None:
     (Path(path) / MARKER).write_text("ok\n")
 
 
+def _attempt(path: Path) -> int:
+    """The launch that wrote a checkpoint (`.../attempt-<N>/step_...`); 0 outside that layout."""
+    name = path.parent.name
+    return int(name.split("-", 1)[1]) if name.startswith("attempt-") and name.split("-", 1)[1].isdigit() else 0
+
+
 def find_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under `root` (any depth), oldest step first."""
+    """Complete checkpoints under `root` (any depth) as (step, path), oldest first: by launch attempt,
+    then step, so a run resumed from an earlier step never mistakes an older attempt's later step
+    for its newest checkpoint."""
     root = Path(root)
     if not root.is_dir():
         return []
     found = [(read_state(p).step, p) for p in root.rglob(f"{PREFIX}*") if p.is_dir() and is_complete(p)]
-    return sorted(found, key=lambda sp: (sp[0], str(sp[1])))
+    return sorted(found, key=lambda sp: (_attempt(sp[1]), sp[0], str(sp[1])))
 
 
 def save(engine, directory: Path, state: TrainState, rank: int) -> None:
@@ -133,10 +141,10 @@ def load(engine, directory: Path, rank: int, load_optimizer: bool = True, univer
 
 def retained(checkpoints: list[tuple[int, Path, float | None]], keep_last: int,
              protected: set[Path] = frozenset()) -> set[Path]:
-    """Which checkpoints to keep: the last `keep_last` by step, the best by validation loss, and any
-    protected one (the checkpoint being resumed from). Pure; the caller deletes the rest."""
-    by_step = sorted(checkpoints, key=lambda c: c[0])
-    keep = {p for _, p, _ in by_step[-keep_last:]}
+    """Which checkpoints to keep, given (step, path, val_loss) oldest first: the newest `keep_last`,
+    the best by validation loss, and any protected one (the checkpoint being resumed from). Pure; the
+    caller deletes the rest."""
+    keep = {p for _, p, _ in checkpoints[-keep_last:]}
     scored = [c for c in checkpoints if c[2] is not None]
     if scored:
         keep.add(min(scored, key=lambda c: (c[2], -c[0]))[1])

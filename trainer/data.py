@@ -6,7 +6,7 @@ task's examples). Never imports ray.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -22,9 +22,20 @@ class Split:
     name: str
     source: str  # a file path or "<dataset>:<split>", for error messages
     records: list[dict]
+    class_names: dict = field(default_factory=dict)  # column -> label names of a ClassLabel column
 
 
-def _read_file(path: str, key: str) -> list[dict]:
+def _class_names(ds) -> dict:
+    """Names of the ClassLabel columns (or sequences of ClassLabel, as NER tags often are)."""
+    out = {}
+    for column, feature in ds.features.items():
+        names = getattr(feature, "names", None) or getattr(getattr(feature, "feature", None), "names", None)
+        if names:
+            out[column] = list(names)
+    return out
+
+
+def _read_file(path: str, key: str) -> tuple[list[dict], dict]:
     import datasets
 
     suffix = Path(path).suffix.lower()
@@ -34,13 +45,13 @@ def _read_file(path: str, key: str) -> list[dict]:
     if not Path(path).is_file():
         raise ConfigError(f"data.{key}: file {path} not found")
     if Path(path).stat().st_size == 0:
-        return []
+        return [], {}
     try:
         ds = datasets.load_dataset(FORMATS[suffix], data_files=path, split="train")
     except Exception as err:  # datasets raises many kinds for a malformed file
         raise ConfigError(f"data.{key}: cannot read {path} as {FORMATS[suffix]} "
                           f"({_first_line(err)})") from None
-    return ds.to_list()
+    return ds.to_list(), _class_names(ds)
 
 
 def _first_line(err: Exception) -> str:
@@ -55,27 +66,28 @@ def load_splits(cfg: RunConfig) -> tuple[Split, Split, Split]:
     datasets.disable_progress_bars()
     d = cfg.data
     if d.train_file is not None:
-        train = _read_file(d.train_file, "train_file")
+        train, names = _read_file(d.train_file, "train_file")
         if d.validation_file is not None:
-            return (Split("train", d.train_file, train),
-                    Split("validation", d.validation_file, _read_file(d.validation_file, "validation_file")),
-                    Split("test", d.test_file, _read_file(d.test_file, "test_file")))
+            return (Split("train", d.train_file, train, names),
+                    Split("validation", d.validation_file, _read_file(d.validation_file, "validation_file")[0], names),
+                    Split("test", d.test_file, _read_file(d.test_file, "test_file")[0], names))
         source = d.train_file
-        named = {}
     else:
         try:
-            named = {k: v.to_list() for k, v in datasets.load_dataset(d.dataset, d.dataset_config).items()}
+            loaded = datasets.load_dataset(d.dataset, d.dataset_config)
         except Exception as err:
             raise ConfigError(f"data.dataset: cannot load {d.dataset!r} ({_first_line(err)})") from None
-        if "train" not in named:
-            raise ConfigError(f"data.dataset {d.dataset!r} has no 'train' split (it has {', '.join(named)})")
-        if "validation" in named and "test" in named:
-            return tuple(Split(k, f"{d.dataset}:{k}", named[k]) for k in ("train", "validation", "test"))
-        train, source = named["train"], f"{d.dataset}:train"
+        if "train" not in loaded:
+            raise ConfigError(f"data.dataset {d.dataset!r} has no 'train' split (it has {', '.join(loaded)})")
+        names = _class_names(loaded["train"])
+        if "validation" in loaded and "test" in loaded:
+            return tuple(Split(k, f"{d.dataset}:{k}", loaded[k].to_list(), names)
+                         for k in ("train", "validation", "test"))
+        train, source = loaded["train"].to_list(), f"{d.dataset}:train"
     tr, va, te = split_indices(len(train), d.fractions, cfg.split_seed)
-    return (Split("train", source, [train[i] for i in tr]),
-            Split("validation", source, [train[i] for i in va]),
-            Split("test", source, [train[i] for i in te]))
+    return (Split("train", source, [train[i] for i in tr], names),
+            Split("validation", source, [train[i] for i in va], names),
+            Split("test", source, [train[i] for i in te], names))
 
 
 def record_kind(columns: Sequence[str], d: DataConfig, source: str) -> str:
@@ -122,14 +134,20 @@ def render(record: dict, kind: str, d: DataConfig, tokenizer, row: int, source: 
 
 
 def tokenize_split(split: Split, d: DataConfig, tokenizer) -> tuple[list[dict], int]:
-    """Examples with input_ids/attention_mask/labels, and how many were dropped because truncation to
-    data.max_length left no response token in them."""
+    """Examples with input_ids/attention_mask/labels, and how many rows were dropped: truncation to
+    data.max_length left no response token in them, or (with data.skip_bad_rows) the row was bad."""
     if not split.records:
         raise ConfigError(f"{split.source}: the {split.name} split is empty")
     kind = record_kind(list(split.records[0].keys()), d, split.source)
     examples, dropped = [], 0
     for row, record in enumerate(split.records):
-        text, spans = render(record, kind, d, tokenizer, row, split.source)
+        try:
+            text, spans = render(record, kind, d, tokenizer, row, split.source)
+        except ConfigError:
+            if not d.skip_bad_rows:
+                raise
+            dropped += 1
+            continue
         enc = tokenizer(text, add_special_tokens=False, truncation=True, max_length=d.max_length,
                         return_offsets_mapping=True)
         labels = mask_labels(enc["input_ids"], enc["offset_mapping"], spans)

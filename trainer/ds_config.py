@@ -20,8 +20,9 @@ def resolve_precision(precision: str, has_cuda: bool, has_bf16: bool) -> str:
 def deepspeed_config(cfg: RunConfig, world_size: int, precision: str, load_universal: bool = False) -> dict:
     """A complete DeepSpeed config dict for `deepspeed.initialize`.
 
-    A user's JSON file (deepspeed.config_file) is the base; batch sizes, accumulation, clipping, the
-    optimizer and precision always come from our config, and a file that contradicts them is refused.
+    A user's JSON file (deepspeed.config_file) is the base. Batch sizes, accumulation and clipping come
+    from our config, and a file that sets them differently is refused; the optimizer, the precision and
+    the ZeRO stage/offload keys of our config replace the file's.
     """
     base: dict = {}
     if cfg.deepspeed.config_file:
@@ -43,6 +44,9 @@ def deepspeed_config(cfg: RunConfig, world_size: int, precision: str, load_unive
         if key in base and base[key] != value:
             raise ConfigError(f"deepspeed.config_file sets {key} = {base[key]} but the run config gives "
                               f"{value}; remove it from the JSON file (batch sizes come from train.*)")
+    if "scheduler" in base:
+        raise ConfigError(f"deepspeed.config_file sets a 'scheduler'; the schedule comes from optim.scheduler "
+                          f"and optim.warmup_steps, so remove it from the JSON file")
     zero = dict(base.get("zero_optimization", {}))
     zero["stage"] = cfg.deepspeed.zero_stage
     if cfg.deepspeed.offload == "cpu":

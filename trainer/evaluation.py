@@ -1,7 +1,8 @@
 """Validation and test metrics, exact across ranks: every example is counted once.
 
-Each rank evaluates a strided shard (no DistributedSampler padding), sums loss/tokens/correct, and
-one all_reduce adds the sums. Never imports ray.
+Each rank evaluates a strided shard (no DistributedSampler padding). For causal LMs the ranks sum
+loss/tokens/correct and one all_reduce adds the sums; for classification the per-example predictions
+are gathered by example id and the metrics computed over all of them. Never imports ray.
 """
 from __future__ import annotations
 
@@ -92,8 +93,8 @@ def evaluate_classification(task: str, forward: Callable, prepared, collate, ran
             loss_sum += float(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), target.reshape(-1),
                                               ignore_index=IGNORE, reduction="sum"))
             count += int((target != IGNORE).sum())
-            n_words = [len(prepared.golds[i]) for i in chunk] if task == "token_classification" else []
-            preds = predictions(task, logits, batch, labels, n_words)
+            words = [(len(prepared.golds[i]), prepared.words[i]) for i in chunk] if prepared.words else []
+            preds = predictions(task, logits, batch, labels, words)
             local += [{"id": prepared.ids[i], "gold": prepared.golds[i], "predicted": p} for i, p in zip(chunk, preds)]
     parts = [(local, loss_sum, count)]
     if world > 1:

@@ -77,13 +77,13 @@ def summarize(names_and_sizes: Sequence[tuple[str, int]], trainable: set[str], l
     total = sum(s for _, s in names_and_sizes)
     n_train = sum(s for n, s in names_and_sizes if n in trainable)
     per_block: dict[int, list[bool]] = {}
-    other_train, other_frozen = [], []
+    other_train = []
     for name, _ in names_and_sizes:
         b = block_index(name, layout)
         if b is not None:
             per_block.setdefault(b, []).append(name in trainable)
-        else:
-            (other_train if name in trainable else other_frozen).append(name)
+        elif name in trainable:
+            other_train.append(name)
     marks = "".join("T" if all(v) else ("p" if any(v) else ".") for _, v in sorted(per_block.items()))
     pct = 100.0 * n_train / max(total, 1)
     parts = [f"trainable {n_train:,} / {total:,} parameters ({pct:.2f}%)"]

@@ -96,8 +96,8 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...]) -> Setup:
             examples, dropped = tokenize_split(raw[name], cfg.data, processor)
             data[name] = Prepared(examples)
             if dropped:
-                _log(rank, f"{name}: dropped {dropped} of {len(raw[name].records)} examples whose response "
-                           f"lies beyond data.max_length = {cfg.data.max_length}")
+                _log(rank, f"{name}: dropped {dropped} of {len(raw[name].records)} rows (a response beyond "
+                           f"data.max_length = {cfg.data.max_length}, or a bad row with data.skip_bad_rows)")
         else:
             data[name] = prepare(cfg, raw[name], processor, labels)
             if data[name].skipped:

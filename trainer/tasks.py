@@ -25,6 +25,7 @@ class Prepared:
     ids: list[int] = field(default_factory=list)
     golds: list[Any] = field(default_factory=list)
     skipped: int = 0
+    words: list[list[int]] = field(default_factory=list)  # token classification: word of each labelled token
 
 
 class _Rows:
@@ -50,10 +51,14 @@ def require_columns(split, columns: list[str], keys: list[str]) -> None:
 
 
 def label_names(cfg: RunConfig, train_split) -> list[str]:
-    """The label set: data.labels, else every label of the training split (ids as their numbers)."""
+    """The label set: data.labels, else the data set's ClassLabel names, else every label of the
+    training split (integer ids as their numbers)."""
     d = cfg.data
     if d.labels:
         return list(d.labels)
+    column = d.tags_column if cfg.model.task == "token_classification" else d.label_column
+    if column in train_split.class_names:
+        return list(train_split.class_names[column])
     if cfg.model.task == "token_classification":
         require_columns(train_split, [d.tags_column], ["data.tags_column"])
         values = {t for r in train_split.records if isinstance(r[d.tags_column], list) for t in r[d.tags_column]}
@@ -67,12 +72,14 @@ def label_names(cfg: RunConfig, train_split) -> list[str]:
 
 
 def _label_id(value, labels: list[str]) -> Optional[int]:
-    """A label given by name, or by id into the label set."""
+    """A label given by name, or by id into the label set (other scalars, like true or 1.0, by their text)."""
     if isinstance(value, int) and not isinstance(value, bool):
         if str(value) in labels:
             return labels.index(str(value))
         return value if 0 <= value < len(labels) else None
-    return labels.index(value) if isinstance(value, str) and value in labels else None
+    if isinstance(value, (str, bool, float)) and str(value) in labels:
+        return labels.index(str(value))
+    return None
 
 
 def prepare(cfg: RunConfig, split, processor, labels: list[str]) -> Prepared:
@@ -125,9 +132,11 @@ def prepare(cfg: RunConfig, split, processor, labels: list[str]) -> Prepared:
                 pair = [words[p]]
             enc = processor(words, pair, is_split_into_words=True, truncation="only_first" if pair else True,
                             max_length=d.max_length)
-            out.examples.append({**enc, "labels": align_labels(enc.word_ids(), enc.sequence_ids(), ids)})
+            aligned = align_labels(enc.word_ids(), enc.sequence_ids(), ids)
+            out.examples.append({**enc, "labels": aligned})
             out.ids.append(i)
             out.golds.append([labels[t] for t in ids])
+            out.words.append([w for w, label in zip(enc.word_ids(), aligned) if label != IGNORE])
     elif task == "image_classification":
         require_columns(split, [d.image_column, d.label_column], ["data.image_column", "data.label_column"])
         base = Path(split.source).parent if Path(split.source).exists() else Path(".")
@@ -202,14 +211,17 @@ def collator(task: str, processor):
     return default_data_collator
 
 
-def predictions(task: str, logits, batch, labels: list[str], n_words: list[int]) -> list:
-    """Predicted label names (or, per word, tag names) of a batch."""
+def predictions(task: str, logits, batch, labels: list[str], words: list[tuple[int, list[int]]]) -> list:
+    """Predicted label names (or, per word, tag names) of a batch. For token classification `words`
+    gives, per example, its word count and the word of each labelled token; words without a
+    labelled token (cut off by max_length, or tokenized to nothing) are predicted O."""
     if task == "token_classification":
         out = []
         best = logits.argmax(-1)
-        for row, words in zip(range(best.size(0)), n_words):
-            keep = batch["labels"][row] != IGNORE
-            tags = [labels[i] for i in best[row][keep].tolist()]
-            out.append(tags + ["O"] * (words - len(tags)))  # words cut by max_length predict O
+        for row, (n_words, word_of) in enumerate(words):
+            tags = ["O"] * n_words
+            for word, tag in zip(word_of, best[row][batch["labels"][row] != IGNORE].tolist()):
+                tags[word] = labels[tag]
+            out.append(tags)
         return out
     return [labels[i] for i in logits.argmax(-1).tolist()]

@@ -101,3 +101,40 @@ def test_images_from_bytes_and_an_unreadable_one(tmp_path):
         prepare(cfg("image_classification"), split(rows), processor, [str(i) for i in range(10)])
     ok = prepare(cfg("image_classification", skip_bad_rows=True), split(rows), processor, [str(i) for i in range(10)])
     assert ok.examples[0]["pixel_values"].shape == (3, 32, 32) and ok.golds == ["3"] and ok.skipped == 1
+
+
+def test_classlabel_names_are_the_label_set_and_ids_map_to_them(tokenizer):
+    import datasets
+
+    from trainer.data import _class_names
+
+    features = datasets.Features({"tokens": datasets.Sequence(datasets.Value("string")),
+                                  "tags": datasets.Sequence(datasets.ClassLabel(names=["O", "B-PER", "I-PER"]))})
+    ds = datasets.Dataset.from_dict({"tokens": [["maria", "lopez", "ran"]], "tags": [[1, 2, 0]]}, features=features)
+    names = _class_names(ds)
+    assert names == {"tags": ["O", "B-PER", "I-PER"]}
+    train = Split("train", "hub:train", ds.to_list(), names)
+    labels = label_names(cfg("token_classification"), train)
+    assert labels == ["O", "B-PER", "I-PER"]
+    assert prepare(cfg("token_classification"), train, tokenizer, labels).golds == [["B-PER", "I-PER", "O"]]
+
+
+def test_boolean_labels(tokenizer):
+    train = split([{"text": "rain", "label": True}, {"text": "goal", "label": False}], "train")
+    labels = label_names(cfg("sequence_classification"), train)
+    assert labels == ["False", "True"]
+    assert prepare(cfg("sequence_classification"), train, tokenizer, labels).golds == ["True", "False"]
+
+
+def test_sft_bad_rows_stop_the_run_or_are_skipped(tmp_path):
+    from transformers import AutoTokenizer
+
+    from tests.helpers import make_tokenizer
+    from trainer.data import tokenize_split
+
+    tok = AutoTokenizer.from_pretrained(make_tokenizer(tmp_path / "bpe"))
+    rows = [{"prompt": "What is 2 plus 2?", "response": "Answer: 4."}, {"prompt": "Hi", "response": " "}]
+    with pytest.raises(ConfigError, match=r"row 1: column 'response' is empty"):
+        tokenize_split(split(rows), cfg("causal_lm").data, tok)
+    examples, dropped = tokenize_split(split(rows), cfg("causal_lm", skip_bad_rows=True).data, tok)
+    assert len(examples) == 1 and dropped == 1
