@@ -186,3 +186,16 @@ def test_zero3_goes_from_two_workers_to_one_and_back(zero3, tmp_path):
     assert summary["world_size"] == 2 and summary["global_step"] == 14
     metrics = json.loads((tmp_path / "two" / "test_metrics.json").read_text())
     assert metrics["after"]["loss"] < metrics["before"]["loss"]
+
+
+def test_bad_row_found_by_the_workers_fails_once_with_exit_2(tmp_path, tokenizer_dir):
+    rows = [json.loads(line) for line in (Path(__file__).parents[2] / "data" / "sft_tiny.jsonl").read_text().splitlines()]
+    rows[240]["response"] = ""  # past the 200 rows preflight prepares
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = tiny_config(tmp_path, tokenizer_dir, data={"train_file": str(tmp_path / "d.jsonl"), "validation_file": str(data),
+                                                     "test_file": str(data)})
+    proc = launch(write_config(tmp_path / "c.yaml", raw))
+    assert proc.returncode == 2
+    assert "row 240: column 'response' is empty" in proc.stderr
+    assert "worker failure" not in proc.stdout  # bad input is not retried
