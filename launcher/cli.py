@@ -62,7 +62,7 @@ def resolve(args: argparse.Namespace) -> RunConfig:
         if getattr(args, key) is not None:
             overrides.append(f"slurm.{key}={json.dumps(getattr(args, key))}")
     cfg = load_config(args.config, overrides)
-    if args.output is None and cfg.output_dir == "runs/default":
+    if cfg.output_dir is None:
         cfg = dataclasses.replace(cfg, output_dir=str(Path("runs") / Path(args.config).stem))
     return cfg
 

@@ -247,7 +247,7 @@ class RunConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
-    output_dir: str = "runs/default"
+    output_dir: Optional[str] = None  # default (set by the CLI): runs/<config file name>
     seed: int = 42
 
     @property

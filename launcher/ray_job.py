@@ -110,7 +110,7 @@ def check_resources(cfg: RunConfig, gpus_per_worker: float) -> list[str]:
     total_gpu = sum(n["Resources"].get("GPU", 0) for n in nodes)
     raise LaunchError(
         f"the Ray cluster cannot place {s.nodes} node(s) x {s.workers_per_node} worker(s): each node needs "
-        f"{need_cpu:g} CPU(s){f' and {need_gpu:g} GPU(s)' if need_gpu else ''} free, and {len(fitting)} of its "
+        f"{need_cpu:g} CPU(s){f' and {need_gpu:g} GPU(s)' if need_gpu else ''}, and {len(fitting)} of its "
         f"{len(nodes)} node(s) have that (cluster total: {total_cpu:g} CPUs, {total_gpu:g} GPUs). Lower "
         f"--nodes / --workers-per-node / scaling.cpus_per_worker, or add nodes to the cluster.")
 
@@ -133,6 +133,8 @@ def check_shared_storage(node_ids: list[str], directory: Path) -> None:
     try:
         seen = ray.get([sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False))
                         .remote(str(probe)) for n in node_ids], timeout=120)
+    except ray.exceptions.GetTimeoutError:
+        raise LaunchError(f"could not check within 120 s that every node sees output_dir {directory}") from None
     finally:
         probe.unlink(missing_ok=True)
     blind = [n[:12] for n, ok in zip(node_ids, seen) if not ok]
