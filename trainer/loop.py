@@ -251,7 +251,7 @@ def run_test(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> dict:
     s = setup(cfg, args, ("test",))
     before, _ = evaluate_split(cfg, s, "test")
     # The weights come from the shards on disk, not from any model still in memory.
-    state = checkpoints.load(s.engine, Path(args.final_checkpoint), s.rank)
+    state = checkpoints.load(s.engine, Path(args.final_checkpoint), s.rank, load_optimizer=False)
     after, rows = evaluate_split(cfg, s, "test")
     if s.rank == 0 and args.predictions_path and rows:
         Path(args.predictions_path).write_text("".join(json.dumps(r) + "\n" for r in rows))
