@@ -75,7 +75,7 @@ def make_plan(cfg: RunConfig, cache_dir: str) -> Plan:
         global_batch_size=t.micro_batch_size * t.gradient_accumulation * world,
         rows={s.name: len(s.records) for s in splits},
         steps=total_steps(n_train, world, t.micro_batch_size, t.gradient_accumulation, t.epochs, t.max_steps),
-        trainable=sum(s for n, s in sizes if n in trainable), total=sum(s for _, s in sizes),
+        trainable=n_trainable, total=n_total,
         freezing=summarize(sizes, trainable, layout), model_dir=model_dir, labels=tuple(labels),
         trainable_digest=trainable_digest(trainable), checkpoint_bytes=4 * n_total + per_trainable * n_trainable)
 

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Optional
 
-from launcher.config import ConfigError, RunConfig, from_dict
+from launcher.config import ConfigError, RunConfig, from_dict, to_dict
 
 # Environment for the driver, the raylet and every worker: quiet, and no Ray features we do not use.
 RAY_ENV = {
@@ -275,7 +275,7 @@ def fit(cfg: RunConfig, worker: Callable, args: dict, storage: Path, name: str,
     args = {**args, "threads": s.cpus_per_worker, "use_gpu": gpus > 0}
     trainer = TorchTrainer(
         train_loop_per_worker=worker,
-        train_loop_config={"cfg": _plain(cfg), "args": args},
+        train_loop_config={"cfg": to_dict(cfg), "args": args},
         scaling_config=ray.train.ScalingConfig(
             num_workers=s.world_size, use_gpu=gpus > 0, **placement(cfg, node_ids),
             resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": gpus} if gpus > 0 else {})}),
@@ -322,8 +322,3 @@ def fit(cfg: RunConfig, worker: Callable, args: dict, storage: Path, name: str,
             from outcome["error"]
     return outcome["result"]
 
-
-def _plain(cfg: RunConfig) -> dict:
-    from launcher.config import to_dict
-
-    return to_dict(cfg)

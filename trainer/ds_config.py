@@ -45,8 +45,8 @@ def deepspeed_config(cfg: RunConfig, world_size: int, precision: str, load_unive
             raise ConfigError(f"deepspeed.config_file sets {key} = {base[key]} but the run config gives "
                               f"{value}; remove it from the JSON file (batch sizes come from train.*)")
     if "scheduler" in base:
-        raise ConfigError(f"deepspeed.config_file sets a 'scheduler'; the schedule comes from optim.scheduler "
-                          f"and optim.warmup_steps, so remove it from the JSON file")
+        raise ConfigError("deepspeed.config_file sets a 'scheduler'; the schedule comes from optim.scheduler "
+                          "and optim.warmup_steps, so remove it from the JSON file")
     zero = dict(base.get("zero_optimization", {}))
     zero["stage"] = cfg.deepspeed.zero_stage
     if cfg.deepspeed.offload == "cpu":

@@ -33,9 +33,8 @@ def export_model(cfg: RunConfig, checkpoint: Path, target: Path, processor, labe
     model = build_model(cfg.model, prepare_pretrained(cfg.model, cache_dir), labels)
     state = consolidated_state_dict(checkpoint, cfg.deepspeed.zero_stage)
     result = model.load_state_dict(state, strict=False)
-    unexpected = [k for k in result.unexpected_keys]
-    if unexpected:
-        raise RuntimeError(f"the checkpoint holds parameters the model lacks: {unexpected[:5]}")
+    if result.unexpected_keys:
+        raise RuntimeError(f"the checkpoint holds parameters the model lacks: {result.unexpected_keys[:5]}")
     target.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(target, safe_serialization=True)
     processor.save_pretrained(target)

@@ -58,6 +58,7 @@ class Setup:
     world: int
     model_id: str
     trainable_digest: str
+    universal: bool  # the resume checkpoint is read in DeepSpeed's universal format
 
 
 def _log(rank: int, text: str) -> None:
@@ -123,7 +124,7 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...]) -> Setup:
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, lr_scheduler=scheduler,
                                       config=deepspeed_config(cfg, world, precision, load_universal=universal))
     return Setup(engine, processor, collator(task, processor), data, labels, steps, device, rank, world,
-                 checkpoints.model_identity(cfg.model), checkpoints.trainable_digest(trainable))
+                 checkpoints.model_identity(cfg.model), checkpoints.trainable_digest(trainable), universal)
 
 
 def evaluate_split(cfg: RunConfig, s: Setup, split: str) -> tuple[dict, list]:
@@ -170,8 +171,7 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TrainState:
         if saved.model != s.model_id:
             raise ConfigError(f"--resume: {start_from} holds a checkpoint of {saved.model!r}, "
                               f"not of {s.model_id!r}")
-        universal = args.universal and args.restart_from is None
-        state = checkpoints.load(engine, Path(start_from), rank, universal=universal)
+        state = checkpoints.load(engine, Path(start_from), rank, universal=s.universal)
         state.trainable, state.world_size = s.trainable_digest, s.world
         _log(rank, f"resumed from {start_from} at step {state.step}")
 
