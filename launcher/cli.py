@@ -15,7 +15,7 @@ from typing import Optional
 
 import yaml
 
-from launcher.config import ConfigError, RunConfig, load_config, to_dict
+from trainer.config import ConfigError, RunConfig, load_config, to_dict
 
 EXIT_CONFIG = 2  # bad input: config, data, CLI
 EXIT_FAILED = 1  # the run failed (a worker error, the cluster, a stop that outran its grace)
@@ -39,6 +39,9 @@ def parser() -> argparse.ArgumentParser:
                    help="override a config key, typed like YAML (repeatable), e.g. --set optim.lr=3e-5")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config and the plan; start nothing")
+    p.add_argument("--verbose", action="store_true",
+                   help="show everything the workers and libraries print (Ray's per-worker prefixes, "
+                        "progress bars, DeepSpeed notices)")
     slurm = p.add_argument_group("Slurm")
     slurm.add_argument("--slurm", action="store_true",
                        help="write <output_dir>/sft.sbatch for this config instead of running it here")
@@ -94,7 +97,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 0
         from launcher.controller import launch
 
-        summary = launch(cfg, args.address, args.resume, cache_dir())
+        summary = launch(cfg, args.address, args.resume, cache_dir(), verbose=args.verbose)
         return EXIT_STOPPED if summary.get("status") == "stopped" else 0
     except ConfigError as err:
         print(f"sft-launch: error: {err}", file=sys.stderr)

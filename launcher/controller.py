@@ -8,17 +8,19 @@ scalars and the exported model. Never imports deepspeed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import signal
-import tempfile
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from launcher.config import ConfigError, RunConfig, to_dict
 from trainer import checkpoints
+from trainer.config import ConfigError, RunConfig, to_dict
+from trainer.messages import BadInput, LogLine, Received, TestResult, TrainReport, WorkerFailure
 
 def _say(text: str) -> None:
     print(f"[sft] {text}", flush=True)
@@ -106,41 +108,45 @@ def check_disk(out: Path, needed: int) -> None:
 
 @dataclass
 class Controller:
+    """What the driver learns while worker groups run: one typed message at a time."""
     cfg: RunConfig
     out: Path
     protected: set = field(default_factory=set)
     history: list = field(default_factory=list)
     best: Optional[dict] = None
     ranks: dict = field(default_factory=dict)
-    last_checkpoint: Optional[Path] = None
-    stopped_at: Optional[int] = None
     restarts: int = 0
-    config_error: Optional[str] = None
-    test: dict = field(default_factory=dict)
+    bad_input: Optional[str] = None
+    test: Optional[TestResult] = None
+    last_failure: Optional[WorkerFailure] = None
+    trained: bool = False  # the last step of the schedule was reported: the test evaluation runs
+    last_step: int = 0  # the last step the workers reported
+    failed_at: Optional[int] = None  # last_step when the last failure came
 
-    def on_test_report(self, item: dict) -> None:
-        if "failures" in item:
-            self.on_failure(item["failures"])
-        elif "config_error" in item["metrics"][0]:
-            self.config_error = item["metrics"][0]["config_error"]
+    @property
+    def failure_log(self) -> Path:
+        return self.out / "logs" / "worker_failures.log"
+
+    def receive(self, item) -> None:
+        if isinstance(item, LogLine):
+            _say(item.text)
+        elif isinstance(item, WorkerFailure):
+            self.on_failure(item)
+        elif isinstance(item.first, BadInput):
+            self.bad_input = item.first.message
+        elif isinstance(item.first, TestResult):
+            self.test = item.first
         else:
-            self.test = item["metrics"][0]
+            self.on_train_report(item)
 
-    def on_train_report(self, item: dict) -> None:
-        if "failures" in item:
-            self.on_failure(item["failures"])
-            return
-        if "config_error" in item["metrics"][0]:
-            self.config_error = item["metrics"][0]["config_error"]
-            return
-        per_rank = item["metrics"]
-        for rank, m in enumerate(per_rank):
-            self.ranks[rank] = m.get("where")
-        m = per_rank[0]
-        if m.get("stopped"):
-            self.stopped_at = int(m["step"])
-        if "val_loss" in m:
-            entry = {"step": int(m["step"]), **{k[4:]: v for k, v in m.items() if k.startswith("val_")}}
+    def on_train_report(self, item: Received) -> None:
+        for rank, where in enumerate(item.where):
+            self.ranks[rank] = where
+        report: TrainReport = item.first
+        self.last_step = report.step
+        self.trained = self.trained or report.final
+        if report.validation:
+            entry = {"step": report.step, **report.validation}
             # After a restart the steps past the checkpoint run again: keep one entry per step.
             self.history = [h for h in self.history if h["step"] != entry["step"]] + [entry]
             if self.best is None or entry["loss"] < self.best["loss"]:
@@ -148,32 +154,50 @@ class Controller:
             shown = "  ".join(f"{k} {v:.4g}" for k, v in entry.items() if k not in ("step", "loss"))
             _say(f"eval  step {entry['step']}: val loss {entry['loss']:.4f}  {shown}  (best {self.best['loss']:.4f} "
                  f"at step {self.best['step']})")
-        if item["checkpoint"]:
-            self.last_checkpoint = Path(item["checkpoint"])
-            checkpoints.mark_complete(self.last_checkpoint)  # every rank's part is persisted now
-            if self.best is not None and self.best["step"] == int(m["step"]):
-                self.best["checkpoint"] = str(self.last_checkpoint)
-            self.prune()
+        if item.checkpoint:
+            path = Path(item.checkpoint)
+            checkpoints.mark_complete(path)  # every rank's part is persisted now
+            if self.best is not None and self.best["step"] == report.step:
+                self.best["checkpoint"] = str(path)
+            self.prune(keep=path)
 
-    def on_failure(self, failures: dict) -> None:
+    def on_failure(self, failure: WorkerFailure) -> None:
+        """A restart, or the end: when the same errors come back with no step reported in between, the
+        failure is deterministic (bad data past preflight, a bug) and restarting again only repeats it.
+        Process deaths differ each time (the pid is in the message) and keep their restarts."""
+        repeated = self.last_failure is not None and self.failed_at == self.last_step \
+            and set(self.last_failure.errors.values()) == set(failure.errors.values())
+        self.failed_at = self.last_step
         self.restarts += 1
         latest = checkpoints.find_checkpoints(self.out / "checkpoints")
         where = f"step {latest[-1][0]}" if latest else "the start"
-        detail = "; ".join(f"rank {r}: {msg}" for r, msg in sorted(failures.items()))
+        detail = "; ".join(f"rank {r}: {msg}" for r, msg in sorted(failure.errors.items()))
+        self.failure_log.parent.mkdir(parents=True, exist_ok=True)
+        with self.failure_log.open("a") as log:
+            for rank, text in sorted(failure.details.items()):
+                log.write(f"=== failure {self.restarts}, rank {rank}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n{text}\n")
+        self.last_failure = failure
+        if repeated:
+            _say(f"worker failure ({detail}) again, with no progress since the last restart: not restarting")
+            where = f"after step {self.last_step}" if self.last_step else "before the first step"
+            raise RepeatedFailure(f"the same error twice {where} ({detail})")
         if self.restarts > self.cfg.train.max_failures:
             _say(f"worker failure ({detail}); train.max_failures = {self.cfg.train.max_failures} reached")
         else:
             _say(f"worker failure ({detail}); restart {self.restarts}/{self.cfg.train.max_failures}: "
                  f"the worker group continues from the latest checkpoint ({where})")
 
-    def prune(self) -> None:
+    def prune(self, keep: Path) -> None:
         found = checkpoints.find_checkpoints(self.out / "checkpoints")
-        scored = [(step, path, checkpoints.read_state(path).metrics.get("val_loss")) for step, path in found]
-        keep = checkpoints.retained(scored, self.cfg.train.keep_last,
-                                    self.protected | ({self.last_checkpoint} if self.last_checkpoint else set()))
+        scored = [(step, path, checkpoints.read_state(path).validation.get("loss")) for step, path in found]
+        kept = checkpoints.retained(scored, self.cfg.train.keep_last, self.protected | {keep})
         for _, path, _ in scored:
-            if path not in keep:
+            if path not in kept:
                 shutil.rmtree(path, ignore_errors=True)
+
+
+class RepeatedFailure(Exception):
+    """The same worker error again after a restart, at the same point."""
 
 
 class Stopper:
@@ -240,114 +264,144 @@ def _tensorboard_test(out: Path, step: int, before: dict, after: dict) -> None:
                     writer.add_scalar(f"{prefix}/{k}", v, step)
 
 
-def launch(cfg: RunConfig, address: Optional[str], resume: Optional[str], cache_dir: str) -> dict:
-    """Preflight, train, test, export. Returns the run summary."""
-    from launcher import plan as plan_mod
+@dataclass(frozen=True)
+class Paths:
+    """Where one launch reads and writes."""
+    out: Path
+    attempt: str  # this launch's folder under checkpoints/: a reused name would restore its Ray state
+    resume_from: Optional[Path]
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / "checkpoints"
+
+
+def launch(cfg: RunConfig, address: Optional[str], resume: Optional[str], cache_dir: str,
+           verbose: bool = False) -> dict:
+    """Preflight, train and test (one worker group), summarise. Returns the run summary."""
     from launcher import ray_job
 
     started_at = time.time()
     out = Path(cfg.output_dir).resolve()
     resume_from = resolve_resume(out, resume)
     guard_output(out, resuming=resume is not None)
-    ckpt_root = out / "checkpoints"
-    attempt = f"attempt-{_next_attempt(ckpt_root)}"
+    paths = Paths(out, f"attempt-{_next_attempt(out / 'checkpoints')}", resume_from)
     ctl = Controller(cfg, out, protected={resume_from} if resume_from else set())
     stopper = Stopper(out / ".stop-request", cfg.train.stop_grace_s)
 
-    def stopped(final: Optional[Path], step: int) -> dict:
-        where = f"checkpoint {final}" if final else "no checkpoint yet"
-        _say(f"stopped at step {step}; {where}. Continue with: sft-launch <config> --output {out} --resume")
-        summary = {"status": "stopped", "global_step": step, "final_checkpoint": str(final) if final else None,
-                   "world_size": cfg.scaling.world_size, "validation_history": ctl.history, "attempt": attempt,
-                   "restarts": ctl.restarts, "ranks": [{"rank": r, **(w or {})} for r, w in sorted(ctl.ranks.items())],
-                   "config": to_dict(cfg)}
-        _write_json(out / "run_summary.json", summary)
-        return summary
-
     # Signals are taken from here on: before training starts, a stop just ends the launch; during
     # training the workers checkpoint first; during the test evaluation the final checkpoint exists
-    # already, and --resume goes straight back to the test.
+    # already: the workers are abandoned, and --resume goes straight back to the test.
     with stopper.installed():
-        _say("preflight: checking data, tokenizer, model config and freezing rules")
-        plan = plan_mod.make_plan(cfg, cache_dir)
-        for line in plan_mod.describe(plan, cfg).splitlines():
-            _say(line)
-        check_disk(out, plan.checkpoint_bytes)
-        universal = False
-        if resume_from:
-            check_resume(resume_from, cfg, plan)
-            saved = checkpoints.read_state(resume_from)
-            universal = saved.world_size != cfg.scaling.world_size and saved.zero_stage > 0
-            if universal:
-                ensure_universal(resume_from)
-            _say(f"resuming from {resume_from} (step {saved.step})")
-        if stopper.requested:
-            return stopped(resume_from, checkpoints.read_state(resume_from).step if resume_from else 0)
+        plan, universal = preflight(cfg, paths, cache_dir)
+        if not stopper.requested:
+            ray_job.start_ray(address, verbose)
+            try:
+                train_and_test(cfg, paths, ctl, stopper, cache_dir, universal, verbose)
+            finally:
+                ray_job.stop_ray()
+            if ctl.test is None and not stopper.requested:
+                raise ray_job.LaunchError("the worker group ended without a test result")
+    return summarise(cfg, paths, ctl, plan, final_checkpoint(paths), time.time() - started_at)
 
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        ray_job.start_ray(address)
-        try:
-            _say(f"training: {cfg.scaling.world_size} worker(s), checkpoints in {ckpt_root / attempt}")
-            ray_job.fit(cfg, ray_job.train_worker,
-                        {"cache_dir": cache_dir, "tensorboard_dir": str(out / "tensorboard"),
-                         "resume_from": str(resume_from) if resume_from else None,
-                         "stop_file": str(stopper.stop_file), "universal": universal},
-                        ckpt_root, attempt, ctl.on_train_report, stopper.abort_reason)
-            if ctl.config_error:
-                raise ConfigError(ctl.config_error)
-            found = checkpoints.find_checkpoints(ckpt_root)
-            if found:
-                final_step, final = found[-1]
-            elif resume_from:  # resumed at the end of its schedule: nothing was left to train
-                final_step, final = checkpoints.read_state(resume_from).step, resume_from
-            else:
-                raise ray_job.LaunchError("training ended without a complete checkpoint")
-            if ctl.stopped_at is not None or stopper.requested:
-                return stopped(final, final_step)
-            _say(f"test evaluation on the final checkpoint {final} (and on the model before fine-tuning)")
-            with tempfile.TemporaryDirectory(prefix="sft-test-") as scratch:
-                try:
-                    ray_job.fit(cfg, ray_job.test_worker,
-                                {"cache_dir": cache_dir, "final_checkpoint": str(final),
-                                 "export_dir": str(out / "final_model"),
-                                 "predictions_path": str(out / "test_predictions.jsonl")},
-                                Path(scratch), "test", ctl.on_test_report,
-                                lambda: "stop requested" if stopper.requested else None)
-                except ray_job.Aborted:
-                    return stopped(final, final_step)
-            if ctl.config_error:
-                raise ConfigError(ctl.config_error)
-        finally:
-            ray_job.stop_ray()
 
-    test = ctl.test
-    before, after = test["before"], test["after"]
-    _write_json(out / "test_metrics.json", {"before": before, "after": after, "step": final_step,
-                                            "checkpoint": str(final)})
-    _tensorboard_test(out, final_step, before, after)
+def preflight(cfg: RunConfig, paths: Paths, cache_dir: str):
+    """Everything checkable before Ray starts (exit 2 on bad input); prints the plan. Returns the plan
+    and whether the resume checkpoint is read in DeepSpeed's universal format."""
+    from launcher import plan as plan_mod
+
+    _say("preflight: checking data, tokenizer, model config and freezing rules")
+    plan = plan_mod.make_plan(cfg, cache_dir)
+    for line in plan_mod.describe(plan, cfg).splitlines():
+        _say(line)
+    check_disk(paths.out, plan.checkpoint_bytes)
+    universal = False
+    if paths.resume_from:
+        check_resume(paths.resume_from, cfg, plan)
+        saved = checkpoints.read_state(paths.resume_from)
+        universal = saved.world_size != cfg.scaling.world_size and saved.zero_stage > 0
+        if universal:
+            ensure_universal(paths.resume_from)
+        _say(f"resuming from {paths.resume_from} (step {saved.step})")
+    return plan, universal
+
+
+def train_and_test(cfg: RunConfig, paths: Paths, ctl: Controller, stopper: Stopper, cache_dir: str,
+                   universal: bool, verbose: bool) -> None:
+    """One worker group trains, then (unless stopped) evaluates the test split before fine-tuning and
+    from the final sharded checkpoint on disk, with a fresh model, and rank 0 exports the model."""
+    from launcher import ray_job
+
+    def abort_reason() -> Optional[str]:
+        if ctl.trained and stopper.requested:  # testing: the final checkpoint is safe already
+            return "stop requested during the test evaluation"
+        return stopper.abort_reason()
+
+    paths.checkpoints.mkdir(parents=True, exist_ok=True)
+    _say(f"training: {cfg.scaling.world_size} worker(s), checkpoints in {paths.checkpoints / paths.attempt}")
+    args = {"cache_dir": cache_dir, "tensorboard_dir": str(paths.out / "tensorboard"),
+            "resume_from": str(paths.resume_from) if paths.resume_from else None,
+            "stop_file": str(stopper.stop_file), "universal": universal, "verbose": verbose,
+            "checkpoint_root": str(paths.checkpoints / paths.attempt),
+            "export_dir": str(paths.out / "final_model"),
+            "predictions_path": str(paths.out / "test_predictions.jsonl")}
+    try:
+        ray_job.fit(cfg, ray_job.train_worker, args, paths.checkpoints, paths.attempt, ctl.receive, abort_reason)
+    except ray_job.Aborted:
+        if not ctl.trained:
+            raise
+        return
+    except (ray_job.LaunchError, RepeatedFailure) as err:
+        details = ctl.last_failure.details if ctl.last_failure else {}
+        if not details:
+            raise
+        rank = min(details)
+        print(details[rank].rstrip(), file=sys.stderr, flush=True)  # the worker's traceback, once
+        raise ray_job.LaunchError(f"{err} (rank {rank}; every failure's traceback is in {ctl.failure_log})") from None
+    if ctl.bad_input:
+        raise ConfigError(ctl.bad_input)
+
+
+def final_checkpoint(paths: Paths) -> Optional[Path]:
+    """The newest complete checkpoint of the run (the resumed one when nothing was left to train)."""
+    found = checkpoints.find_checkpoints(paths.checkpoints)
+    return found[-1][1] if found else paths.resume_from
+
+
+def summarise(cfg: RunConfig, paths: Paths, ctl: Controller, plan, final: Optional[Path], elapsed: float) -> dict:
+    """run_summary.json (and, for a completed run, test_metrics.json and the TensorBoard test scalars)."""
+    step = checkpoints.read_state(final).step if final else 0
     summary = {
-        "status": "completed",
-        "global_step": final_step,
+        "status": "completed" if ctl.test else "stopped",
+        "global_step": step,
         "world_size": cfg.scaling.world_size,
         "nodes": cfg.scaling.nodes,
-        "final_checkpoint": str(final),
-        "checkpoints": [str(p) for _, p in checkpoints.find_checkpoints(ckpt_root)],
+        "final_checkpoint": str(final) if final else None,
+        "checkpoints": [str(p) for _, p in checkpoints.find_checkpoints(paths.checkpoints)],
         "best_validation": ctl.best,
         "validation_history": ctl.history,
-        "test": {"before": before, "after": after},
-        "final_model": str(out / "final_model"),
-        "tensorboard": str(out / "tensorboard"),
-        "resumed_from": str(resume_from) if resume_from else None,
-        "attempt": attempt,
+        "resumed_from": str(paths.resume_from) if paths.resume_from else None,
+        "attempt": paths.attempt,
         "restarts": ctl.restarts,
-        "ranks": [{"rank": r, **(w or {})} for r, w in sorted(ctl.ranks.items())],
+        "ranks": [{"rank": r, **(dataclasses.asdict(w) if w else {})} for r, w in sorted(ctl.ranks.items())],
         "trainable_parameters": plan.trainable,
         "total_parameters": plan.total,
-        "elapsed_s": round(time.time() - started_at, 1),
+        "elapsed_s": round(elapsed, 1),
         "config": to_dict(cfg),
     }
-    _write_json(out / "run_summary.json", summary)
-    changes = "  ".join(f"{k} {before[k]:.4g} -> {after[k]:.4g}" for k, v in after.items()
-                        if isinstance(v, float) and k not in ("tokens", "examples", "perplexity"))
-    _say(f"test (step {final_step}): {changes}; results in {out}")
+    if ctl.test:
+        before, after = ctl.test.before, ctl.test.after
+        _write_json(paths.out / "test_metrics.json", {"before": before, "after": after, "step": step,
+                                                      "checkpoint": str(final)})
+        _tensorboard_test(paths.out, step, before, after)
+        summary.update(test={"before": before, "after": after}, final_model=str(paths.out / "final_model"),
+                       tensorboard=str(paths.out / "tensorboard"))
+    _write_json(paths.out / "run_summary.json", summary)
+    if ctl.test:
+        changes = "  ".join(f"{k} {before[k]:.4g} -> {after[k]:.4g}" for k, v in after.items()
+                            if isinstance(v, float) and k not in ("tokens", "examples", "perplexity"))
+        _say(f"test (step {step}): {changes}; results in {paths.out}")
+    else:
+        where = f"checkpoint {final}" if final else "no checkpoint yet"
+        _say(f"stopped at step {step}; {where}. Continue with: sft-launch <config> --output {paths.out} --resume")
     return summary

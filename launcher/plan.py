@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launcher.config import ConfigError, RunConfig
+from trainer.config import ConfigError, RunConfig
 
 
 @dataclass(frozen=True)
@@ -31,34 +31,29 @@ SAMPLE_ROWS = 200  # rows of each split prepared in preflight: bad data fails be
 
 
 def make_plan(cfg: RunConfig, cache_dir: str) -> Plan:
+    """Check what the config, the data and the model's config can tell together, as the workers
+    will see it: the task's own column checks and preparation run on the first rows of each split."""
     from trainer.checkpoints import trainable_digest
-    from trainer.data import Split, load_splits, record_kind, tokenize_split
+    from trainer.data import load_splits
+    from trainer.ds_config import deepspeed_config
     from trainer.freezing import describe_layout, select_trainable, summarize
     from trainer.model import build_skeleton, load_processor, prepare_pretrained
     from trainer.splits import total_steps
-    from trainer.tasks import CLASSIFICATION, label_names, prepare, require_columns
+    from trainer.tasks.common import require_rows
+    from trainer.tasks.registry import get_task
 
+    task = get_task(cfg.model.task)
     splits = load_splits(cfg)
-    d, task = cfg.data, cfg.model.task
-    columns = {"sequence_classification": ([d.text_column, d.label_column], ["data.text_column", "data.label_column"]),
-               "token_classification": ([d.tokens_column, d.tags_column], ["data.tokens_column", "data.tags_column"]),
-               "image_classification": ([d.image_column, d.label_column], ["data.image_column", "data.label_column"])}
     for split in splits:
-        if not split.records:
-            raise ConfigError(f"{split.source}: the {split.name} split is empty")
-        if task == "causal_lm":
-            record_kind(list(split.records[0].keys()), d, split.source)
-        else:
-            require_columns(split, *columns[task])
-    labels = label_names(cfg, splits[0]) if task in CLASSIFICATION else []
+        require_rows(split)
+        task.check_columns(split, cfg.data)
+    labels = task.label_names(cfg, splits[0])
     model_dir = prepare_pretrained(cfg.model, cache_dir)
     processor = load_processor(cfg.model, model_dir)
     for split in splits:
-        sample = Split(split.name, split.source, split.records[:SAMPLE_ROWS])
-        if task == "causal_lm":
-            tokenize_split(sample, d, processor)
-        else:
-            prepare(cfg, sample, processor, labels)
+        task.prepare(split.sample(SAMPLE_ROWS), cfg, processor, labels)
+    check_model_fits(cfg, task, model_dir, processor, labels)
+    deepspeed_config(cfg, cfg.scaling.world_size, "fp32")  # the user's DeepSpeed JSON, checked now
     skeleton = build_skeleton(cfg.model, model_dir, labels)
     sizes = [(n, p.numel()) for n, p in skeleton.named_parameters()]
     layout = describe_layout(skeleton)
@@ -78,6 +73,21 @@ def make_plan(cfg: RunConfig, cache_dir: str) -> Plan:
         trainable=n_trainable, total=n_total,
         freezing=summarize(sizes, trainable, layout), model_dir=model_dir, labels=tuple(labels),
         trainable_digest=trainable_digest(trainable), checkpoint_bytes=4 * n_total + per_trainable * n_trainable)
+
+
+def check_model_fits(cfg: RunConfig, task, model_dir: str | None, processor, labels: list[str]) -> None:
+    """data.max_length within the model's positions; a pretrained task head of the right size."""
+    from trainer.model import head_mismatch, model_config, position_limit
+
+    config = model_config(cfg.model, model_dir)
+    limit = position_limit(config, processor) if task.PROCESSOR == "tokenizer" else None
+    if limit and cfg.data.max_length > limit[0]:
+        raise ConfigError(f"data.max_length = {cfg.data.max_length} is longer than the model can take: "
+                          f"{limit[0]} positions ({limit[1]}); set data.max_length to {limit[0]} or less")
+    mismatch = head_mismatch(config, task.AUTO_MODEL, labels) if cfg.model.name_or_path else None
+    if mismatch and not cfg.model.reinit_head:
+        raise ConfigError(f"model.name_or_path: {mismatch}; set model.reinit_head: true to train a fresh head "
+                          f"for these labels, or give the data the model's own label set (data.labels)")
 
 
 def describe(plan: Plan, cfg: RunConfig) -> str:

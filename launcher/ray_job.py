@@ -14,7 +14,8 @@ import threading
 from pathlib import Path
 from typing import Callable, Optional
 
-from launcher.config import ConfigError, RunConfig, from_dict, to_dict
+from trainer.config import ConfigError, RunConfig, from_dict, to_dict
+from trainer.messages import BadInput, LogLine, Received, Where, WorkerFailure, decode, encode
 
 # Environment for the driver, the raylet and every worker: quiet, and no Ray features we do not use.
 RAY_ENV = {
@@ -35,7 +36,10 @@ class LaunchError(RuntimeError):
 
 
 def _quiet_worker_logs() -> None:
-    """worker_process_setup_hook: silence loggers that print every second or on every import."""
+    """worker_process_setup_hook: silence loggers that print every second or on every import.
+
+    Private Ray API, checked against Ray 2.60.0 (pyproject bounds Ray below 2.61): the internal
+    logger names of Ray Train V2's placement-group cleaner and worker context."""
     for name in ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
                  "ray.train", "ray.data", "DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -46,8 +50,11 @@ def _quiet_worker_logs() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-def start_ray(address: Optional[str]) -> None:
-    """Join `address` (or RAY_ADDRESS), else start a private local instance for this run."""
+def start_ray(address: Optional[str], verbose: bool = False) -> None:
+    """Join `address` (or RAY_ADDRESS), else start a private local instance for this run.
+
+    The workers' own output (library notices, per-rank bars, Ray's prefixes) reaches the console only
+    with `verbose`; what the run says comes through the reporting seam instead."""
     # Ray reads its environment (auth mode and token above all) once, at import: set it first.
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
@@ -59,7 +66,7 @@ def start_ray(address: Optional[str]) -> None:
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # per run, in memory only
     import ray
 
-    common = dict(logging_level=logging.ERROR, log_to_driver=True, configure_logging=True,
+    common = dict(logging_level=logging.ERROR, log_to_driver=verbose, configure_logging=True,
                   runtime_env={"env_vars": {k: os.environ[k] for k in RAY_ENV},
                                "worker_process_setup_hook": "launcher.ray_job._quiet_worker_logs"})
     if address:
@@ -157,20 +164,28 @@ def placement(cfg: RunConfig, node_ids: list[str]) -> dict:
 
 
 class RayReporter:
-    """trainer.report.Reporter over ray.train.report; adds where this rank runs."""
+    """trainer.report.Reporter over ray.train.report; messages travel as dicts with where the rank
+    runs. Console lines go through the driver's queue at once (ray.train.report would block until
+    the controller polls)."""
 
-    def __init__(self):
+    def __init__(self, queue):
         import ray
 
-        self._where = {"node_id": ray.get_runtime_context().get_node_id(),
-                       "ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname()}
+        self._queue = queue
+        self._where = Where(ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(),
+                            socket.gethostname(), os.getpid())
 
-    def report(self, metrics, checkpoint=None, name=None):
+    def report(self, message, checkpoint=None):
         import ray.train
 
-        payload = {**metrics, "where": self._where}
+        from trainer.checkpoints import dir_name
+
         ckpt = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint is not None else None
-        ray.train.report(payload, checkpoint=ckpt, checkpoint_dir_name=name)
+        ray.train.report(encode(message, self._where), checkpoint=ckpt,
+                         checkpoint_dir_name=dir_name(message.step) if ckpt else None)
+
+    def log(self, text):
+        self._queue.actor.put_nowait.remote(encode(LogLine(text)))
 
 
 def _worker_args(loop_config: dict):
@@ -179,19 +194,23 @@ def _worker_args(loop_config: dict):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would probe for GPUs and warn
     from trainer.loop import WorkerArgs
 
-    return from_dict(loop_config["cfg"]), WorkerArgs(**args)
+    return from_dict(loop_config["cfg"]), WorkerArgs(**args), RayReporter(loop_config["queue"])
 
 
-def _reporting_bad_input(body: Callable[[], object]) -> None:
+def _reporting_bad_input(reporter: RayReporter, body: Callable[[], object]) -> None:
     """Bad input found in a worker (a bad row past the preflight sample, say) is the user's to fix:
     report it and end normally, rather than raise and have Ray restart the group for nothing. Every
-    rank prepares the same data, so every rank reports it at the same point."""
-    import ray.train
+    rank prepares the same data, so every rank reports it at the same point. Any other error goes to
+    Ray with its traceback as a note: Ray Train 2.60 hands its callbacks the bare exception."""
+    import traceback
 
     try:
         body()
     except ConfigError as err:
-        ray.train.report({"config_error": str(err)})
+        reporter.report(BadInput(str(err)))
+    except Exception as err:
+        err.add_note(traceback.format_exc().rstrip())
+        raise
 
 
 def train_worker(loop_config: dict) -> None:
@@ -201,20 +220,13 @@ def train_worker(loop_config: dict) -> None:
 
     from trainer import loop
 
-    cfg, args = _worker_args(loop_config)
+    cfg, args, reporter = _worker_args(loop_config)
     latest = ray.train.get_checkpoint()  # set when Ray restarted the worker group mid-run
     if latest is not None:
         with latest.as_directory() as d:
-            _reporting_bad_input(lambda: loop.run(cfg, RayReporter(), dataclasses.replace(args, restart_from=d)))
+            _reporting_bad_input(reporter, lambda: loop.fine_tune(cfg, reporter, dataclasses.replace(args, restart_from=d)))
     else:
-        _reporting_bad_input(lambda: loop.run(cfg, RayReporter(), args))
-
-
-def test_worker(loop_config: dict) -> None:
-    from trainer import loop
-
-    cfg, args = _worker_args(loop_config)
-    _reporting_bad_input(lambda: loop.run_test(cfg, RayReporter(), args))
+        _reporting_bad_input(reporter, lambda: loop.fine_tune(cfg, reporter, args))
 
 
 # ---------------------------------------------------------------- driver side
@@ -228,14 +240,34 @@ def _forwarding_callback(q):
 
         def after_report(self, run_context, metrics, checkpoint):
             path = checkpoint.path if checkpoint is not None else None
-            q.actor.put_nowait.remote({"metrics": metrics, "checkpoint": path})
+            q.actor.put_nowait.remote({"reports": metrics, "checkpoint": path})
 
         def after_exception(self, run_context, worker_exceptions):
-            failures = {rank: f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
-                        for rank, err in worker_exceptions.items()}
-            q.actor.put_nowait.remote({"failures": failures})
+            q.actor.put_nowait.remote({"failures": {rank: _describe(err) for rank, err in worker_exceptions.items()},
+                                       "details": {rank: _traceback(err) for rank, err in worker_exceptions.items()}})
 
     return Forward()
+
+
+def _describe(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[-1] if text else ''}"
+
+
+def _traceback(err: BaseException) -> str:
+    """The worker's whole traceback (the note the worker added), else what the error says."""
+    notes = getattr(err, "__notes__", None)
+    return "\n".join(notes) if notes else f"{type(err).__name__}: {err}"
+
+
+def _received(item: dict):
+    """A queue item as the controller's typed message."""
+    if "failures" in item:
+        return WorkerFailure(item["failures"], item["details"])
+    if "kind" in item:
+        return decode(item)[0]
+    decoded = [decode(m) for m in item["reports"]]
+    return Received(tuple(m for m, _ in decoded), tuple(w for _, w in decoded), item["checkpoint"])
 
 
 def _unwrap(err: BaseException) -> BaseException:
@@ -256,7 +288,7 @@ class Aborted(LaunchError):
 
 
 def fit(cfg: RunConfig, worker: Callable, args: dict, storage: Path, name: str,
-        on_report: Callable[[dict], None], abort_reason: Callable[[], Optional[str]] = lambda: None):
+        on_report: Callable[[object], None], abort_reason: Callable[[], Optional[str]] = lambda: None):
     """Run `worker` on the configured worker group; call `on_report` on the driver for every report.
 
     A dead worker makes Ray restart the group from the latest checkpoint, up to train.max_failures
@@ -275,7 +307,7 @@ def fit(cfg: RunConfig, worker: Callable, args: dict, storage: Path, name: str,
     args = {**args, "threads": s.cpus_per_worker, "use_gpu": gpus > 0}
     trainer = TorchTrainer(
         train_loop_per_worker=worker,
-        train_loop_config={"cfg": to_dict(cfg), "args": args},
+        train_loop_config={"cfg": to_dict(cfg), "args": args, "queue": q},
         scaling_config=ray.train.ScalingConfig(
             num_workers=s.world_size, use_gpu=gpus > 0, **placement(cfg, node_ids),
             resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": gpus} if gpus > 0 else {})}),
@@ -304,7 +336,7 @@ def fit(cfg: RunConfig, worker: Callable, args: dict, storage: Path, name: str,
                 item = q.get(timeout=block_s) if block_s else q.get_nowait()
             except Empty:
                 return
-            on_report(item)
+            on_report(_received(item))
             block_s = 0
 
     while thread.is_alive():

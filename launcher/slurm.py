@@ -10,7 +10,7 @@ import shlex
 import subprocess
 from pathlib import Path
 
-from launcher.config import ConfigError, RunConfig
+from trainer.config import ConfigError, RunConfig
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "sft.sbatch"
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -10,6 +11,26 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "sft_tiny.jsonl"
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args) -> CliResult:
+    """`sft-launch ARGS` in this process (what a subprocess would show, without a cold import each time)."""
+    import contextlib
+    import io
+
+    from launcher import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main([str(a) for a in args])
+    return CliResult(code, out.getvalue(), err.getvalue())
 
 
 def make_tokenizer(target: Path) -> Path:

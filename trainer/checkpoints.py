@@ -30,7 +30,7 @@ class TrainState:
     world_size: int
     zero_stage: int
     model: str  # what was trained, to refuse resuming another model's checkpoint
-    metrics: dict = field(default_factory=dict)
+    validation: dict = field(default_factory=dict)  # the validation metrics at this step, if it evaluated
     trainable: str = ""  # digest of the trainable parameter names (the freezing rules' outcome)
     epoch: int = 0  # the data position: epoch, and places of its permutation consumed by all ranks
     position: int = 0

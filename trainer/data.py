@@ -1,17 +1,17 @@
-"""SFT data: read the splits, render and tokenize examples with response-only labels, and batch them.
+"""Data: read the train / validation / test splits, and deal a prepared split out as micro-batches.
 
-Reading uses `datasets` (jsonl/json/csv/parquet files or a datasets name); rendering uses the
-tokenizer's chat template. The loop sees an endless, resumable stream of micro-batches (of any
-task's examples). Never imports ray.
+Reading uses `datasets` (jsonl/json/csv/parquet files or a datasets name); every record keeps its
+row in the source file, so errors name the row a user can find. How a task turns records into
+model inputs lives in its module (trainer/tasks/). The loop sees an endless, resumable stream of
+micro-batches. Never imports ray.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Optional
 
-from launcher.config import ConfigError, DataConfig, RunConfig
-from trainer.masking import IGNORE, chat_text, mask_labels, plain_text
+from trainer.config import ConfigError, RunConfig
 from trainer.splits import split_indices
 
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -23,6 +23,29 @@ class Split:
     source: str  # a file path or "<dataset>:<split>", for error messages
     records: list[dict]
     class_names: dict = field(default_factory=dict)  # column -> label names of a ClassLabel column
+    rows: Optional[list[int]] = None  # each record's row in the source (0-based); None: its position
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.records[0].keys()) if self.records else []
+
+    def row(self, i: int) -> int:
+        """The source row (0-based) of record i."""
+        return self.rows[i] if self.rows is not None else i
+
+    def where(self, i: int) -> str:
+        """Record i as a user finds it: the line of a jsonl file, the data row of a csv or parquet file."""
+        n = self.row(i) + 1
+        suffix = Path(self.source).suffix.lower()
+        if suffix == ".jsonl":
+            return f"line {n}"
+        if suffix == ".csv":
+            return f"row {n} (line {n + 1}, after the header)"
+        return f"row {n}" if suffix in FORMATS else f"row {n - 1}"
+
+    def sample(self, n: int) -> "Split":
+        return Split(self.name, self.source, self.records[:n], self.class_names,
+                     self.rows[:n] if self.rows is not None else None)
 
 
 def _class_names(ds) -> dict:
@@ -48,10 +71,12 @@ def _read_file(path: str, key: str) -> tuple[list[dict], dict]:
         return [], {}
     try:
         ds = datasets.load_dataset(FORMATS[suffix], data_files=path, split="train")
-    except Exception as err:  # datasets raises many kinds for a malformed file
-        raise ConfigError(f"data.{key}: cannot read {path} as {FORMATS[suffix]} "
-                          f"({_first_line(err)})") from None
-    return ds.to_list(), _class_names(ds)
+        return ds.to_list(), _class_names(ds)
+    except Exception as err:  # datasets raises many kinds for a malformed file, wrapping the parser's
+        while (err.__cause__ or err.__context__) is not None and "generating the dataset" in str(err):
+            err = err.__cause__ or err.__context__
+        why = "not UTF-8 text" if isinstance(err, UnicodeDecodeError) else _first_line(err)
+        raise ConfigError(f"data.{key}: cannot read {path} as {FORMATS[suffix]} ({why})") from None
 
 
 def _first_line(err: Exception) -> str:
@@ -64,6 +89,8 @@ def load_splits(cfg: RunConfig) -> tuple[Split, Split, Split]:
     import datasets
 
     datasets.disable_progress_bars()
+    # datasets logs a parse error before raising it; the ConfigError below says it once, better.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     d = cfg.data
     if d.train_file is not None:
         train, names = _read_file(d.train_file, "train_file")
@@ -84,81 +111,9 @@ def load_splits(cfg: RunConfig) -> tuple[Split, Split, Split]:
             return tuple(Split(k, f"{d.dataset}:{k}", loaded[k].to_list(), names)
                          for k in ("train", "validation", "test"))
         train, source = loaded["train"].to_list(), f"{d.dataset}:train"
-    tr, va, te = split_indices(len(train), d.fractions, cfg.split_seed)
-    return (Split("train", source, [train[i] for i in tr], names),
-            Split("validation", source, [train[i] for i in va], names),
-            Split("test", source, [train[i] for i in te], names))
-
-
-def record_kind(columns: Sequence[str], d: DataConfig, source: str) -> str:
-    """'chat' when the messages column is present, 'pair' for prompt/response; else a clear error."""
-    if d.messages_column in columns:
-        return "chat"
-    if d.prompt_column in columns and d.response_column in columns:
-        return "pair"
-    raise ConfigError(f"{source}: expected a '{d.messages_column}' column, or '{d.prompt_column}' and "
-                      f"'{d.response_column}' columns (data.messages_column / data.prompt_column / "
-                      f"data.response_column); found columns: {', '.join(columns) or 'none'}")
-
-
-def render(record: dict, kind: str, d: DataConfig, tokenizer, row: int, source: str) -> tuple[str, list]:
-    use_chat = d.template == "chat" or (d.template == "auto" and tokenizer.chat_template is not None)
-    if kind == "chat":
-        messages = record[d.messages_column]
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            raise ConfigError(f"{source}, row {row}: column '{d.messages_column}' must be a non-empty list "
-                              f"of {{role, content}} messages")
-        if not any(m.get("role") == "assistant" for m in messages):
-            raise ConfigError(f"{source}, row {row}: the conversation has no assistant message to learn")
-    else:
-        prompt, response = record[d.prompt_column], record[d.response_column]
-        for col, value in ((d.prompt_column, prompt), (d.response_column, response)):
-            if not isinstance(value, str):
-                raise ConfigError(f"{source}, row {row}: column '{col}' must be text, got {value!r}")
-        if not response.strip():
-            raise ConfigError(f"{source}, row {row}: column '{d.response_column}' is empty")
-        if not use_chat:
-            return plain_text(prompt, response, tokenizer.eos_token or "")
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-    if not use_chat:
-        raise ConfigError(f"{source}: chat-formatted rows need a tokenizer with a chat template "
-                          f"(data.template is {d.template!r})")
-
-    def apply(msgs, add_generation_prompt):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-    try:
-        return chat_text(messages, apply)
-    except ValueError as err:
-        raise ConfigError(f"{source}, row {row}: {err}") from None
-
-
-def tokenize_split(split: Split, d: DataConfig, tokenizer) -> tuple[list[dict], int]:
-    """Examples with input_ids/attention_mask/labels, and how many rows were dropped: truncation to
-    data.max_length left no response token in them, or (with data.skip_bad_rows) the row was bad."""
-    if not split.records:
-        raise ConfigError(f"{split.source}: the {split.name} split is empty")
-    kind = record_kind(list(split.records[0].keys()), d, split.source)
-    examples, dropped = [], 0
-    for row, record in enumerate(split.records):
-        try:
-            text, spans = render(record, kind, d, tokenizer, row, split.source)
-        except ConfigError:
-            if not d.skip_bad_rows:
-                raise
-            dropped += 1
-            continue
-        enc = tokenizer(text, add_special_tokens=False, truncation=True, max_length=d.max_length,
-                        return_offsets_mapping=True)
-        labels = mask_labels(enc["input_ids"], enc["offset_mapping"], spans)
-        if all(label == IGNORE for label in labels):
-            dropped += 1
-            continue
-        examples.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
-    if not examples:
-        raise ConfigError(f"{split.source}: every response in the {split.name} split was truncated away by "
-                          f"data.max_length = {d.max_length}; raise it")
-    return examples, dropped
+    parts = split_indices(len(train), d.fractions, cfg.split_seed)
+    return tuple(Split(name, source, [train[i] for i in part], names, list(part))
+                 for name, part in zip(("train", "validation", "test"), parts))
 
 
 class MicroBatches:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from launcher.config import ConfigError, RunConfig
+from trainer.config import ConfigError, RunConfig
 
 
 def resolve_precision(precision: str, has_cuda: bool, has_bf16: bool) -> str:
@@ -17,22 +17,43 @@ def resolve_precision(precision: str, has_cuda: bool, has_bf16: bool) -> str:
     return "bf16" if has_cuda and has_bf16 else "fp32"
 
 
+def read_user_config(path: Path) -> dict:
+    try:
+        base = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"deepspeed.config_file: {path} not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"deepspeed.config_file: cannot read {path} ({err})") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"deepspeed.config_file: {path} is not valid JSON ({err})") from None
+    if not isinstance(base, dict):
+        raise ConfigError(f"deepspeed.config_file: {path} must hold a JSON object, got {type(base).__name__}")
+    if not isinstance(base.get("zero_optimization", {}), dict):
+        raise ConfigError(f"deepspeed.config_file: {path}: zero_optimization must be an object")
+    return base
+
+
 def deepspeed_config(cfg: RunConfig, world_size: int, precision: str, load_universal: bool = False) -> dict:
     """A complete DeepSpeed config dict for `deepspeed.initialize`.
 
-    A user's JSON file (deepspeed.config_file) is the base. Batch sizes, accumulation and clipping come
-    from our config, and a file that sets them differently is refused; the optimizer, the precision and
-    the ZeRO stage/offload keys of our config replace the file's.
+    A user's JSON file (deepspeed.config_file) is the base for everything else (ZeRO tuning, comms,
+    activation settings). What our config owns (batch sizes, accumulation, clipping, the optimizer,
+    the schedule, the precision, the ZeRO stage) the file may not set otherwise: it is refused, as
+    preflight calls this too. The offload keys of deepspeed.offload replace the file's.
     """
     base: dict = {}
     if cfg.deepspeed.config_file:
-        path = Path(cfg.deepspeed.config_file)
-        try:
-            base = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"deepspeed.config_file: {path} not found") from None
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"deepspeed.config_file: {path} is not valid JSON ({err})") from None
+        base = read_user_config(Path(cfg.deepspeed.config_file))
+        stage = base.get("zero_optimization", {}).get("stage", cfg.deepspeed.zero_stage)
+        if stage != cfg.deepspeed.zero_stage:
+            raise ConfigError(f"deepspeed.config_file {cfg.deepspeed.config_file} sets zero_optimization.stage = "
+                              f"{stage} but deepspeed.zero_stage is {cfg.deepspeed.zero_stage}; remove it from the "
+                              f"JSON file (the stage comes from deepspeed.zero_stage)")
+        for key, owner in (("optimizer", "optim.*"), ("scheduler", "optim.scheduler and optim.warmup_*"),
+                           ("bf16", "deepspeed.precision"), ("fp16", "deepspeed.precision")):
+            if key in base:
+                raise ConfigError(f"deepspeed.config_file {cfg.deepspeed.config_file} sets '{key}'; it comes from "
+                                  f"{owner}, so remove it from the JSON file")
     t = cfg.train
     ours = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -44,9 +65,6 @@ def deepspeed_config(cfg: RunConfig, world_size: int, precision: str, load_unive
         if key in base and base[key] != value:
             raise ConfigError(f"deepspeed.config_file sets {key} = {base[key]} but the run config gives "
                               f"{value}; remove it from the JSON file (batch sizes come from train.*)")
-    if "scheduler" in base:
-        raise ConfigError("deepspeed.config_file sets a 'scheduler'; the schedule comes from optim.scheduler "
-                          "and optim.warmup_steps, so remove it from the JSON file")
     zero = dict(base.get("zero_optimization", {}))
     zero["stage"] = cfg.deepspeed.zero_stage
     if cfg.deepspeed.offload == "cpu":

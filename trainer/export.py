@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launcher.config import RunConfig
+from trainer.config import RunConfig
 from trainer.checkpoints import TAG
 from trainer.model import build_model, prepare_pretrained
 

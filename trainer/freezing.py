@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Sequence
 
-from launcher.config import ConfigError, FinetuneConfig
+from trainer.config import ConfigError, FinetuneConfig
 
 
 @dataclass(frozen=True)

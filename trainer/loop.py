@@ -2,8 +2,10 @@
 
 `run` trains (with validation and checkpoints); `run_test` evaluates the test split before
 fine-tuning and from the final sharded checkpoint on disk, then rank 0 exports the consolidated
-model. The process group exists already (the orchestrator made it). Talks to the orchestrator only
-through `reporter`; never imports ray.
+model; `fine_tune` does one after the other in the same processes, with a fresh model and engine
+for the test. The process group exists already (the orchestrator made it). Talks to the
+orchestrator only through `reporter`; never imports ray. What differs between tasks comes from the
+task's module.
 """
 from __future__ import annotations
 
@@ -12,22 +14,24 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-from launcher.config import ConfigError, RunConfig
 from trainer import checkpoints
 from trainer.checkpoints import TrainState
-from trainer.data import MicroBatches, load_splits, tokenize_split
+from trainer.config import ConfigError, RunConfig
+from trainer.data import MicroBatches, load_splits
 from trainer.ds_config import deepspeed_config, resolve_precision
-from trainer.evaluation import evaluate, evaluate_classification
+from trainer.evaluation import Shard
 from trainer.freezing import apply_trainable, describe_layout, select_trainable
+from trainer.messages import TestResult, TrainReport
 from trainer.model import build_model, load_processor, prepare_pretrained
 from trainer.report import Reporter
 from trainer.splits import total_steps
-from trainer.tasks import CLASSIFICATION, Prepared, collator, label_names, prepare
+from trainer.tasks.common import Prepared
+from trainer.tasks.registry import Task, get_task
 
 
 @dataclass(frozen=True)
@@ -42,18 +46,20 @@ class WorkerArgs:
     stop_file: Optional[str] = None  # when it exists, every rank checkpoints after this step and stops
     universal: bool = False  # resume_from is read in DeepSpeed's universal format (world size changed)
     final_checkpoint: Optional[str] = None  # run_test: the checkpoint to evaluate
+    checkpoint_root: Optional[str] = None  # fine_tune: where this launch's checkpoints are persisted
     threads: int = 1
+    verbose: bool = False  # keep the libraries' own progress bars and notices
 
 
 @dataclass
 class Setup:
-    engine: object
-    processor: object  # tokenizer, or image processor
-    collate: object
-    data: dict  # split name -> Prepared
-    labels: list  # label names of classification tasks
+    task: Task
+    engine: Any
+    processor: Any  # tokenizer, or image processor
+    shard: Shard  # this rank's part of an evaluation
+    data: dict[str, Prepared]
+    labels: list[str]  # label names of classification tasks
     total_steps: int
-    device: object
     rank: int
     world: int
     model_id: str
@@ -61,12 +67,7 @@ class Setup:
     universal: bool  # the resume checkpoint is read in DeepSpeed's universal format
 
 
-def _log(rank: int, text: str) -> None:
-    if rank == 0:
-        print(f"[sft] {text}", flush=True)
-
-
-def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...]) -> Setup:
+def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: Reporter) -> Setup:
     """Model, freezing, data and DeepSpeed engine, identical on every rank."""
     import deepspeed
     import torch
@@ -77,13 +78,17 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...]) -> Setup:
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     if not on_gpu:
         torch.set_num_threads(args.threads)
+    if not args.verbose:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # one "Loading weights" bar per rank otherwise
     precision = resolve_precision(cfg.deepspeed.precision, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
 
-    task = cfg.model.task
+    task = get_task(cfg.model.task)
     model_dir = prepare_pretrained(cfg.model, args.cache_dir)
     processor = load_processor(cfg.model, model_dir)
     raw = dict(zip(("train", "validation", "test"), load_splits(cfg)))
-    labels = label_names(cfg, raw["train"]) if task in CLASSIFICATION else []
+    labels = task.label_names(cfg, raw["train"])
     torch.manual_seed(cfg.seed)  # same seed on all ranks: identical initial weights and heads
     model = build_model(cfg.model, model_dir, labels)
     names = [n for n, _ in model.named_parameters()]
@@ -91,19 +96,11 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...]) -> Setup:
     apply_trainable(model, trainable)
     torch.manual_seed(cfg.seed + 1000 * (rank + 1))  # dropout differs across ranks, reproducibly
 
-    data = {}
-    for name in splits:
-        if task == "causal_lm":
-            examples, dropped = tokenize_split(raw[name], cfg.data, processor)
-            data[name] = Prepared(examples)
-            if dropped:
-                _log(rank, f"{name}: dropped {dropped} of {len(raw[name].records)} rows (a response beyond "
-                           f"data.max_length = {cfg.data.max_length}, or a bad row with data.skip_bad_rows)")
-        else:
-            data[name] = prepare(cfg, raw[name], processor, labels)
-            if data[name].skipped:
-                _log(rank, f"{name}: skipped {data[name].skipped} bad rows of {len(raw[name].records)} "
-                           f"(data.skip_bad_rows)")
+    data = {name: task.prepare(raw[name], cfg, processor, labels) for name in splits}
+    for name, prepared in data.items():
+        if prepared.dropped and rank == 0:
+            reporter.log(f"{name}: dropped {prepared.dropped} of {len(raw[name].records)} rows "
+                         f"({prepared.why_dropped})")
     n_train = len(data["train"].examples) if "train" in data else len(raw["train"].records)
     steps = total_steps(n_train, world, cfg.train.micro_batch_size, cfg.train.gradient_accumulation,
                         cfg.train.epochs, cfg.train.max_steps)
@@ -118,28 +115,24 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...]) -> Setup:
         from transformers import get_scheduler
         return get_scheduler(cfg.optim.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
 
-    # The shared-memory all-reduce op is JIT-compiled on first use and serves only inference; skip it.
+    # DeepSpeed 0.19.8 (private): the shared-memory all-reduce op is JIT-compiled on first use and
+    # serves only inference; mark it incompatible so it is never built.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     universal = args.universal and args.restart_from is None and args.resume_from is not None
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, lr_scheduler=scheduler,
                                       config=deepspeed_config(cfg, world, precision, load_universal=universal))
-    return Setup(engine, processor, collator(task, processor), data, labels, steps, device, rank, world,
+    shard = Shard(lambda batch: engine(**batch).logits, task.collator(processor), rank, world,
+                  cfg.train.micro_batch_size, device)
+    return Setup(task, engine, processor, shard, data, labels, steps, rank, world,
                  checkpoints.model_identity(cfg.model), checkpoints.trainable_digest(trainable), universal)
 
 
-def evaluate_split(cfg: RunConfig, s: Setup, split: str) -> tuple[dict, list]:
+def evaluate_split(s: Setup, split: str) -> tuple[dict, list[dict]]:
     """Metrics of the engine's current weights on a split (each example counted once across ranks),
-    and, for classification tasks, the per-example predictions."""
-    def forward(batch):
-        return s.engine(**{k: v for k, v in batch.items() if k != "labels"}).logits
-
+    and the per-example predictions of tasks that have them."""
     s.engine.eval()
     try:
-        if cfg.model.task == "causal_lm":
-            return evaluate(forward, s.data[split].examples, s.collate, s.rank, s.world,
-                            cfg.train.micro_batch_size, s.device), []
-        return evaluate_classification(cfg.model.task, forward, s.data[split], s.collate, s.rank, s.world,
-                                       cfg.train.micro_batch_size, s.device, s.labels)
+        return s.task.evaluate(s.shard, s.data[split], s.labels)
     finally:
         s.engine.train()
 
@@ -148,21 +141,39 @@ def scalars(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k not in ("tokens", "examples")}
 
 
-def _mean_across_ranks(values: list[float], device) -> list[float]:
+def grad_norm(parameters) -> float:
+    """The global L2 norm of the gradients (the averaged ones, at an accumulation boundary)."""
     import torch
+
+    norms = [torch.linalg.vector_norm(p.grad.float()) for p in parameters if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def fine_tune(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> None:
+    """Train; then, unless a stop was asked for, test the final checkpoint as it lies on disk."""
+    import gc
+
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return (t / dist.get_world_size()).tolist()
+    state, stopped = run(cfg, reporter, args)
+    if stopped:
+        return
+    gc.collect()  # the training engine (weights, gradients, optimizer states) goes before the test's
+    written = Path(args.checkpoint_root) / checkpoints.dir_name(state.step)
+    final = written if written.is_dir() else Path(args.restart_from or args.resume_from)
+    if dist.get_rank() == 0:
+        reporter.log(f"test evaluation on the final checkpoint {final} (and on the model before fine-tuning)")
+    run_test(cfg, reporter, replace(args, final_checkpoint=str(final)))
 
 
-def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TrainState:
-    """Fine-tune: train, validate every eval_every steps, checkpoint every save_every, report both."""
+def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainState, bool]:
+    """Train, validate every eval_every steps, checkpoint every save_every, report both. Returns the
+    state and whether the run stopped early on request."""
     import torch.distributed as dist
 
-    s = setup(cfg, args, ("train", "validation"))
+    s = setup(cfg, args, ("train", "validation"), reporter)
     engine, rank = s.engine, s.rank
+    log = reporter.log if rank == 0 else (lambda text: None)
     state = TrainState(step=0, micro_step=0, world_size=s.world, zero_stage=cfg.deepspeed.zero_stage,
                        model=s.model_id, trainable=s.trainable_digest)
     start_from = args.restart_from or args.resume_from
@@ -173,7 +184,7 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TrainState:
                               f"not of {s.model_id!r}")
         state = checkpoints.load(engine, Path(start_from), rank, universal=s.universal)
         state.trainable, state.world_size = s.trainable_digest, s.world
-        _log(rank, f"resumed from {start_from} at step {state.step}")
+        log(f"resumed from {start_from} at step {state.step}")
 
     writer = None
     if rank == 0 and args.tensorboard_dir:
@@ -181,84 +192,87 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TrainState:
         # purge_step hides points a previous attempt logged past this checkpoint: no duplicates.
         writer = SummaryWriter(args.tensorboard_dir, purge_step=state.step + 1)
 
-    accumulation = cfg.train.gradient_accumulation
-    train, validation = s.data["train"].examples, s.data["validation"].examples
-    batches = MicroBatches(train, s.collate, rank, s.world, cfg.train.micro_batch_size, cfg.seed,
-                           epoch=state.epoch, position=state.position)
-    unit = "samples" if cfg.model.task == "image_classification" else "tokens"
-    _log(rank, f"training steps {state.step + 1}..{s.total_steps} on {s.world} worker(s), "
-               f"{len(train)} training examples, {len(validation)} validation examples")
+    accumulation, unit = cfg.train.gradient_accumulation, s.task.UNIT
+    batches = MicroBatches(s.data["train"].examples, s.shard.collate, rank, s.world, cfg.train.micro_batch_size,
+                           cfg.seed, epoch=state.epoch, position=state.position)
+    log(f"training steps {state.step + 1}..{s.total_steps} on {s.world} worker(s), "
+        f"{len(s.data['train'].examples)} training examples, {len(s.data['validation'].examples)} validation examples")
+    # ZeRO's optimizers compute the global gradient norm; on stage 0 nothing does, so the loop does.
+    own_norm = cfg.deepspeed.zero_stage == 0
+    params = [p for p in engine.module.parameters() if p.requires_grad] if own_norm else []
     engine.train()
     for step in range(state.step + 1, s.total_steps + 1):
-        started, loss_sum, tokens = time.perf_counter(), 0.0, 0
+        started, loss_sum, units, norm = time.perf_counter(), 0.0, 0, float("nan")
         for batch in islice(batches, accumulation):
-            batch = {k: v.to(s.device) for k, v in batch.items()}
+            batch = {k: v.to(s.shard.device) for k, v in batch.items()}
             loss = engine(**batch).loss
             engine.backward(loss)
+            if own_norm and engine.is_gradient_accumulation_boundary():
+                norm = grad_norm(params)  # the gradients are averaged across ranks by now
             engine.step()  # DeepSpeed updates the weights only on the last micro-step
             loss_sum += loss.item() / accumulation
-            tokens += int(batch["attention_mask"].sum()) if unit == "tokens" else len(batch["labels"])
+            units += s.task.count(batch)
         state.step, state.micro_step = step, state.micro_step + accumulation
         state.epoch, state.position = batches.epoch, batches.position
-        # One all_reduce per step carries the loss, the token count and the stop request, so every
+        # One all_reduce per step carries the loss, the unit count and the stop request, so every
         # rank stops after the same step even if only some of them see the file yet.
         asked = float(bool(args.stop_file) and os.path.exists(args.stop_file))
-        loss_mean, tokens_total, stop = _mean_across_ranks([loss_sum, float(tokens), asked], s.device)
-        tokens_total *= s.world
+        loss_total, units_total, stop = s.shard.sum([loss_sum, float(units), asked])
+        loss_mean = loss_total / s.world
         elapsed = time.perf_counter() - started
-        grad_norm = engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        if not own_norm:
+            norm = engine.get_global_grad_norm()
+            norm = float(norm) if norm is not None else float("nan")
         lr = engine.get_lr()[0]
         if writer:
             writer.add_scalar("train/loss", loss_mean, step)
             writer.add_scalar("train/lr", lr, step)
-            writer.add_scalar("train/grad_norm", grad_norm, step)
-            writer.add_scalar(f"train/{unit}_per_s", tokens_total / elapsed, step)
+            writer.add_scalar("train/grad_norm", norm, step)
+            writer.add_scalar(f"train/{unit}_per_s", units_total / elapsed, step)
         if step % cfg.train.log_every == 0 or step == s.total_steps:
-            _log(rank, f"step {step}/{s.total_steps}  loss {loss_mean:.4f}  lr {lr:.3g}  "
-                       f"grad_norm {grad_norm:.3g}  {tokens_total / elapsed:,.0f} {unit}/s  {elapsed:.2f} s/step")
+            log(f"step {step}/{s.total_steps}  loss {loss_mean:.4f}  lr {lr:.3g}  grad_norm {norm:.3g}  "
+                f"{units_total / elapsed:,.0f} {unit}/s  {elapsed:.2f} s/step")
 
         is_last = step == s.total_steps
         stopping = stop > 0 and not is_last
-        metrics: dict[str, float] = {"step": step, "train_loss": loss_mean}
+        validation: dict[str, float] = {}
         if step % cfg.train.eval_every == 0 or is_last:
-            val = scalars(evaluate_split(cfg, s, "validation")[0])
-            metrics.update({f"val_{k}": v for k, v in val.items()})
+            validation = scalars(evaluate_split(s, "validation")[0])
             if writer:
-                for k, v in val.items():
+                for k, v in validation.items():
                     writer.add_scalar(f"val/{k}", v, step)
                 writer.flush()
         if stopping:
-            metrics["stopped"] = 1.0
-            _log(rank, f"stop requested: checkpointing step {step} and stopping")
+            log(f"stop requested: checkpointing step {step} and stopping")
+        report = TrainReport(step, loss_mean, validation, final=is_last)
         if step % cfg.train.save_interval == 0 or is_last or stopping:
-            state.metrics = {k: v for k, v in metrics.items() if k.startswith("val_")}
+            state.validation = validation
             with tempfile.TemporaryDirectory(prefix="sft-shard-") as shard_dir:
                 checkpoints.save(engine, Path(shard_dir), state, rank)
-                reporter.report(metrics, Path(shard_dir), checkpoints.dir_name(step))
-        elif "val_loss" in metrics:
-            reporter.report(metrics)
+                reporter.report(report, Path(shard_dir))
+        elif validation:
+            reporter.report(report)
         if stopping:
             break
     if writer:
         writer.close()
-    dist.barrier()
-    return state
+    dist.barrier()  # every rank's shard of the last checkpoint is persisted
+    return state, state.step < s.total_steps
 
 
-def run_test(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> dict:
+def run_test(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TestResult:
     """Test metrics before fine-tuning and from the final sharded checkpoint; rank 0 then exports."""
-    s = setup(cfg, args, ("test",))
-    before, _ = evaluate_split(cfg, s, "test")
+    s = setup(cfg, args, ("test",), reporter)
+    before, _ = evaluate_split(s, "test")
     # The weights come from the shards on disk, not from any model still in memory.
     state = checkpoints.load(s.engine, Path(args.final_checkpoint), s.rank, load_optimizer=False)
-    after, rows = evaluate_split(cfg, s, "test")
+    after, rows = evaluate_split(s, "test")
     if s.rank == 0 and args.predictions_path and rows:
         Path(args.predictions_path).write_text("".join(json.dumps(r) + "\n" for r in rows))
     if s.rank == 0 and args.export_dir:
         from trainer.export import export_model
         export_model(cfg, Path(args.final_checkpoint), Path(args.export_dir), s.processor, s.labels, args.cache_dir)
-        _log(s.rank, f"exported the consolidated model to {args.export_dir}")
-    result = {"before": before, "after": after, "step": state.step}
+        reporter.log(f"exported the consolidated model to {args.export_dir}")
+    result = TestResult(state.step, before, after)
     reporter.report(result)
     return result

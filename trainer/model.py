@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from launcher.config import ConfigError, ModelConfig
+from trainer.config import ConfigError, ModelConfig
 
 
 def resolve_location(name_or_path: str) -> str:
@@ -106,13 +106,13 @@ def model_config(cfg: ModelConfig, model_dir: str | None):
                           f"({str(err).splitlines()[0]})") from None
 
 
-def _auto_class(task: str):
+def auto_class(task: str):
+    """The transformers Auto class of the task's model (AutoModelForCausalLM, ...)."""
     import transformers
 
-    return getattr(transformers, {
-        "causal_lm": "AutoModelForCausalLM", "sequence_classification": "AutoModelForSequenceClassification",
-        "token_classification": "AutoModelForTokenClassification",
-        "image_classification": "AutoModelForImageClassification"}[task])
+    from trainer.tasks.registry import get_task
+
+    return getattr(transformers, get_task(task).AUTO_MODEL)
 
 
 def _label_kwargs(labels: list[str]) -> dict:
@@ -128,13 +128,15 @@ def build_model(cfg: ModelConfig, model_dir: str | None, labels: list[str] = ())
     every rank builds identical ones."""
     import torch
 
-    auto = _auto_class(cfg.task)
+    auto = auto_class(cfg.task)
     if cfg.architecture is not None:
         config = model_config(cfg, None)
         for key, value in _label_kwargs(list(labels)).items():
             setattr(config, key, value)
         return auto.from_config(config)
-    return auto.from_pretrained(model_dir, dtype=torch.float32, **_label_kwargs(list(labels)))
+    # reinit_head: a pretrained head for another label count is replaced by a fresh one.
+    return auto.from_pretrained(model_dir, dtype=torch.float32, ignore_mismatched_sizes=cfg.reinit_head,
+                                **_label_kwargs(list(labels)))
 
 
 def build_skeleton(cfg: ModelConfig, model_dir: str | None, labels: list[str] = ()):
@@ -145,12 +147,14 @@ def build_skeleton(cfg: ModelConfig, model_dir: str | None, labels: list[str] = 
     for key, value in _label_kwargs(list(labels)).items():
         setattr(config, key, value)
     with torch.device("meta"):
-        return _auto_class(cfg.task).from_config(config)
+        return auto_class(cfg.task).from_config(config)
 
 
 def load_processor(cfg: ModelConfig, model_dir: str | None):
-    """The tokenizer, or the image processor for image tasks."""
-    if cfg.task != "image_classification":
+    """The tokenizer, or the image processor, as the task asks."""
+    from trainer.tasks.registry import get_task
+
+    if get_task(cfg.task).PROCESSOR == "tokenizer":
         return load_tokenizer(cfg, model_dir)
     from transformers import AutoImageProcessor
 
@@ -161,3 +165,30 @@ def load_processor(cfg: ModelConfig, model_dir: str | None):
         key = "model.image_processor" if cfg.image_processor else "model.name_or_path"
         raise ConfigError(f"{key}: cannot load an image processor from {source!r} "
                           f"({str(err).splitlines()[0]})") from None
+
+
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def position_limit(config, processor) -> tuple[int, str] | None:
+    """The longest input the model takes, and where that number comes from: the model's position
+    table, else the tokenizer's model_max_length (None when neither says)."""
+    aliases = getattr(config, "attribute_map", {})  # e.g. GPT-2 maps max_position_embeddings to n_positions
+    for key in (aliases.get(k, k) for k in POSITION_KEYS):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value, f"the model config's {key}"
+    value = getattr(processor, "model_max_length", None)
+    if isinstance(value, int) and 0 < value < 10 ** 7:  # transformers' "no limit" is ~1e30
+        return value, "the tokenizer's model_max_length"
+    return None
+
+
+def head_mismatch(config, task_auto_model: str, labels: list[str]) -> str | None:
+    """Why the pretrained weights' own task head does not fit `labels` (None when it fits or the
+    checkpoint has no such head, e.g. a bare encoder that gets a fresh one)."""
+    suffix = task_auto_model.replace("AutoModel", "")  # AutoModelForSequenceClassification -> ForSequenceClassification
+    has_head = any(a.endswith(suffix) for a in (getattr(config, "architectures", None) or []))
+    if not has_head or not labels or config.num_labels == len(labels):
+        return None
+    return f"the pretrained {config.architectures[0]} has a head for {config.num_labels} labels, the data has {len(labels)}"

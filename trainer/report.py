@@ -1,6 +1,7 @@
 """The one seam between the worker loop and the orchestrator.
 
-`Reporter.report` is called by every rank at the same points (evaluations and checkpoints).
+Every rank calls `Reporter.report` at the same points (evaluations, checkpoints, the test result)
+with a typed message from trainer/messages.py; rank 0 calls `Reporter.log` for console lines.
 The Ray implementation lives in launcher/ray_job.py; `ListReporter` records calls for tests.
 Never imports ray.
 """
@@ -9,27 +10,37 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Mapping, Optional, Protocol
+from typing import Optional, Protocol
+
+from trainer.messages import Message
 
 
 class Reporter(Protocol):
-    def report(self, metrics: Mapping[str, float], checkpoint: Optional[Path] = None,
-               name: Optional[str] = None) -> None:
-        """Hand over metrics and, optionally, this rank's checkpoint folder (persisted as `name`)."""
+    def report(self, message: Message, checkpoint: Optional[Path] = None) -> None:
+        """Hand over a message and, optionally, this rank's checkpoint folder (persisted by step)."""
+
+    def log(self, text: str) -> None:
+        """A console line (rank 0 only)."""
 
 
 class ListReporter:
-    """Keeps every report in memory; checkpoints are copied into `root/<name>` (single process)."""
+    """Keeps every report in memory; checkpoints are copied into `root/<step_...>` (single process)."""
 
     def __init__(self, root: Optional[Path] = None):
-        self.calls: list[tuple[dict, Optional[Path]]] = []
+        self.calls: list[tuple[Message, Optional[Path]]] = []
+        self.lines: list[str] = []
         self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="sft-ckpt-"))
 
-    def report(self, metrics, checkpoint=None, name=None):
+    def report(self, message, checkpoint=None):
+        from trainer.checkpoints import dir_name, mark_complete
+
         kept = None
         if checkpoint is not None:
-            kept = self.root / (name or f"checkpoint_{len(self.calls)}")
+            kept = self.root / dir_name(message.step)
             shutil.copytree(checkpoint, kept, dirs_exist_ok=True)
-            from trainer.checkpoints import mark_complete
             mark_complete(kept)
-        self.calls.append((dict(metrics), kept))
+        self.calls.append((message, kept))
+
+    def log(self, text):
+        print(f"[sft] {text}", flush=True)
+        self.lines.append(text)

@@ -9,7 +9,7 @@ import math
 import random
 from typing import Sequence
 
-from launcher.config import ConfigError
+from trainer.config import ConfigError
 
 
 def split_indices(n: int, fractions: Sequence[float], seed: int) -> tuple[list[int], list[int], list[int]]:
@@ -56,4 +56,8 @@ def total_steps(n_train: int, world: int, micro_batch_size: int, accumulation: i
     if max_steps is not None:
         return max_steps
     micro = micro_batches_per_epoch(n_train, world, micro_batch_size)
-    return max(1, math.ceil(epochs * micro / accumulation))
+    if epochs * micro < accumulation:
+        raise ConfigError(f"train.epochs = {epochs:g} is less than one optimizer step: an epoch is {micro} "
+                          f"micro-batch(es) per worker and a step takes {accumulation} (train.gradient_accumulation); "
+                          f"raise train.epochs or set train.max_steps")
+    return math.ceil(epochs * micro / accumulation)

@@ -82,11 +82,14 @@ def test_two_nodes_one_worker_each_match_the_single_node_run(two_nodes, zero2, t
     assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
 
 
-def test_more_nodes_than_the_cluster_has_is_an_error(two_nodes, zero2, tmp_path):
+@pytest.mark.parametrize("extra, message", [
+    (("--nodes", "3", "--workers-per-node", "1"), "cannot place 3 node(s) x 1 worker(s)"),
+    (("--nodes", "1", "--workers-per-node", "64"), "cannot place 1 node(s) x 64 worker(s)")])
+def test_asking_for_more_than_the_cluster_has_fails_fast(two_nodes, zero2, tmp_path, extra, message):
     address, env = two_nodes
     _, config, _ = zero2
-    proc = subprocess.run([sys.executable, "-m", "launcher.cli", str(config), "--address", address, "--nodes", "3",
-                           "--workers-per-node", "1", "--output", str(tmp_path / "run")],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1 and "cannot place 3 node(s) x 1 worker(s)" in proc.stderr
-    assert "2 of its 2 node(s)" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", str(config), "--address", address, *extra,
+                           "--output", str(tmp_path / "run")],
+                          env=env, capture_output=True, text=True, timeout=300)  # a hang would time out
+    assert proc.returncode == 1 and message in proc.stderr
+    assert "of its 2 node(s)" in proc.stderr and "CPUs" in proc.stderr

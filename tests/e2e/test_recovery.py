@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,18 @@ def long_config(tmp, tokenizer_dir):
     return write_config(tmp / "long.yaml", tiny_config(
         tmp, tokenizer_dir, train={"max_steps": 300, "eval_every": 50, "save_every": 50, "log_every": 50,
                                    "keep_last": 2, "max_failures": 2}))
+
+
+def train_worker_pids() -> list[int]:
+    """The Ray Train worker processes running now (Ray titles them ray::RayTrainWorker...)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"RayTrainWorker" in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            pass
+    return sorted(pids)
 
 
 def popen(config, *extra):
@@ -39,17 +52,16 @@ def baseline(tmp_path_factory, tokenizer_dir):
 def test_killed_worker_is_replaced_and_the_run_ends_like_an_uninterrupted_one(baseline, tmp_path):
     out, config = baseline
     target = tmp_path / "run"
-    proc = popen(config, "--output", str(target))
+    proc = popen(config, "--output", str(target), "--verbose")  # --verbose: the workers' own output too
     lines, killed = [], None
     for line in proc.stdout:
         lines.append(line)
-        found = re.search(r"pid=(\d+)\).*\[sft\] step 100/300", line)
-        if found and killed is None:
-            killed = int(found.group(1))
+        if "[sft] step 100/300" in line and killed is None:
+            killed = train_worker_pids()[-1]
             os.kill(killed, signal.SIGKILL)
     assert proc.wait(timeout=600) == 0, "".join(lines[-40:])
     text = "".join(lines)
-    assert killed is not None
+    assert killed is not None and "(RayTrainWorker pid=" in text
     assert re.search(r"worker failure \(.*\); restart 1/2: the worker group continues from the latest "
                      r"checkpoint \(step (50|100)\)", text), text[-3000:]
     summary = json.loads((target / "run_summary.json").read_text())

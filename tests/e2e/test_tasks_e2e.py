@@ -33,20 +33,20 @@ def _single_process_metrics(out: Path, config: Path, task: str):
     """The same checkpoint's export evaluated in this one process (world size 1)."""
     import transformers
 
-    from launcher.config import load_config
+    from trainer.config import load_config
     from trainer.data import load_splits
-    from trainer.evaluation import evaluate_classification
-    from trainer.model import _auto_class
-    from trainer.tasks import collator, prepare
+    from trainer.evaluation import Shard
+    from trainer.model import auto_class
+    from trainer.tasks.registry import get_task
 
-    cfg = load_config(config)
-    model = _auto_class(task).from_pretrained(out / "final_model").eval()
+    cfg, module = load_config(config), get_task(task)
+    model = auto_class(task).from_pretrained(out / "final_model").eval()
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     auto_proc = transformers.AutoImageProcessor if task == "image_classification" else transformers.AutoTokenizer
     processor = auto_proc.from_pretrained(out / "final_model")
-    prepared = prepare(cfg, load_splits(cfg)[2], processor, labels)
-    forward = lambda b: model(**{k: v for k, v in b.items() if k != "labels"}).logits
-    return evaluate_classification(task, forward, prepared, collator(task, processor), 0, 1, 8, "cpu", labels)
+    prepared = module.prepare(load_splits(cfg)[2], cfg, processor, labels)
+    shard = Shard(lambda b: model(**b).logits, module.collator(processor), 0, 1, 8, "cpu")
+    return module.evaluate(shard, prepared, labels)
 
 
 def test_metrics_before_and_after_and_predictions(task_run):

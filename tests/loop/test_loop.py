@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.config import from_dict
+from trainer.config import from_dict
 from tests.helpers import tiny_config, tiny_llama
 from trainer.checkpoints import TAG, find_checkpoints, read_state
 from trainer.loop import WorkerArgs, run
@@ -15,7 +15,7 @@ from trainer.report import ListReporter
 def _run(tmp: Path, tokenizer_dir, **sections):
     cfg = from_dict(tiny_config(tmp, tokenizer_dir, **sections))
     reporter = ListReporter(tmp / "ckpt")
-    state = run(cfg, reporter, WorkerArgs(cache_dir=str(tmp / "cache"), tensorboard_dir=str(tmp / "tb")))
+    state, _ = run(cfg, reporter, WorkerArgs(cache_dir=str(tmp / "cache"), tensorboard_dir=str(tmp / "tb")))
     return cfg, reporter, state
 
 
@@ -38,7 +38,7 @@ def test_frozen_parameters_are_bit_identical_and_trainable_ones_change(tmp_path,
 def test_same_seed_same_losses_and_validation_decreases(tmp_path, tokenizer_dir, process_group):
     _, a, _ = _run(tmp_path / "a", tokenizer_dir)
     _, b, _ = _run(tmp_path / "b", tokenizer_dir)
-    losses = lambda r: [(m["step"], m["train_loss"], m["val_loss"]) for m, _ in r.calls]
+    losses = lambda r: [(m.step, m.train_loss, m.validation["loss"]) for m, _ in r.calls]
     assert losses(a) == losses(b)
     assert [s for s, *_ in losses(a)] == [4, 8, 12]
     assert losses(a)[-1][2] < losses(a)[0][2]
@@ -51,10 +51,10 @@ def test_resume_continues_with_identical_losses(tmp_path, tokenizer_dir, process
     step4 = full.calls[0][1]
     assert read_state(step4).step == 4 and read_state(step4).micro_step == 4
     resumed = ListReporter(tmp_path / "resumed")
-    state = run(cfg, resumed, WorkerArgs(cache_dir=str(tmp_path / "cache"), resume_from=str(step4),
+    state, _ = run(cfg, resumed, WorkerArgs(cache_dir=str(tmp_path / "cache"), resume_from=str(step4),
                                          tensorboard_dir=str(tmp_path / "tb-resumed")))
     assert state.step == 12
-    tail = lambda r: [(m["step"], round(m["train_loss"], 6), round(m["val_loss"], 6)) for m, _ in r.calls]
+    tail = lambda r: [(m.step, round(m.train_loss, 6), round(m.validation["loss"], 6)) for m, _ in r.calls]
     assert tail(resumed) == tail(full)[1:]
     assert [s for s, _ in find_checkpoints(tmp_path / "resumed")] == [8, 12]
     # every logged step after the checkpoint: the same training loss as the uninterrupted run
@@ -62,3 +62,16 @@ def test_resume_continues_with_identical_losses(tmp_path, tokenizer_dir, process
     new, old = scalars(tmp_path / "tb-resumed", "train/loss"), scalars(tmp_path / "full" / "tb", "train/loss")
     assert sorted(new) == list(range(5, 13))
     assert [new[s] for s in new] == pytest.approx([old[s] for s in new], abs=1e-6)
+
+
+def test_grad_norm_is_logged_on_every_stage_and_stage_0_matches_zero(tmp_path, tokenizer_dir, process_group):
+    """DeepSpeed computes no global norm on stage 0; the loop's own must equal what ZeRO reports."""
+    from tests.e2e.common import scalars
+
+    norms = {}
+    for stage in (0, 2):
+        _run(tmp_path / f"s{stage}", tokenizer_dir, deepspeed={"zero_stage": stage},
+             train={"max_steps": 3, "eval_every": 3, "save_every": 3})
+        norms[stage] = scalars(tmp_path / f"s{stage}" / "tb", "train/grad_norm")
+    assert sorted(norms[0]) == [1, 2, 3] and all(v > 0 for v in norms[0].values())
+    assert [norms[0][s] for s in (1, 2, 3)] == pytest.approx([norms[2][s] for s in (1, 2, 3)], rel=1e-4)

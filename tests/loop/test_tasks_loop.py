@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from launcher.config import from_dict
+from trainer.config import from_dict
 from tests.helpers import make_image_processor, make_wordpiece_tokenizer, task_config
 from trainer.loop import WorkerArgs, run, run_test
 from trainer.report import ListReporter
@@ -28,11 +28,11 @@ def test_task_trains_tests_and_exports(tmp_path, wordpiece, image_processor, pro
     cfg = from_dict(raw)
     reporter = ListReporter(tmp_path / "ckpt")
     run(cfg, reporter, WorkerArgs(cache_dir=str(tmp_path / "cache")))
-    assert f"val_{main}" in reporter.calls[0][0]
+    assert main in reporter.calls[0][0].validation
     result = run_test(cfg, ListReporter(), WorkerArgs(
         cache_dir=str(tmp_path / "cache"), final_checkpoint=str(reporter.calls[-1][1]),
         export_dir=str(tmp_path / "final"), predictions_path=str(tmp_path / "pred.jsonl")))
-    assert result["after"]["loss"] < result["before"]["loss"]
+    assert result.after["loss"] < result.before["loss"]
     rows = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
-    assert len(rows) == result["after"]["examples"] and [r["id"] for r in rows] == sorted(r["id"] for r in rows)
+    assert len(rows) == result.after["examples"] and [r["id"] for r in rows] == sorted(r["id"] for r in rows)
     assert json.loads((tmp_path / "final" / "config.json").read_text())["id2label"]

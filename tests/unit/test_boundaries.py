@@ -1,15 +1,94 @@
-"""The import boundaries that keep `sft-launch --help` instant and the worker free of Ray."""
+"""The import boundaries and the task boundary, read from the source (the AST, so imports inside
+functions count too), plus what importing the light modules actually loads."""
+import ast
 import subprocess
 import sys
+from pathlib import Path
+from typing import Iterator
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SEAM = REPO / "launcher" / "ray_job.py"  # the one module that talks to Ray on the workers' behalf
+
+
+def imports(path: Path) -> Iterator[tuple[int, str]]:
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from ((node.lineno, a.name) for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            yield node.lineno, node.module
+
+
+def hits(folder: str, banned: str) -> list[str]:
+    return [f"{f.relative_to(REPO)}:{line} {name}" for f in sorted((REPO / folder).rglob("*.py"))
+            for line, name in imports(f) if name == banned or name.startswith(banned + ".")]
+
+
+@pytest.mark.parametrize("folder, banned", [("trainer", "launcher"), ("trainer", "ray"), ("launcher", "deepspeed")])
+def test_imports_run_one_way(folder, banned):
+    assert not hits(folder, banned)
+
+
+def test_the_boundary_check_sees_imports_inside_functions(tmp_path, monkeypatch):
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f():\n    from launcher.cli import main\n    import ray.train\n")
+    assert [name for _, name in imports(probe)] == ["launcher.cli", "ray.train"]
+
+
+def test_ray_is_used_by_the_launcher_only():
+    users = {f.relative_to(REPO).parts[0] for f in REPO.rglob("*.py") if ".venv" not in f.parts
+             and "tests" not in f.parts and any(n == "ray" or n.startswith("ray.") for _, n in imports(f))}
+    assert users == {"launcher"}
+
+
+def task_names() -> set[str]:
+    from trainer.tasks.registry import TASKS
+
+    return set(TASKS)
+
+
+def task_name_uses(path: Path) -> list[str]:
+    """Where a file names a task: a string constant equal to a task name, or a comparison with a
+    `.task` attribute. The config's default value is the one place allowed to name one."""
+    tree, names, found = ast.parse(path.read_text()), task_names(), []
+    allowed = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.AnnAssign)
+               and isinstance(n.target, ast.Name) and n.target.id == "task" and n.value is not None}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and node.value in names and id(node) not in allowed:
+            found.append(f"{path.relative_to(REPO)}:{node.lineno} {node.value!r}")
+        if isinstance(node, ast.Compare) and any(isinstance(x, ast.Attribute) and x.attr == "task"
+                                                 for x in [node.left, *node.comparators]):
+            found.append(f"{path.relative_to(REPO)}:{node.lineno} compares .task")
+    return found
+
+
+def test_no_code_outside_the_task_modules_compares_the_task_name():
+    files = [f for folder in ("launcher", "trainer") for f in (REPO / folder).rglob("*.py")
+             if (REPO / "trainer" / "tasks") not in f.parents]
+    assert not [hit for f in files for hit in task_name_uses(f)]
+
+
+def test_the_task_check_finds_a_comparison(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f(cfg):\n    if cfg.model.task == 'x':\n        return {'causal_lm': 1}\n")
+    assert task_name_uses(probe) == ["probe.py:2 compares .task", "probe.py:3 'causal_lm'"]
+
+
+def test_every_registered_task_implements_the_interface():
+    from trainer.tasks.registry import Task, get_task
+
+    members = [m for m in dir(Task) if not m.startswith("_")] + list(Task.__annotations__)
+    for name in task_names():
+        module = get_task(name)
+        assert all(hasattr(module, m) for m in members), name
 
 
 @pytest.mark.parametrize("module, banned", [
     ("launcher.cli", "deepspeed"), ("launcher.cli", "torch"), ("launcher.cli", "ray"),
-    ("launcher.config", "torch"), ("launcher.controller", "deepspeed"), ("launcher.ray_job", "deepspeed"),
-    ("trainer.loop", "ray"), ("trainer.freezing", "torch"), ("trainer.splits", "torch"),
-    ("trainer.ds_config", "deepspeed")])
-def test_import_boundary(module, banned):
+    ("trainer.config", "torch"), ("launcher.controller", "deepspeed"), ("trainer.tasks.registry", "torch"),
+    ("trainer.loop", "ray"), ("trainer.freezing", "torch")])
+def test_importing_a_light_module_loads_no_heavy_one(module, banned):
     probe = f"import sys, {module}; sys.exit({banned!r} in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe]).returncode == 0, f"{module} imports {banned}"

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.config import ConfigError
+from trainer.config import ConfigError
 from launcher.controller import resolve_resume
 from trainer.checkpoints import find_checkpoints, is_complete, mark_complete, retained
 
@@ -16,7 +16,7 @@ def fake(root: Path, step: int, world: int = 2, ranks=None, val_loss=None, marke
         (path / f"rng_rank{r}.pt").write_bytes(b"x")
     (path / "trainer_state.json").write_text(json.dumps(
         {"step": step, "micro_step": step, "world_size": world, "zero_stage": 2, "model": "m",
-         "metrics": {} if val_loss is None else {"val_loss": val_loss}}))
+         "validation": {} if val_loss is None else {"loss": val_loss}}))
     if marked:
         mark_complete(path)
     return path

@@ -1,19 +1,18 @@
-"""The command line: bad input is one paragraph and exit code 2; --dry-run prints the plan."""
+"""The command line: bad input is one paragraph and exit code 2; --dry-run prints the plan. The first
+test runs the real command as a subprocess (exit code and stderr as a shell sees them); the others
+call it in-process."""
 import subprocess
 import sys
 
+from tests.helpers import run_cli as cli
 from tests.helpers import tiny_config, write_config
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
-
-
-def test_bad_key_is_one_paragraph_and_exit_2(tmp_path):
+def test_bad_key_is_one_paragraph_and_exit_2_in_a_real_process(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("model: {name_or_path: gpt2}\ndata: {train_file: x.jsonl}\ntrian: {epochs: 1}\n")
-    proc = cli(config)
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", str(config)], capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip() == (f"sft-launch: error: {config}: unknown key 'trian'. Did you mean 'train'?")
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.config import ConfigError, from_dict, load_config, to_dict
+from trainer.config import ConfigError, from_dict, load_config, to_dict
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = {"model": {"name_or_path": "gpt2"}, "data": {"train_file": "x.jsonl"}}

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from launcher.config import ConfigError, from_dict
+from trainer.config import ConfigError, from_dict
 from trainer.ds_config import deepspeed_config, resolve_precision
 
 
@@ -42,3 +42,17 @@ def test_auto_precision_is_fp32_on_cpu_and_bf16_on_capable_gpus():
     assert resolve_precision("auto", has_cuda=True, has_bf16=True) == "bf16"
     assert resolve_precision("auto", has_cuda=True, has_bf16=False) == "fp32"
     assert resolve_precision("fp16", has_cuda=False, has_bf16=False) == "fp16"
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"optimizer": {"type": "Adam"}}, "sets 'optimizer'; it comes from optim.*"),
+    ({"scheduler": {"type": "WarmupLR"}}, "sets 'scheduler'"),
+    ({"bf16": {"enabled": True}}, "sets 'bf16'; it comes from deepspeed.precision"),
+    ({"zero_optimization": {"stage": 1}}, "sets zero_optimization.stage = 1 but deepspeed.zero_stage is 2"),
+    ("[1, 2]", "must hold a JSON object, got list"),
+    ("{not json", "is not valid JSON")])
+def test_user_json_may_not_set_what_our_config_owns(tmp_path, content, message):
+    f = tmp_path / "ds.json"
+    f.write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("*", r"\*")):
+        deepspeed_config(cfg(deepspeed={"config_file": str(f)}), 2, "fp32")

@@ -1,7 +1,7 @@
 """Selective freezing as pure functions over parameter names."""
 import pytest
 
-from launcher.config import ConfigError, FinetuneConfig
+from trainer.config import ConfigError, FinetuneConfig
 from trainer.freezing import Layout, select_trainable, summarize
 
 NAMES = ["embed.weight", "layers.0.q.weight", "layers.0.norm.weight", "layers.1.q.weight",

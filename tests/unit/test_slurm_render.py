@@ -1,7 +1,7 @@
 """Rendering the Slurm batch script: a pure function of the config."""
 from pathlib import Path
 
-from launcher.config import from_dict
+from trainer.config import from_dict
 from launcher.slurm import TEMPLATE, render, sbatch_lines
 
 

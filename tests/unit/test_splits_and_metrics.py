@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from launcher.config import ConfigError
-from trainer.evaluation import metrics_from_sums
+from trainer.config import ConfigError
+from trainer.tasks.causal_lm import metrics_from_sums
 from trainer.splits import eval_batch_count, eval_shard, micro_batches_per_epoch, split_indices, total_steps
 
 

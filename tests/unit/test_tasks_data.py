@@ -3,11 +3,21 @@ import io
 
 import pytest
 
-from launcher.config import ConfigError, from_dict
+from trainer.config import ConfigError, from_dict
 from tests.helpers import make_image_processor, make_wordpiece_tokenizer
 from trainer.data import Split
 from trainer.masking import IGNORE
-from trainer.tasks import align_labels, label_names, prepare
+from trainer.tasks.registry import get_task
+from trainer.tasks.token_classification import align_labels
+
+
+def prepare(cfg, split, processor, labels):
+    """The task's own preparation, as the workers and preflight call it."""
+    return get_task(cfg.model.task).prepare(split, cfg, processor, labels)
+
+
+def label_names(cfg, train):
+    return get_task(cfg.model.task).label_names(cfg, train)
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +51,15 @@ def test_sequence_classification_rows(tokenizer):
 
 def test_unseen_label_names_file_row_and_column(tokenizer):
     rows = [{"text": "rain", "label": "weather"}, {"text": "goal", "label": "sport"}]
-    with pytest.raises(ConfigError, match=r"d.jsonl, validation split, row 1, column 'label': label 'sport' is not "
+    with pytest.raises(ConfigError, match=r"d.jsonl, validation split, line 2, column 'label': label 'sport' is not "
                                           r"in the label set"):
         prepare(cfg("sequence_classification"), split(rows), tokenizer, ["food", "weather"])
     skipped = prepare(cfg("sequence_classification", skip_bad_rows=True), split(rows), tokenizer, ["food", "weather"])
-    assert skipped.skipped == 1 and skipped.ids == [0]
+    assert skipped.dropped == 1 and skipped.ids == [0]
 
 
 def test_empty_text_and_missing_column(tokenizer):
-    with pytest.raises(ConfigError, match=r"row 0, column 'text': empty or missing text"):
+    with pytest.raises(ConfigError, match=r"line 1, column 'text': empty or missing text"):
         prepare(cfg("sequence_classification"), split([{"text": "  ", "label": "food"}]), tokenizer, ["food"])
     with pytest.raises(ConfigError, match=r"has no column 'sentence' \(data.text_column\); found columns: text, label"):
         prepare(cfg("sequence_classification", text_column="sentence"), split([{"text": "a", "label": "food"}]),
@@ -57,7 +67,7 @@ def test_empty_text_and_missing_column(tokenizer):
 
 
 def test_tag_count_mismatch(tokenizer):
-    with pytest.raises(ConfigError, match=r"row 0, column 'tags': 1 tags for 2 words"):
+    with pytest.raises(ConfigError, match=r"line 1, column 'tags': 1 tags for 2 words"):
         prepare(cfg("token_classification"), split([{"tokens": ["maria", "ran"], "tags": ["B-PER"]}]), tokenizer,
                 ["B-PER", "O"])
 
@@ -97,10 +107,10 @@ def test_images_from_bytes_and_an_unreadable_one(tmp_path):
     buf = io.BytesIO()
     Image.new("L", (8, 8), 128).save(buf, format="PNG")
     rows = [{"image": {"bytes": buf.getvalue(), "path": None}, "label": 3}, {"image": "missing.png", "label": 1}]
-    with pytest.raises(ConfigError, match=r"row 1, column 'image': unreadable image \(FileNotFoundError"):
+    with pytest.raises(ConfigError, match=r"line 2, column 'image': unreadable image \(FileNotFoundError"):
         prepare(cfg("image_classification"), split(rows), processor, [str(i) for i in range(10)])
     ok = prepare(cfg("image_classification", skip_bad_rows=True), split(rows), processor, [str(i) for i in range(10)])
-    assert ok.examples[0]["pixel_values"].shape == (3, 32, 32) and ok.golds == ["3"] and ok.skipped == 1
+    assert ok.examples[0]["pixel_values"].shape == (3, 32, 32) and ok.golds == ["3"] and ok.dropped == 1
 
 
 def test_classlabel_names_are_the_label_set_and_ids_map_to_them(tokenizer):
@@ -130,11 +140,9 @@ def test_sft_bad_rows_stop_the_run_or_are_skipped(tmp_path):
     from transformers import AutoTokenizer
 
     from tests.helpers import make_tokenizer
-    from trainer.data import tokenize_split
-
     tok = AutoTokenizer.from_pretrained(make_tokenizer(tmp_path / "bpe"))
     rows = [{"prompt": "What is 2 plus 2?", "response": "Answer: 4."}, {"prompt": "Hi", "response": " "}]
-    with pytest.raises(ConfigError, match=r"row 1: column 'response' is empty"):
-        tokenize_split(split(rows), cfg("causal_lm").data, tok)
-    examples, dropped = tokenize_split(split(rows), cfg("causal_lm", skip_bad_rows=True).data, tok)
-    assert len(examples) == 1 and dropped == 1
+    with pytest.raises(ConfigError, match=r"line 2, column 'response': is empty"):
+        prepare(cfg("causal_lm"), split(rows), tok, [])
+    prepared = prepare(cfg("causal_lm", skip_bad_rows=True), split(rows), tok, [])
+    assert len(prepared.examples) == 1 and prepared.dropped == 1

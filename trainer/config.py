@@ -21,7 +21,6 @@ class ConfigError(ValueError):
     """Bad user input. The message names the file and the dotted key."""
 
 
-TASKS = ("causal_lm", "sequence_classification", "token_classification", "image_classification")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
@@ -38,22 +37,29 @@ class ModelConfig:
     # Image processor location when it differs from name_or_path (required with `architecture` for images).
     image_processor: Optional[str] = None
     task: str = "causal_lm"
+    # The pretrained checkpoint's own classification head is for another number of labels: replace it
+    # with a fresh one (otherwise preflight refuses).
+    reinit_head: bool = False
 
     def __post_init__(self) -> None:
         if (self.name_or_path is None) == (self.architecture is None):
             raise ValueError("give exactly one of model.name_or_path (pretrained weights) and "
                              "model.architecture (build from scratch)")
+        from trainer.tasks.registry import TASKS, get_task  # stdlib only: cheap here
+
+        try:
+            task = get_task(self.task)
+        except KeyError:
+            raise ValueError(f"model.task must be one of {', '.join(TASKS)}, got {self.task!r}") from None
         if self.architecture is not None:
             if "model_type" not in self.architecture:
                 raise ValueError("model.architecture needs a 'model_type' key (e.g. gpt2, llama, bert)")
-            needs = "image_processor" if self.task == "image_classification" else "tokenizer"
+            needs = task.PROCESSOR
             if getattr(self, needs) is None:
                 raise ValueError(f"model.{needs} is required with model.architecture: a model built "
                                  f"from scratch has no {needs.replace('_', ' ')} of its own")
         if self.gguf_file is not None and self.name_or_path is None:
             raise ValueError("model.gguf_file needs model.name_or_path, the directory that holds it")
-        if self.task not in TASKS:
-            raise ValueError(f"model.task must be one of {', '.join(TASKS)}, got {self.task!r}")
 
 
 @dataclass(frozen=True)
@@ -381,6 +387,21 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's last-one-wins would hide a key written twice (often a typo'd section): refuse it."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice (first at line {seen[key] + 1}); YAML would keep only "
+                                f"the last one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> dict:
     try:
         text = path.read_text()
@@ -388,8 +409,10 @@ def read_yaml(path: Path) -> dict:
         raise ConfigError(f"{path}: config file not found") from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: the config file is not UTF-8 text") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -1,0 +1,86 @@
+"""What a worker reports and what the controller receives, as typed messages.
+
+Workers build these, the reporting seam (trainer/report.py, launcher/ray_job.py) turns them into
+plain dicts and back with `encode` / `decode`, and the controller reads the dataclasses. Nothing
+else passes between the two sides. Imports only the stdlib.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where a rank runs."""
+    node_id: str
+    ip: str
+    hostname: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class LogLine:
+    """A console line from rank 0 (progress, data notes); delivered as it happens, not throttled."""
+    text: str
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    """Every rank, after an evaluation or a checkpoint (then the report carries this rank's shard)."""
+    step: int
+    train_loss: float
+    validation: dict = field(default_factory=dict)  # this step's validation metrics, when it evaluated
+    final: bool = False  # the last step of the schedule: the test evaluation comes next
+
+
+@dataclass(frozen=True)
+class TestResult:
+    """Every rank, once: the test metrics before fine-tuning and from the final checkpoint."""
+    step: int
+    before: dict
+    after: dict
+
+
+@dataclass(frozen=True)
+class BadInput:
+    """Every rank, when the data or the config turned out bad past preflight: the user's to fix."""
+    message: str
+
+
+@dataclass(frozen=True)
+class WorkerFailure:
+    """Made on the driver when worker processes died or raised: rank -> the error."""
+    errors: dict  # one line each
+    details: dict = field(default_factory=dict)  # the whole traceback each
+
+
+Message = Union[LogLine, TrainReport, TestResult, BadInput]
+KINDS = {cls.__name__: cls for cls in (LogLine, TrainReport, TestResult, BadInput)}
+
+
+@dataclass(frozen=True)
+class Received:
+    """One report as the controller receives it: each rank's message and place (by rank), and the
+    checkpoint folder Ray persisted from every rank's part (None without one)."""
+    messages: tuple
+    where: tuple
+    checkpoint: Optional[str] = None
+
+    @property
+    def first(self) -> Message:
+        return self.messages[0]
+
+
+def encode(message: Message, where: Optional[Where] = None) -> dict:
+    out = {"kind": type(message).__name__, **dataclasses.asdict(message)}
+    if where is not None:
+        out["where"] = dataclasses.asdict(where)
+    return out
+
+
+def decode(data: dict) -> tuple[Message, Optional[Where]]:
+    data = dict(data)
+    kind, where = data.pop("kind"), data.pop("where", None)
+    return KINDS[kind](**data), Where(**where) if where else None

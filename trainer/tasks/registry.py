@@ -1,0 +1,58 @@
+"""The task interface and the registry: `model.task` names one module of trainer/tasks/.
+
+Each task module implements `Task` with plain module-level names (no classes to inherit from):
+what it reads, how it prepares a split, how batches are collated, which model head it trains and
+how it is evaluated. Everything else (the loop, DeepSpeed, checkpoints, the controller) is shared
+and never compares the task name. Adding a task: copy trainer/tasks/sequence_classification.py,
+change it, and add one line to TASKS. Imports only the stdlib; task modules import torch and
+transformers inside their functions, so looking a task up stays cheap.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol
+
+if TYPE_CHECKING:
+    from trainer.config import DataConfig, RunConfig
+    from trainer.data import Split
+    from trainer.evaluation import Shard
+    from trainer.tasks.common import Prepared
+
+# model.task -> the module that implements it.
+TASKS = {
+    "causal_lm": "trainer.tasks.causal_lm",
+    "sequence_classification": "trainer.tasks.sequence_classification",
+    "token_classification": "trainer.tasks.token_classification",
+    "image_classification": "trainer.tasks.image_classification",
+}
+
+
+class Task(Protocol):
+    AUTO_MODEL: str  # the transformers Auto class of the model with this task's head
+    PROCESSOR: Literal["tokenizer", "image_processor"]  # what turns a row into inputs (model.<PROCESSOR>)
+    UNIT: Literal["tokens", "samples"]  # what train/<UNIT>_per_s counts
+
+    def check_columns(self, split: Split, d: DataConfig) -> None:
+        """A ConfigError naming the data.*_column key when a column the task reads is missing."""
+
+    def label_names(self, cfg: RunConfig, train: Split) -> list[str]:
+        """The label set (empty for tasks without labels)."""
+
+    def prepare(self, split: Split, cfg: RunConfig, processor: Any, labels: list[str]) -> Prepared:
+        """Model inputs of every usable row; bad rows raise a ConfigError or are counted as dropped."""
+
+    def collator(self, processor: Any) -> Callable[[list[dict]], dict]:
+        """Pads a list of prepared examples into a batch of tensors."""
+
+    def count(self, batch: dict) -> int:
+        """How many UNITs a batch holds (real tokens, not padding; or samples)."""
+
+    def evaluate(self, shard: Shard, prepared: Prepared, labels: list[str]) -> tuple[dict, list[dict]]:
+        """Metrics over the whole split (each example once across ranks) and per-example rows for
+        test_predictions.jsonl (empty when the task has none)."""
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise KeyError(name)
+    return importlib.import_module(TASKS[name])  # a module implements the Protocol

@@ -1,0 +1,106 @@
+"""token_classification: words -> one BIO tag per word (NER), optionally with a predicate (SRL).
+
+The first sub-word of each word carries the word's tag, later sub-words are ignored in the loss.
+SRL rows give the predicate's word index; that word is passed as the second segment
+([CLS] words [SEP] predicate [SEP]) and only first-segment words are labelled. Metrics: loss,
+precision / recall / F1 over BIO spans (conlleval) and word accuracy. Never imports ray.
+"""
+from __future__ import annotations
+
+from trainer.config import DataConfig, RunConfig
+from trainer.masking import IGNORE
+from trainer.metrics import accuracy, span_prf
+from trainer.tasks.common import BadRows, Prepared, classify, label_id, label_set, require_columns, require_rows
+
+AUTO_MODEL = "AutoModelForTokenClassification"
+PROCESSOR = "tokenizer"
+UNIT = "tokens"
+
+
+def check_columns(split, d: DataConfig) -> None:
+    require_columns(split, [(d.tokens_column, "data.tokens_column"), (d.tags_column, "data.tags_column")])
+
+
+def label_names(cfg: RunConfig, train) -> list[str]:
+    return label_set(cfg, train, cfg.data.tags_column, "data.tags_column",
+                     lambda tags: tags if isinstance(tags, list) else [])
+
+
+def align_labels(word_ids: list, sequence_ids: list, tag_ids: list[int]) -> list[int]:
+    """One label per token: the first sub-word of each word of the first segment; IGNORE elsewhere."""
+    labels, previous = [], None
+    for word, seq in zip(word_ids, sequence_ids):
+        first = word is not None and seq == 0 and word != previous
+        labels.append(tag_ids[word] if first else IGNORE)
+        if seq == 0:
+            previous = word
+    return labels
+
+
+def _problem(r: dict, d: DataConfig, labels: list[str], has_predicate: bool) -> tuple[str, str] | None:
+    words, tags = r[d.tokens_column], r[d.tags_column]
+    if not isinstance(words, list) or not words or not all(isinstance(w, str) and w for w in words):
+        return d.tokens_column, "expected a non-empty list of words"
+    if not isinstance(tags, list) or len(tags) != len(words):
+        return d.tags_column, (f"{len(tags) if isinstance(tags, list) else 'no'} tags for {len(words)} words; "
+                               f"expected one tag per word")
+    unknown = [t for t in tags if label_id(t, labels) is None]
+    if unknown:
+        return d.tags_column, f"tag {unknown[0]!r} is not in the tag set taken from the training split (or data.labels)"
+    p = r[d.predicate_column] if has_predicate else 0
+    if not isinstance(p, int) or isinstance(p, bool) or not 0 <= p < len(words):
+        return d.predicate_column, f"predicate index {p!r} is not a word position 0..{len(words) - 1}"
+    return None
+
+
+def prepare(split, cfg: RunConfig, tokenizer, labels: list[str]) -> Prepared:
+    """Each example's note is (word count, the word of each labelled token), for word-level predictions."""
+    d = cfg.data
+    require_rows(split)
+    check_columns(split, d)
+    rows, out = BadRows(split, d.skip_bad_rows), Prepared([])
+    has_predicate = d.predicate_column in split.columns
+    for i, r in enumerate(split.records):
+        problem = _problem(r, d, labels, has_predicate)
+        if problem:
+            rows.bad(i, *problem)
+            continue
+        words, ids = r[d.tokens_column], [label_id(t, labels) for t in r[d.tags_column]]
+        pair = [words[r[d.predicate_column]]] if has_predicate else None
+        enc = tokenizer(words, pair, is_split_into_words=True, truncation="only_first" if pair else True,
+                        max_length=d.max_length)
+        aligned = align_labels(enc.word_ids(), enc.sequence_ids(), ids)
+        word_of = [w for w, label in zip(enc.word_ids(), aligned) if label != IGNORE]
+        out.add({**enc, "labels": aligned}, split.row(i), [labels[t] for t in ids], (len(words), word_of))
+    out.dropped = rows.skipped
+    return out
+
+
+def collator(tokenizer):
+    from transformers import DataCollatorForTokenClassification
+
+    return DataCollatorForTokenClassification(tokenizer, label_pad_token_id=IGNORE, return_tensors="pt")
+
+
+def count(batch: dict) -> int:
+    return int(batch["attention_mask"].sum())
+
+
+def predict_words(logits, batch, notes: list, labels: list[str]) -> list[list[str]]:
+    """Per example, one tag per word; words without a labelled token (cut off by max_length, or
+    tokenized to nothing) are predicted O."""
+    out, best = [], logits.argmax(-1)
+    for row, (n_words, word_of) in enumerate(notes):
+        tags = ["O"] * n_words
+        for word, tag in zip(word_of, best[row][batch["labels"][row] != IGNORE].tolist()):
+            tags[word] = labels[tag]
+        out.append(tags)
+    return out
+
+
+def evaluate(shard, prepared: Prepared, labels: list[str]) -> tuple[dict, list[dict]]:
+    def scores(golds, preds):
+        words = [(g, p) for gs, ps in zip(golds, preds) for g, p in zip(gs, ps)]
+        return {**span_prf(golds, preds), "token_accuracy": accuracy([g for g, _ in words], [p for _, p in words])}
+
+    return classify(shard, prepared, lambda logits, batch, notes: predict_words(logits, batch, notes, labels), scores)
