@@ -27,7 +27,7 @@ from trainer.ds_config import deepspeed_config, resolve_precision
 from trainer.evaluation import Shard
 from trainer.freezing import apply_trainable, describe_layout, select_trainable
 from trainer.messages import TestResult, TrainReport
-from trainer.model import build_model, load_processor, prepare_pretrained
+from trainer.model import build_model, full_shape, load_processor, partitioned_build, prepare_pretrained
 from trainer.report import Reporter
 from trainer.splits import total_steps
 from trainer.tasks.common import Prepared
@@ -74,6 +74,10 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: R
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
+    # DeepSpeed 0.19.8 (private): the shared-memory all-reduce op is JIT-compiled on first use (by
+    # init_distributed) and serves only inference; mark it incompatible so it is never built.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed()  # adopts the orchestrator's process group; zero.Init needs it to build
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     if not on_gpu:
@@ -89,8 +93,11 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: R
     processor = load_processor(cfg.model, model_dir)
     raw = dict(zip(("train", "validation", "test"), load_splits(cfg)))
     labels = task.label_names(cfg, raw["train"])
+    universal = args.universal and args.restart_from is None and args.resume_from is not None
+    ds_config = deepspeed_config(cfg, world, precision, load_universal=universal)
     torch.manual_seed(cfg.seed)  # same seed on all ranks: identical initial weights and heads
-    model = build_model(cfg.model, model_dir, labels)
+    with partitioned_build(ds_config):  # ZeRO-3: no rank ever holds the whole model
+        model = build_model(cfg.model, model_dir, labels)
     names = [n for n, _ in model.named_parameters()]
     trainable = select_trainable(names, cfg.finetune, describe_layout(model))
     apply_trainable(model, trainable)
@@ -106,8 +113,8 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: R
                         cfg.train.epochs, cfg.train.max_steps)
 
     # Freeze first: ZeRO partitions and the optimizer hold only what they are given.
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    decay = [p for p in model.parameters() if p.requires_grad and len(full_shape(p)) >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and len(full_shape(p)) < 2]
     groups = [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     warmup = cfg.optim.warmup_steps or math.ceil(cfg.optim.warmup_ratio * steps)
 
@@ -115,12 +122,8 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: R
         from transformers import get_scheduler
         return get_scheduler(cfg.optim.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
 
-    # DeepSpeed 0.19.8 (private): the shared-memory all-reduce op is JIT-compiled on first use and
-    # serves only inference; mark it incompatible so it is never built.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    universal = args.universal and args.restart_from is None and args.resume_from is not None
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, lr_scheduler=scheduler,
-                                      config=deepspeed_config(cfg, world, precision, load_universal=universal))
+                                      config=ds_config)
     shard = Shard(lambda batch: engine(**batch).logits, task.collator(processor), rank, world,
                   cfg.train.micro_batch_size, device)
     return Setup(task, engine, processor, shard, data, labels, steps, rank, world,

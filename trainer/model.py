@@ -11,6 +11,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from trainer.config import ConfigError, ModelConfig
@@ -137,6 +138,30 @@ def build_model(cfg: ModelConfig, model_dir: str | None, labels: list[str] = ())
     # reinit_head: a pretrained head for another label count is replaced by a fresh one.
     return auto.from_pretrained(model_dir, dtype=torch.float32, ignore_mismatched_sizes=cfg.reinit_head,
                                 **_label_kwargs(list(labels)))
+
+
+@contextmanager
+def partitioned_build(ds_config: dict):
+    """Under ZeRO-3, models built inside this block are created partitioned across the ranks: the
+    transformers DeepSpeed integration wraps from_pretrained / from_config in deepspeed.zero.Init
+    while an HfDeepSpeedConfig is alive (every rank must build together). Other stages: no effect."""
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    alive = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference to it
+    try:
+        yield
+    finally:
+        del alive
+        unset_hf_deepspeed_config()  # later builds (rank 0's export) are plain again
+
+
+def full_shape(param) -> tuple:
+    """A parameter's real shape, also when ZeRO-3 has partitioned it away (ds_shape)."""
+    return tuple(getattr(param, "ds_shape", param.shape))
 
 
 def build_skeleton(cfg: ModelConfig, model_dir: str | None, labels: list[str] = ()):
