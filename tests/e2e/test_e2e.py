@@ -195,5 +195,5 @@ def test_bad_row_found_by_the_workers_fails_once_with_exit_2(tmp_path, tokenizer
                                                      "test_file": str(data)})
     proc = launch(write_config(tmp_path / "c.yaml", raw))
     assert proc.returncode == 2
-    assert "row 240: column 'response' is empty" in proc.stderr
+    assert "d.jsonl, train split, line 241, column 'response': is empty" in proc.stderr  # the file's line
     assert "worker failure" not in proc.stdout  # bad input is not retried

@@ -1,0 +1,48 @@
+"""The controller's reading of worker messages, without Ray: failures that repeat end the run,
+process deaths and failures after progress are restarted."""
+import pytest
+
+from launcher.controller import Controller, RepeatedFailure
+from tests.helpers import tiny_config
+from trainer.config import from_dict
+from trainer.messages import Received, TrainReport, Where, WorkerFailure
+
+
+@pytest.fixture
+def ctl(tmp_path):
+    return Controller(from_dict(tiny_config(tmp_path, tmp_path)), tmp_path)
+
+
+def report(step, **kw):
+    where = Where("n", "127.0.0.1", "h", 1)
+    return Received((TrainReport(step, 1.0, **kw),) * 2, (where, where))
+
+
+def failure(*errors):
+    return WorkerFailure(dict(enumerate(errors)), {r: f"Traceback ...\n{e}" for r, e in enumerate(errors)})
+
+
+def test_the_same_error_again_with_no_progress_ends_the_run(ctl):
+    ctl.receive(report(4))
+    ctl.receive(failure("IndexError: index out of range in self", "IndexError: index out of range in self"))
+    with pytest.raises(RepeatedFailure, match="the same error twice after step 4"):
+        ctl.receive(failure("IndexError: index out of range in self"))  # one rank's report is enough
+    assert "IndexError" in ctl.failure_log.read_text()
+
+
+def test_failures_with_progress_between_or_other_errors_are_restarted(ctl):
+    ctl.receive(failure("ActorDiedError: worker pid=101 died"))
+    ctl.receive(failure("ActorDiedError: worker pid=202 died"))  # a process death differs every time
+    ctl.receive(report(8))
+    ctl.receive(failure("ActorDiedError: worker pid=202 died"))  # same text, but steps were made
+    assert ctl.restarts == 3
+
+
+def test_validation_history_keeps_one_entry_per_step_and_the_best(ctl):
+    ctl.receive(report(4, validation={"loss": 2.0}))
+    ctl.receive(report(8, validation={"loss": 1.5}))
+    ctl.receive(report(8, validation={"loss": 1.6}))  # replayed after a restart
+    assert [h["step"] for h in ctl.history] == [4, 8] and ctl.history[-1]["loss"] == 1.6
+    assert ctl.best["step"] == 8 and ctl.best["loss"] == 1.5
+    ctl.receive(report(12, final=True))
+    assert ctl.trained and ctl.last_step == 12
