@@ -378,6 +378,7 @@ def summarise(cfg: RunConfig, paths: Paths, ctl: Controller, plan, final: Option
         "nodes": cfg.scaling.nodes,
         "final_checkpoint": str(final) if final else None,
         "checkpoints": [str(p) for _, p in checkpoints.find_checkpoints(paths.checkpoints)],
+        "checkpoint_bytes": {str(p): checkpoints.size_bytes(p) for _, p in checkpoints.find_checkpoints(paths.checkpoints)},
         "best_validation": ctl.best,
         "validation_history": ctl.history,
         "resumed_from": str(paths.resume_from) if paths.resume_from else None,

@@ -33,7 +33,7 @@ SAMPLE_ROWS = 200  # rows of each split prepared in preflight: bad data fails be
 def make_plan(cfg: RunConfig, cache_dir: str) -> Plan:
     """Check what the config, the data and the model's config can tell together, as the workers
     will see it: the task's own column checks and preparation run on the first rows of each split."""
-    from trainer.checkpoints import trainable_digest
+    from trainer.checkpoints import is_lean, trainable_digest
     from trainer.data import load_splits
     from trainer.ds_config import deepspeed_config
     from trainer.freezing import describe_layout, select_trainable, summarize
@@ -72,7 +72,8 @@ def make_plan(cfg: RunConfig, cache_dir: str) -> Plan:
         steps=total_steps(n_train, world, t.micro_batch_size, t.gradient_accumulation, t.epochs, t.max_steps),
         trainable=n_trainable, total=n_total,
         freezing=summarize(sizes, trainable, layout), model_dir=model_dir, labels=tuple(labels),
-        trainable_digest=trainable_digest(trainable), checkpoint_bytes=4 * n_total + per_trainable * n_trainable)
+        trainable_digest=trainable_digest(trainable),
+        checkpoint_bytes=4 * (n_trainable if is_lean(cfg) else n_total) + per_trainable * n_trainable)
 
 
 def check_model_fits(cfg: RunConfig, task, model_dir: str | None, processor, labels: list[str]) -> None:
@@ -90,6 +91,22 @@ def check_model_fits(cfg: RunConfig, task, model_dir: str | None, processor, lab
                           f"for these labels, or give the data the model's own label set (data.labels)")
 
 
+def memory_line(plan: Plan, cfg: RunConfig) -> str:
+    """Expected model-state memory per worker (weights, gradients, optimizer states)."""
+    from trainer.ds_config import model_state_bytes
+
+    def text(precision: str) -> str:
+        parts = model_state_bytes(plan.total, plan.trainable, cfg.deepspeed.zero_stage, plan.world_size, precision)
+        shown = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items())
+        return f"{sum(parts.values()) / 2**30:.2f} GiB ({shown}) in {precision}"
+
+    where = " in CPU memory (deepspeed.offload: cpu)" if cfg.deepspeed.offload == "cpu" else ""
+    precision = cfg.deepspeed.precision
+    if precision == "auto":
+        return f"model states per worker{where}: {text('fp32')} on CPU workers, {text('bf16')} on GPUs; activations on top"
+    return f"model states per worker{where}: {text(precision)}; activations on top"
+
+
 def describe(plan: Plan, cfg: RunConfig) -> str:
     t = cfg.train
     rows = ", ".join(f"{k} {v}" for k, v in plan.rows.items())
@@ -104,5 +121,6 @@ def describe(plan: Plan, cfg: RunConfig) -> str:
         f"{plan.freezing}",
         f"deepspeed: ZeRO stage {cfg.deepspeed.zero_stage}, precision {cfg.deepspeed.precision}, "
         f"offload {cfg.deepspeed.offload}",
+        memory_line(plan, cfg),
     ] + ([f"task: {cfg.model.task}, {len(plan.labels)} labels: {', '.join(plan.labels[:12])}"
           f"{' ...' if len(plan.labels) > 12 else ''}"] if plan.labels else []))

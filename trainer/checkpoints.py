@@ -34,6 +34,19 @@ class TrainState:
     trainable: str = ""  # digest of the trainable parameter names (the freezing rules' outcome)
     epoch: int = 0  # the data position: epoch, and places of its permutation consumed by all ranks
     position: int = 0
+    # Only the trainable parameters (and their optimizer state) are in the shards; the frozen ones
+    # are rebuilt from the base model (or, for an inline architecture, from the seed) on load.
+    lean: bool = False
+
+
+def is_lean(cfg) -> bool:
+    """Checkpoints leave the frozen weights out when they can be rebuilt from pretrained weights
+    (an inline architecture has none: its frozen weights are saved)."""
+    return cfg.finetune.mode == "local" and cfg.model.name_or_path is not None
+
+
+def size_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def model_identity(model_cfg) -> str:
@@ -105,7 +118,7 @@ def save(engine, directory: Path, state: TrainState, rank: int) -> None:
     import numpy as np
     import torch
 
-    engine.save_checkpoint(str(directory), tag=TAG)
+    engine.save_checkpoint(str(directory), tag=TAG, exclude_frozen_parameters=state.lean)
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
     torch.save(rng, Path(directory) / f"rng_rank{rank}.pt")
@@ -123,11 +136,12 @@ def load(engine, directory: Path, rank: int, load_optimizer: bool = True, univer
 
     directory = Path(directory)
     tag = UNIVERSAL_TAG if universal else TAG
+    state = read_state(directory)
+    # A lean checkpoint lacks the frozen weights: the engine's model already holds them.
     load_path, _ = engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=load_optimizer,
-                                          load_lr_scheduler_states=load_optimizer)
+                                          load_lr_scheduler_states=load_optimizer, load_module_strict=not state.lean)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint in {directory / tag}")
-    state = read_state(directory)
     rng_file = directory / f"rng_rank{rank}.pt"
     if load_optimizer and rng_file.is_file():
         rng = torch.load(rng_file, weights_only=False)

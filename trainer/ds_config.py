@@ -86,3 +86,18 @@ def deepspeed_config(cfg: RunConfig, world_size: int, precision: str, load_unive
     out.setdefault("steps_per_print", 10 ** 9)  # the loop logs; DeepSpeed's own prints are noise
     out.setdefault("wall_clock_breakdown", False)
     return out
+
+
+def model_state_bytes(total: int, trainable: int, stage: int, world_size: int, precision: str) -> dict[str, int]:
+    """Bytes of model states one worker holds, counted as DeepSpeed's ZeRO papers and estimators do:
+    weights (all parameters), gradients and Adam states (trainable ones; in bf16/fp16 with an fp32
+    master copy), each divided across the ranks from the stage that partitions it (optimizer states
+    from 1, gradients from 2, weights at 3). Activations and buffers come on top."""
+    mixed = precision in ("bf16", "fp16")
+    width = 2 if mixed else 4
+
+    def share(n_bytes: float, from_stage: int) -> int:
+        return int(n_bytes / world_size) if stage >= from_stage else int(n_bytes)
+
+    return {"weights": share(width * total, 3), "gradients": share(width * trainable, 2),
+            "optimizer": share((12 if mixed else 8) * trainable, 1)}

@@ -178,7 +178,7 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
     engine, rank = s.engine, s.rank
     log = reporter.log if rank == 0 else (lambda text: None)
     state = TrainState(step=0, micro_step=0, world_size=s.world, zero_stage=cfg.deepspeed.zero_stage,
-                       model=s.model_id, trainable=s.trainable_digest)
+                       model=s.model_id, trainable=s.trainable_digest, lean=checkpoints.is_lean(cfg))
     start_from = args.restart_from or args.resume_from
     if start_from:
         saved = checkpoints.read_state(Path(start_from))
@@ -186,7 +186,7 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
             raise ConfigError(f"--resume: {start_from} holds a checkpoint of {saved.model!r}, "
                               f"not of {s.model_id!r}")
         state = checkpoints.load(engine, Path(start_from), rank, universal=s.universal)
-        state.trainable, state.world_size = s.trainable_digest, s.world
+        state.trainable, state.world_size, state.lean = s.trainable_digest, s.world, checkpoints.is_lean(cfg)
         log(f"resumed from {start_from} at step {state.step}")
 
     writer = None

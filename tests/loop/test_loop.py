@@ -75,3 +75,42 @@ def test_grad_norm_is_logged_on_every_stage_and_stage_0_matches_zero(tmp_path, t
         norms[stage] = scalars(tmp_path / f"s{stage}" / "tb", "train/grad_norm")
     assert sorted(norms[0]) == [1, 2, 3] and all(v > 0 for v in norms[0].values())
     assert [norms[0][s] for s in (1, 2, 3)] == pytest.approx([norms[2][s] for s in (1, 2, 3)], rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def pretrained_llama(tmp_path_factory, tokenizer_dir):
+    """A tiny pretrained-style model folder: local fine-tuning can rebuild its frozen weights from it."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    target = tmp_path_factory.mktemp("pretrained")
+    arch = dict(tiny_llama(3))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(arch.pop("model_type"), **arch)).save_pretrained(target)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(target)
+    return target
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_lean_checkpoints_hold_only_the_trainable_part_and_resume_exactly(tmp_path, tokenizer_dir, pretrained_llama,
+                                                                          process_group, stage):
+    from trainer.checkpoints import load, size_bytes
+    from trainer.loop import evaluate_split, setup
+
+    local = {"model": {"name_or_path": str(pretrained_llama), "architecture": None, "tokenizer": None},
+             "finetune": {"mode": "local", "train_last_layers": 1}, "deepspeed": {"zero_stage": stage}}
+    cfg, full, _ = _run(tmp_path / "full", tokenizer_dir, **local)
+    step4, final = full.calls[0][1], full.calls[-1][1]
+    assert read_state(step4).lean
+    if stage == 1:  # the module states hold the trainable block only
+        saved = torch.load(step4 / TAG / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        assert saved and all(n.startswith("model.layers.2.") for n in saved)
+    _, everything, _ = _run(tmp_path / "global", tokenizer_dir, **{**local, "finetune": {"mode": "global"}})
+    assert size_bytes(step4) < 0.6 * size_bytes(everything.calls[0][1])
+    resumed = ListReporter(tmp_path / "resumed")
+    run(cfg, resumed, WorkerArgs(cache_dir=str(tmp_path / "cache"), resume_from=str(step4)))
+    tail = lambda r: [(m.step, round(m.train_loss, 6), round(m.validation["loss"], 6)) for m, _ in r.calls]
+    assert tail(resumed) == tail(full)[1:]
+    # base weights + the lean final checkpoint = the trained model: the same validation loss as in training
+    s = setup(cfg, WorkerArgs(cache_dir=str(tmp_path / "cache")), ("validation",), ListReporter())
+    load(s.engine, final, 0, load_optimizer=False)
+    assert evaluate_split(s, "validation")[0]["loss"] == pytest.approx(full.calls[-1][0].validation["loss"], rel=1e-5)

@@ -56,3 +56,17 @@ def test_user_json_may_not_set_what_our_config_owns(tmp_path, content, message):
     f.write_text(content if isinstance(content, str) else json.dumps(content))
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("*", r"\*")):
         deepspeed_config(cfg(deepspeed={"config_file": str(f)}), 2, "fp32")
+
+
+def test_model_state_memory_per_worker_by_stage():
+    from trainer.ds_config import model_state_bytes
+
+    n = 1_000_000
+    assert model_state_bytes(n, n, 0, 2, "fp32") == {"weights": 4 * n, "gradients": 4 * n, "optimizer": 8 * n}
+    assert model_state_bytes(n, n, 1, 2, "fp32") == {"weights": 4 * n, "gradients": 4 * n, "optimizer": 4 * n}
+    assert model_state_bytes(n, n, 2, 2, "fp32") == {"weights": 4 * n, "gradients": 2 * n, "optimizer": 4 * n}
+    assert model_state_bytes(n, n, 3, 4, "fp32") == {"weights": n, "gradients": n, "optimizer": 2 * n}
+    # mixed precision: 16-bit weights and gradients, fp32 master weights + Adam moments (16 bytes/param in all)
+    assert sum(model_state_bytes(n, n, 0, 1, "bf16").values()) == 16 * n
+    # local fine-tuning: frozen weights still count, only the trainable part has gradients and states
+    assert model_state_bytes(n, n // 10, 2, 2, "fp32") == {"weights": 4 * n, "gradients": n // 5, "optimizer": 2 * n // 5}

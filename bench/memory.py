@@ -1,0 +1,126 @@
+"""Peak memory per training worker for each ZeRO stage, as a user runs sft-launch.
+
+For every (stage, workers, fine-tuning mode) it launches the real command on a config (default: the
+shipped SmolLM2-135M config), samples every Ray Train worker's resident memory from /proc (CPU
+machines) every 0.2 s, and reports the peak during setup (before the first step) and during the
+steps, next to the model-state estimate that `--dry-run` prints. Not a test: run it by hand.
+
+    .venv/bin/python bench/memory.py                       # the full matrix (about 25 minutes here)
+    .venv/bin/python bench/memory.py --stages 0 2 3 --workers 2 --modes global
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = {"0": (0, "none"), "1": (1, "none"), "2": (2, "none"), "3": (3, "none"), "3+offload": (3, "cpu")}
+
+
+def worker_rss_mb() -> dict[int, float]:
+    """Resident memory of every Ray Train worker process now (they are titled ray::RayTrainWorker...)."""
+    out = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if b"RayTrainWorker" not in (proc / "cmdline").read_bytes():
+                continue
+            rss = next(l for l in (proc / "status").read_text().splitlines() if l.startswith("VmRSS:"))
+            out[int(proc.name)] = int(rss.split()[1]) / 1024
+        except (OSError, StopIteration):
+            pass
+    return out
+
+
+def overrides(stage: int, offload: str, workers: int, mode: str, steps: int) -> list[str]:
+    finetune = "{mode: global}" if mode == "global" else "{mode: local, train_last_layers: 2}"
+    sets = [f"deepspeed.zero_stage={stage}", f"deepspeed.offload={offload}", f"scaling.workers_per_node={workers}",
+            f"finetune={finetune}", f"train.max_steps={steps}", f"train.eval_every={steps}", "train.log_every=1",
+            "train.micro_batch_size=2"]
+    return [a for s in sets for a in ("--set", s)]
+
+
+def measure(config: Path, args: list[str]) -> dict:
+    """One launch: per-worker peaks (MB) before the first step and during the steps."""
+    with tempfile.TemporaryDirectory(prefix="sft-bench-") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", str(config), "--output", out, *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        phase, peaks, done = ["setup"], {"setup": {}, "steps": {}}, threading.Event()
+
+        def sample():
+            while not done.is_set():
+                for pid, mb in worker_rss_mb().items():
+                    bucket = peaks[phase[0]] if phase[0] in peaks else None
+                    if bucket is not None:
+                        bucket[pid] = max(bucket.get(pid, 0.0), mb)
+                time.sleep(0.2)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "[sft] training steps" in line:
+                phase[0] = "steps"
+            elif "[sft] test evaluation" in line:
+                phase[0] = "test"  # not sampled: a fresh model for the test split
+        code = proc.wait()
+        done.set()
+        sampler.join()
+    if code != 0:
+        raise SystemExit(f"sft-launch failed ({code}):\n{''.join(lines[-30:])}")
+    return {k: max(v.values(), default=0.0) for k, v in peaks.items()}
+
+
+def estimate_mb(config: Path, args: list[str]) -> float:
+    """The model-state estimate --dry-run prints (the plan of the same config and overrides)."""
+    from launcher.cli import cache_dir, parser, resolve
+    from launcher.plan import make_plan
+    from trainer.ds_config import model_state_bytes
+
+    cfg = resolve(parser().parse_args([str(config), *args]))
+    plan = make_plan(cfg, cache_dir())
+    return sum(model_state_bytes(plan.total, plan.trainable, cfg.deepspeed.zero_stage, plan.world_size,
+                                 "fp32").values()) / 2**20
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=str(REPO / "configs" / "gpt_ft.yaml"))
+    p.add_argument("--stages", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--workers", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--modes", nargs="+", default=["global", "local"], choices=["global", "local"])
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1, help="launches per cell; the table shows the median")
+    a = p.parse_args()
+    rows = []
+    print(f"{'stage':<10} {'workers':>7} {'mode':<7} {'setup peak MB':>14} {'step peak MB':>13} "
+          f"{'estimate MB':>12} {'step/ZeRO-0':>12}", flush=True)
+    baseline: dict[tuple, float] = {}
+    for workers in a.workers:
+        for mode in a.modes:
+            for name in a.stages:
+                stage, offload = VARIANTS[name]
+                args = overrides(stage, offload, workers, mode, a.steps)
+                runs = [measure(Path(a.config), args) for _ in range(a.rounds)]
+                setup = statistics.median(r["setup"] for r in runs)
+                steps = statistics.median(r["steps"] for r in runs)
+                if name == "0":
+                    baseline[(workers, mode)] = steps
+                ratio = steps / baseline[(workers, mode)] if (workers, mode) in baseline else float("nan")
+                rows.append((name, workers, mode, setup, steps, estimate_mb(Path(a.config), args), ratio))
+                print(f"{name:<10} {workers:>7} {mode:<7} {setup:>14,.0f} {steps:>13,.0f} {rows[-1][5]:>12,.0f} "
+                      f"{ratio:>12.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
