@@ -14,7 +14,7 @@ import pytest
 
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("zero2")]
 
 
 @pytest.fixture(scope="session")
@@ -47,29 +47,14 @@ def wait_for(predicate, timeout_s: float, what: str):
         time.sleep(1)
 
 
-def test_two_node_job_completes_with_a_rank_on_each_node(slurm, zero2, tmp_path):
+def test_two_node_job_checkpoints_on_usr1_requeues_and_resumes_with_a_rank_on_each_node(slurm, zero2, tmp_path):
+    """One job covers the whole Slurm path (a second, uninterrupted job would only repeat its start):
+    2 nodes with a rank each, the per-job token, USR1 -> checkpoint -> requeue -> resume, and the
+    same results as the single-node run."""
     single, config, _ = zero2
     out = tmp_path / "run"
     script = render(slurm, config, out)
     assert "#SBATCH --nodes=2" in script.read_text() and "--signal=B:USR1@120" in script.read_text()
-    proc = subprocess.run(["sbatch", "--wait", "--parsable", str(script)], env=slurm, capture_output=True,
-                          text=True, timeout=900)
-    logs = "".join(p.read_text() for p in out.glob("slurm-*.out"))
-    assert proc.returncode == 0, logs[-4000:]
-    summary = json.loads((out / "run_summary.json").read_text())
-    assert summary["world_size"] == 2 and len({r["node_id"] for r in summary["ranks"]}) == 2
-    assert sorted(r["ip"] for r in summary["ranks"]) == ["127.0.1.1", "127.0.1.2"]
-    a = json.loads((out / "test_metrics.json").read_text())["after"]
-    b = json.loads((single / "test_metrics.json").read_text())["after"]
-    assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
-    token = next((out / ".slurm").glob("*/ray_token"))
-    assert oct(token.stat().st_mode & 0o777) == "0o600"  # readable by the user only
-
-
-def test_usr1_checkpoints_requeues_and_the_requeued_job_resumes(slurm, zero2, tmp_path):
-    single, config, _ = zero2
-    out = tmp_path / "run"
-    script = render(slurm, config, out)
     job = subprocess.run(["sbatch", "--parsable", str(script)], env=slurm, capture_output=True, text=True,
                          check=True).stdout.strip().split(";")[0]
     log = lambda: "".join(p.read_text() for p in out.glob("slurm-*.out"))
@@ -84,6 +69,10 @@ def test_usr1_checkpoints_requeues_and_the_requeued_job_resumes(slurm, zero2, tm
     assert re.search(r"resuming from .*step_0+1\b", text)
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["global_step"] == 12 and summary["attempt"] == "attempt-2"
+    assert summary["world_size"] == 2 and len({r["node_id"] for r in summary["ranks"]}) == 2
+    assert sorted(r["ip"] for r in summary["ranks"]) == ["127.0.1.1", "127.0.1.2"]
     a = json.loads((out / "test_metrics.json").read_text())["after"]
     b = json.loads((single / "test_metrics.json").read_text())["after"]
     assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    token = next((out / ".slurm").glob("*/ray_token"))
+    assert oct(token.stat().st_mode & 0o777) == "0o600"  # readable by the user only
