@@ -346,7 +346,8 @@ def train_and_test(cfg: RunConfig, paths: Paths, ctl: Controller, stopper: Stopp
             "export_dir": str(paths.out / "final_model"),
             "predictions_path": str(paths.out / "test_predictions.jsonl")}
     try:
-        ray_job.fit(cfg, ray_job.train_worker, args, paths.checkpoints, paths.attempt, ctl.receive, abort_reason)
+        ray_job.fit(cfg, ray_job.train_worker, args, paths.checkpoints, paths.attempt, ctl.receive, abort_reason,
+                    finished=lambda: ctl.test is not None)
     except ray_job.Aborted:
         if not ctl.trained:
             raise

@@ -77,9 +77,18 @@ def make_plan(cfg: RunConfig, cache_dir: str) -> Plan:
 
 
 def check_model_fits(cfg: RunConfig, task, model_dir: str | None, processor, labels: list[str]) -> None:
-    """data.max_length within the model's positions; a pretrained task head of the right size."""
+    """data.max_length within the model's positions; a pretrained task head of the right size; an
+    attention implementation the workers can run."""
+    import importlib.util
+
     from trainer.model import head_mismatch, model_config, position_limit
 
+    if cfg.model.attn_implementation == "flash_attention_2" and (
+            importlib.util.find_spec("flash_attn") is None or cfg.scaling.gpus_per_worker == 0):
+        raise ConfigError("model.attn_implementation: flash_attention_2 needs a CUDA GPU per worker and the "
+                          "flash-attn package (pip install flash-attn); it is "
+                          f"{'not installed' if importlib.util.find_spec('flash_attn') is None else 'asked for on CPU workers'}"
+                          "; use sdpa or auto")
     config = model_config(cfg.model, model_dir)
     limit = position_limit(config, processor) if task.PROCESSOR == "tokenizer" else None
     if limit and cfg.data.max_length > limit[0]:

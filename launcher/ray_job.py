@@ -288,11 +288,14 @@ class Aborted(LaunchError):
 
 
 def fit(cfg: RunConfig, worker: Callable, args: dict, storage: Path, name: str,
-        on_report: Callable[[object], None], abort_reason: Callable[[], Optional[str]] = lambda: None):
+        on_report: Callable[[object], None], abort_reason: Callable[[], Optional[str]] = lambda: None,
+        finished: Callable[[], bool] = lambda: False) -> None:
     """Run `worker` on the configured worker group; call `on_report` on the driver for every report.
 
     A dead worker makes Ray restart the group from the latest checkpoint, up to train.max_failures
-    times. `abort_reason` is polled: when it returns a reason, the run is abandoned.
+    times. `abort_reason` is polled: when it returns a reason, the run is abandoned. Once `finished()`
+    says the driver has what it waits for (the last report), it returns without waiting seconds for
+    Ray Train to tear the worker group down: stopping Ray (stop_ray) ends it.
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -339,7 +342,7 @@ def fit(cfg: RunConfig, worker: Callable, args: dict, storage: Path, name: str,
             on_report(_received(item))
             block_s = 0
 
-    while thread.is_alive():
+    while thread.is_alive() and not finished():
         drain(0.5)
         reason = abort_reason()
         if reason:
@@ -352,5 +355,4 @@ def fit(cfg: RunConfig, worker: Callable, args: dict, storage: Path, name: str,
             raise inner
         raise LaunchError(f"{type(inner).__name__}: {str(inner).strip().splitlines()[-1] if str(inner).strip() else ''}") \
             from outcome["error"]
-    return outcome["result"]
 

@@ -1,3 +1,4 @@
+import json
 import os
 import socket
 
@@ -56,12 +57,29 @@ def zero2(tmp_path_factory, tokenizer_dir):
 
 @pytest.fixture(scope="session")
 def resumed(zero2, tmp_path_factory):
+    """The ZeRO-2 run again, stopped by SIGUSR1 before its first step completes (the launcher as a
+    real process, as Slurm signals it), then continued with --resume. Returns the output directory,
+    the stopped launch's console and exit code, and the resumed launch."""
+    import signal
+    import subprocess
+    import sys
+
     out, config, _ = zero2
-    step8 = next((out / "checkpoints").rglob("step_0000008"))
     target = tmp_path_factory.mktemp("resumed") / "run"
-    proc = launch(config, "--output", str(target), "--resume", str(step8))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return target, proc
+    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", str(config), "--output", str(target)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "[sft] training: 2 worker(s)" in line:
+            proc.send_signal(signal.SIGUSR1)  # before step 1: the stop lands on a known step
+    stopped = ("".join(lines), proc.wait(timeout=600),
+               json.loads((target / "run_summary.json").read_text()) if (target / "run_summary.json").exists() else {},
+               (target / "test_metrics.json").exists())
+    again = launch(config, "--output", str(target), "--resume")
+    assert again.returncode == 0, again.stderr[-2000:]
+    return target, stopped, again
 
 
 @pytest.fixture(scope="session")

@@ -40,6 +40,9 @@ class ModelConfig:
     # The pretrained checkpoint's own classification head is for another number of labels: replace it
     # with a fresh one (otherwise preflight refuses).
     reinit_head: bool = False
+    # auto: flash_attention_2 where it is installed and the worker has a GPU, else transformers' default
+    # (sdpa for models that support it).
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
 
     def __post_init__(self) -> None:
         if (self.name_or_path is None) == (self.architecture is None):
@@ -165,6 +168,8 @@ class TrainConfig:
     save_every: Optional[int] = None  # optimizer steps; defaults to eval_every
     keep_last: int = 2
     log_every: int = 10
+    # Activation checkpointing on the model's blocks (recompute in backward; use_reentrant=False).
+    gradient_checkpointing: bool = False
     # Worker-group restarts (from the latest checkpoint) after a worker process dies.
     max_failures: int = 3
     # After SIGTERM/SIGUSR1/Ctrl-C: seconds the workers get to finish the step and checkpoint.

@@ -98,6 +98,9 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: R
     torch.manual_seed(cfg.seed)  # same seed on all ranks: identical initial weights and heads
     with partitioned_build(ds_config):  # ZeRO-3: no rank ever holds the whole model
         model = build_model(cfg.model, model_dir, labels)
+    if cfg.train.gradient_checkpointing:
+        # use_reentrant=False: correct with frozen blocks (no input needs a gradient) and with ZeRO-3.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     names = [n for n, _ in model.named_parameters()]
     trainable = select_trainable(names, cfg.finetune, describe_layout(model))
     apply_trainable(model, trainable)

@@ -130,14 +130,27 @@ def build_model(cfg: ModelConfig, model_dir: str | None, labels: list[str] = ())
     import torch
 
     auto = auto_class(cfg.task)
+    attention = attention_kwargs(cfg.attn_implementation, torch.cuda.is_available())
     if cfg.architecture is not None:
         config = model_config(cfg, None)
         for key, value in _label_kwargs(list(labels)).items():
             setattr(config, key, value)
-        return auto.from_config(config)
+        return auto.from_config(config, **attention)
     # reinit_head: a pretrained head for another label count is replaced by a fresh one.
     return auto.from_pretrained(model_dir, dtype=torch.float32, ignore_mismatched_sizes=cfg.reinit_head,
-                                **_label_kwargs(list(labels)))
+                                **attention, **_label_kwargs(list(labels)))
+
+
+def attention_kwargs(choice: str, has_cuda: bool) -> dict:
+    """What to pass as attn_implementation: an explicit choice as given; auto picks flash-attention 2
+    on a GPU where the package is installed, and otherwise leaves transformers' own default."""
+    if choice == "flash_attention_2" and not (has_cuda and importlib.util.find_spec("flash_attn")):
+        raise ConfigError("model.attn_implementation: flash_attention_2 needs a CUDA GPU and the flash-attn package "
+                          "on every worker; use sdpa (or auto)")
+    if choice == "auto":
+        return {"attn_implementation": "flash_attention_2"} if has_cuda and importlib.util.find_spec("flash_attn") \
+            else {}
+    return {"attn_implementation": choice}
 
 
 @contextmanager

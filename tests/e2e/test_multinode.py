@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("zero2")]
+pytestmark = pytest.mark.e2e
 RAY = str(Path(sys.executable).parent / "ray")
 
 

@@ -7,7 +7,7 @@ import pytest
 from tests.e2e.common import launch, scalars
 from tests.helpers import make_image_processor, make_wordpiece_tokenizer, task_config, write_config
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("tasks")]
+pytestmark = pytest.mark.e2e
 
 TASKS = {"sequence_classification": ("text-classification", "accuracy", {}),
          "token_classification": ("token-classification", "f1", {"data": {"fractions": [0.8, 0.0975, 0.1025]}}),

@@ -114,3 +114,27 @@ def test_lean_checkpoints_hold_only_the_trainable_part_and_resume_exactly(tmp_pa
     s = setup(cfg, WorkerArgs(cache_dir=str(tmp_path / "cache")), ("validation",), ListReporter())
     load(s.engine, final, 0, load_optimizer=False)
     assert evaluate_split(s, "validation")[0]["loss"] == pytest.approx(full.calls[-1][0].validation["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("finetune, stage", [({"mode": "global"}, 2),
+                                             ({"mode": "local", "train_last_layers": 1}, 3)])
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path, tokenizer_dir, process_group, finetune, stage):
+    """Recomputed activations (dropout RNG restored) on every stage, with frozen blocks too."""
+    common = {"model": {"architecture": tiny_llama(2), "tokenizer": str(tokenizer_dir)}, "finetune": finetune,
+              "deepspeed": {"zero_stage": stage}}
+    losses = {}
+    for on in (False, True):
+        _, r, _ = _run(tmp_path / str(on), tokenizer_dir, **common,
+                       train={"max_steps": 4, "eval_every": 2, "save_every": 4, "gradient_checkpointing": on})
+        losses[on] = [x for m, _ in r.calls for x in (m.train_loss, m.validation["loss"])]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_attention_implementations_agree(tmp_path, tokenizer_dir, process_group):
+    losses = {}
+    for impl in ("eager", "sdpa"):
+        _, r, _ = _run(tmp_path / impl, tokenizer_dir,
+                       model={"architecture": tiny_llama(2), "tokenizer": str(tokenizer_dir), "attn_implementation": impl},
+                       train={"max_steps": 3, "eval_every": 3, "save_every": 3})
+        losses[impl] = [x for m, _ in r.calls for x in (m.train_loss, m.validation["loss"])]
+    assert losses["eager"] == pytest.approx(losses["sdpa"], rel=1e-4)

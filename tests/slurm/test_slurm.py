@@ -14,7 +14,7 @@ import pytest
 
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("zero2")]
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="session")

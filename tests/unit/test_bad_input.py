@@ -192,3 +192,9 @@ def test_bad_input_is_one_paragraph_and_exit_2(case, tmp_path, tokenizer_dir):
 
 def test_the_catalogue_covers_at_least_30_mistakes():
     assert len(CASES) >= 30
+
+
+def test_flash_attention_without_a_gpu_or_the_package_is_refused(tmp_path, tokenizer_dir):
+    raw = tiny_config(tmp_path, tokenizer_dir, model={"attn_implementation": "flash_attention_2"})
+    proc = run_cli(write_config(tmp_path / "c.yaml", raw))
+    assert proc.returncode == 2 and "flash_attention_2 needs a CUDA GPU per worker" in proc.stderr
