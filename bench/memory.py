@@ -11,6 +11,7 @@ steps, next to the model-state estimate that `--dry-run` prints. Not a test: run
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -76,9 +77,11 @@ def measure(config: Path, args: list[str]) -> dict:
         code = proc.wait()
         done.set()
         sampler.join()
-    if code != 0:
-        raise SystemExit(f"sft-launch failed ({code}):\n{''.join(lines[-30:])}")
-    return {k: max(v.values(), default=0.0) for k, v in peaks.items()}
+        if code != 0:
+            raise SystemExit(f"sft-launch failed ({code}):\n{''.join(lines[-30:])}")
+        sizes = json.loads((Path(out) / "run_summary.json").read_text())["checkpoint_bytes"]
+    return {**{k: max(v.values(), default=0.0) for k, v in peaks.items()},
+            "checkpoint_mb": max(sizes.values()) / 2**20}
 
 
 def estimate_mb(config: Path, args: list[str]) -> float:
@@ -104,7 +107,7 @@ def main() -> None:
     a = p.parse_args()
     rows = []
     print(f"{'stage':<10} {'workers':>7} {'mode':<7} {'setup peak MB':>14} {'step peak MB':>13} "
-          f"{'estimate MB':>12} {'step/ZeRO-0':>12}", flush=True)
+          f"{'estimate MB':>12} {'step/ZeRO-0':>12} {'checkpoint MB':>14}", flush=True)
     baseline: dict[tuple, float] = {}
     for workers in a.workers:
         for mode in a.modes:
@@ -117,9 +120,10 @@ def main() -> None:
                 if name == "0":
                     baseline[(workers, mode)] = steps
                 ratio = steps / baseline[(workers, mode)] if (workers, mode) in baseline else float("nan")
+                ckpt = statistics.median(r["checkpoint_mb"] for r in runs)
                 rows.append((name, workers, mode, setup, steps, estimate_mb(Path(a.config), args), ratio))
                 print(f"{name:<10} {workers:>7} {mode:<7} {setup:>14,.0f} {steps:>13,.0f} {rows[-1][5]:>12,.0f} "
-                      f"{ratio:>12.2f}", flush=True)
+                      f"{ratio:>12.2f} {ckpt:>14,.0f}", flush=True)
 
 
 if __name__ == "__main__":

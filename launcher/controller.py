@@ -120,6 +120,7 @@ class Controller:
     test: Optional[TestResult] = None
     last_failure: Optional[WorkerFailure] = None
     trained: bool = False  # the last step of the schedule was reported: the test evaluation runs
+    stopped: bool = False  # the workers reported their last step before a requested stop
     last_step: int = 0  # the last step the workers reported
     failed_at: Optional[int] = None  # last_step when the last failure came
 
@@ -145,6 +146,7 @@ class Controller:
         report: TrainReport = item.first
         self.last_step = report.step
         self.trained = self.trained or report.final
+        self.stopped = self.stopped or report.stopped
         if report.validation:
             entry = {"step": report.step, **report.validation}
             # After a restart the steps past the checkpoint run again: keep one entry per step.
@@ -170,7 +172,7 @@ class Controller:
         self.failed_at = self.last_step
         self.restarts += 1
         latest = checkpoints.find_checkpoints(self.out / "checkpoints")
-        where = f"step {latest[-1][0]}" if latest else "the start"
+        resume_at = f"step {latest[-1][0]}" if latest else "the start"
         detail = "; ".join(f"rank {r}: {msg}" for r, msg in sorted(failure.errors.items()))
         self.failure_log.parent.mkdir(parents=True, exist_ok=True)
         with self.failure_log.open("a") as log:
@@ -179,13 +181,13 @@ class Controller:
         self.last_failure = failure
         if repeated:
             _say(f"worker failure ({detail}) again, with no progress since the last restart: not restarting")
-            where = f"after step {self.last_step}" if self.last_step else "before the first step"
-            raise RepeatedFailure(f"the same error twice {where} ({detail})")
+            when = f"after step {self.last_step}" if self.last_step else "before the first step"
+            raise RepeatedFailure(f"the same error twice {when} ({detail})")
         if self.restarts > self.cfg.train.max_failures:
             _say(f"worker failure ({detail}); train.max_failures = {self.cfg.train.max_failures} reached")
         else:
             _say(f"worker failure ({detail}); restart {self.restarts}/{self.cfg.train.max_failures}: "
-                 f"the worker group continues from the latest checkpoint ({where})")
+                 f"the worker group continues from the latest checkpoint ({resume_at})")
 
     def prune(self, keep: Path) -> None:
         found = checkpoints.find_checkpoints(self.out / "checkpoints")
@@ -347,7 +349,7 @@ def train_and_test(cfg: RunConfig, paths: Paths, ctl: Controller, stopper: Stopp
             "predictions_path": str(paths.out / "test_predictions.jsonl")}
     try:
         ray_job.fit(cfg, ray_job.train_worker, args, paths.checkpoints, paths.attempt, ctl.receive, abort_reason,
-                    finished=lambda: ctl.test is not None)
+                    finished=lambda: ctl.test is not None or ctl.stopped)
     except ray_job.Aborted:
         if not ctl.trained:
             raise

@@ -21,7 +21,7 @@ from trainer.messages import BadInput, LogLine, Received, Where, WorkerFailure, 
 RAY_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # prints would be shown twice
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",  # a report blocks until the controller polls
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",  # a report blocks until the controller polls
     "RAY_DEDUP_LOGS": "0",
     "TOKENIZERS_PARALLELISM": "false",
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",

@@ -250,7 +250,7 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
                 writer.flush()
         if stopping:
             log(f"stop requested: checkpointing step {step} and stopping")
-        report = TrainReport(step, loss_mean, validation, final=is_last)
+        report = TrainReport(step, loss_mean, validation, final=is_last, stopped=stopping)
         if step % cfg.train.save_interval == 0 or is_last or stopping:
             state.validation = validation
             with tempfile.TemporaryDirectory(prefix="sft-shard-") as shard_dir:

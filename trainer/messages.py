@@ -33,6 +33,7 @@ class TrainReport:
     train_loss: float
     validation: dict = field(default_factory=dict)  # this step's validation metrics, when it evaluated
     final: bool = False  # the last step of the schedule: the test evaluation comes next
+    stopped: bool = False  # a stop was asked for: this launch ends after this step
 
 
 @dataclass(frozen=True)

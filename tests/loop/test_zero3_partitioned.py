@@ -1,5 +1,5 @@
 """ZeRO-3 builds the model partitioned: two real ranks (gloo, no Ray) run the worker's setup on a
-model of ~67M parameters (258 MB in fp32); each rank ends up holding about half of the elements, and
+model of ~51M parameters (194 MB in fp32); each rank ends up holding about half of the elements, and
 building the model raised a rank's peak memory by about half a copy less than ZeRO-2's build does.
 
 glibc keeps freed memory in its heap once its mmap threshold has adapted upwards, so zero.Init's
@@ -15,7 +15,7 @@ import pytest
 
 from tests.helpers import tiny_config
 
-FULL = {"model_type": "llama", "num_hidden_layers": 16, "hidden_size": 512, "intermediate_size": 2048,
+FULL = {"model_type": "llama", "num_hidden_layers": 12, "hidden_size": 512, "intermediate_size": 2048,
         "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 400, "max_position_embeddings": 128,
         "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 
@@ -85,7 +85,7 @@ def test_zero3_builds_the_model_partitioned_and_never_holds_a_full_copy(tmp_path
     zero2 = _setup_on_two_ranks(tmp_path, tokenizer_dir, 2)
     total = zero3[0]["total"]
     full_mb = total * 4 / 2**20  # fp32
-    assert full_mb > 200
+    assert full_mb > 150
     for rank in zero2:  # building without partitioning: every rank holds everything
         assert rank["local"] == total and rank["build_peak_mb"] > 0.9 * full_mb, rank
     for three, two in zip(zero3, zero2):
