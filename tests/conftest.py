@@ -50,7 +50,7 @@ def process_group():
 def zero2(tmp_path_factory, tokenizer_dir):
     tmp = tmp_path_factory.mktemp("zero2")
     config = write_config(tmp / "tiny.yaml", tiny_config(tmp, tokenizer_dir))
-    proc = launch(config)
+    proc = launch(config, subprocess=True)  # its console is checked as a shell shows it
     assert proc.returncode == 0, proc.stderr[-2000:]
     return tmp / "run", config, proc
 

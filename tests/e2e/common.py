@@ -1,12 +1,23 @@
-"""Helpers of the end-to-end tests: run sft-launch as a user does, read TensorBoard back."""
-import subprocess
+"""Helpers of the end-to-end tests: run sft-launch as a user does, read TensorBoard back.
+
+`launch` runs the real command line. By default it does so in the test process (`cli.main`): the
+Ray cluster, the workers, DeepSpeed and every file are as real as from a shell, minus a cold import
+of the driver per run. `subprocess=True` starts it as its own process, for the runs whose console
+and exit status are checked as a shell sees them; tests that signal the launcher start it
+themselves."""
+import subprocess as sp
 import sys
 from pathlib import Path
 
+from tests.helpers import run_cli
 
-def launch(config: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "launcher.cli", str(config), *extra],
-                          capture_output=True, text=True, timeout=timeout)
+
+def launch(config: Path, *extra: str, subprocess: bool = False, timeout: int = 600):
+    if subprocess:
+        proc = sp.run([sys.executable, "-m", "launcher.cli", str(config), *extra], capture_output=True, text=True,
+                      timeout=timeout)
+    else:
+        proc = run_cli(config, *extra)
     if proc.returncode != 0:
         print(proc.stdout[-4000:], proc.stderr[-4000:])
     return proc
