@@ -21,7 +21,8 @@ def long_config(tmp, tokenizer_dir):
     """150 short steps: a wide window to kill a worker in mid-run."""
     return write_config(tmp / "long.yaml", tiny_config(
         tmp, tokenizer_dir, train={"max_steps": 150, "eval_every": 25, "save_every": 25, "log_every": 25,
-                                   "keep_last": 2, "max_failures": 2}))
+                                   "keep_last": 2, "max_failures": 2},
+        scaling={"workers_per_node": 1}))  # one worker: its death restarts the group all the same
 
 
 def train_worker_pids() -> list[int]:

@@ -1,28 +1,27 @@
-"""One real 2-worker run per classification task, shared by the tests of that task."""
+"""One real 2-worker run per text classification task, shared by the tests of that task. Images go
+through the same gathered evaluation (trainer/tasks/common.py); tests/loop/test_tasks_loop.py
+trains, tests and exports the image task in one process and runs its export in a pipeline."""
 import json
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.common import launch, scalars
-from tests.helpers import make_image_processor, make_wordpiece_tokenizer, task_config, write_config
+from tests.helpers import make_wordpiece_tokenizer, task_config, write_config
 
 pytestmark = pytest.mark.e2e
 
 TASKS = {"sequence_classification": ("text-classification", "accuracy", {}),
-         "token_classification": ("token-classification", "f1", {"data": {"fractions": [0.8, 0.0975, 0.1025]}}),
-         "image_classification": ("image-classification", "accuracy", {})}
+         "token_classification": ("token-classification", "f1", {"data": {"fractions": [0.8, 0.0975, 0.1025]}})}
 
 
 @pytest.fixture(scope="session", params=list(TASKS))
 def task_run(request, tmp_path_factory):
     task = request.param
     tmp = tmp_path_factory.mktemp(task)
-    tokenizer = make_wordpiece_tokenizer(tmp / "tok") if task != "image_classification" else None
-    processor = make_image_processor(tmp / "proc") if task == "image_classification" else None
-    raw = task_config(tmp, task, tokenizer=tokenizer, processor=processor, **TASKS[task][2])
-    raw["data"] = {**task_config(tmp, task, tokenizer=tokenizer, processor=processor)["data"],
-                   **TASKS[task][2].get("data", {})}
+    tokenizer = make_wordpiece_tokenizer(tmp / "tok")
+    raw = task_config(tmp, task, tokenizer=tokenizer, **TASKS[task][2])
+    raw["data"] = {**task_config(tmp, task, tokenizer=tokenizer)["data"], **TASKS[task][2].get("data", {})}
     config = write_config(tmp / "task.yaml", raw)
     proc = launch(config)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -42,8 +41,7 @@ def _single_process_metrics(out: Path, config: Path, task: str):
     cfg, module = load_config(config), get_task(task)
     model = auto_class(task).from_pretrained(out / "final_model").eval()
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    auto_proc = transformers.AutoImageProcessor if task == "image_classification" else transformers.AutoTokenizer
-    processor = auto_proc.from_pretrained(out / "final_model")
+    processor = transformers.AutoTokenizer.from_pretrained(out / "final_model")
     prepared = module.prepare(load_splits(cfg)[2], cfg, processor, labels)
     shard = Shard(lambda b: model(**b).logits, module.collator(processor), 0, 1, 8, "cpu")
     return module.evaluate(shard, prepared, labels)
@@ -82,13 +80,7 @@ def test_exported_model_works_in_a_pipeline_with_label_names(task_run):
     task, out, _ = task_run
     pipe = transformers.pipeline(TASKS[task][0], model=str(out / "final_model"))
     labels = set(json.loads((out / "final_model" / "config.json").read_text())["id2label"].values())
-    if task == "image_classification":
-        from datasets import load_dataset
-
-        image = load_dataset("parquet", data_files=str(Path(__file__).parents[2] / "data" / "digits.parquet"),
-                             split="train")[0]["image"]
-        assert pipe(image)[0]["label"] in labels
-    elif task == "token_classification":
+    if task == "token_classification":
         found = pipe("Maria Lopez visited Paris last year .")
         assert found and all(e["entity"] in labels for e in found)
     else:

@@ -36,3 +36,13 @@ def test_task_trains_tests_and_exports(tmp_path, wordpiece, image_processor, pro
     rows = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
     assert len(rows) == result.after["examples"] and [r["id"] for r in rows] == sorted(r["id"] for r in rows)
     assert json.loads((tmp_path / "final" / "config.json").read_text())["id2label"]
+    if task == "image_classification":  # the export works in a pipeline and names the labels
+        import transformers
+        from datasets import load_dataset
+
+        from tests.helpers import REPO
+
+        pipe = transformers.pipeline("image-classification", model=str(tmp_path / "final"))
+        image = load_dataset("parquet", data_files=str(REPO / "data" / "digits.parquet"), split="train")[0]["image"]
+        labels = set(json.loads((tmp_path / "final" / "config.json").read_text())["id2label"].values())
+        assert pipe(image)[0]["label"] in labels
