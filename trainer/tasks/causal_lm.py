@@ -94,11 +94,11 @@ def prepare(split, cfg: RunConfig, tokenizer, labels: list[str]) -> Prepared:
             continue
         enc = tokenizer(text, add_special_tokens=False, truncation=True, max_length=d.max_length,
                         return_offsets_mapping=True)
-        labels_ = mask_labels(enc["input_ids"], enc["offset_mapping"], spans)
-        if all(label == IGNORE for label in labels_):
+        token_labels = mask_labels(enc["input_ids"], enc["offset_mapping"], spans)
+        if all(label == IGNORE for label in token_labels):
             truncated += 1
             continue
-        out.add({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels_},
+        out.add({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": token_labels},
                 split.row(i))
     if not out.examples:
         raise ConfigError(f"{split.source}: every response in the {split.name} split was truncated away by "
