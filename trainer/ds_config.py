@@ -33,7 +33,8 @@ def read_user_config(path: Path) -> dict:
     return base
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int, precision: str, load_universal: bool = False) -> dict:
+def deepspeed_config(cfg: RunConfig, world_size: int, precision: str, load_universal: bool = False,
+                     hidden_size: int | None = None) -> dict:
     """A complete DeepSpeed config dict for `deepspeed.initialize`.
 
     A user's JSON file (deepspeed.config_file) is the base for everything else (ZeRO tuning, comms,
@@ -74,6 +75,15 @@ def deepspeed_config(cfg: RunConfig, world_size: int, precision: str, load_unive
     if cfg.deepspeed.zero_stage == 3:
         # Export reads fp32 weights back from the shards; no 16-bit gather at save time is needed.
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", False)
+    if hidden_size and cfg.deepspeed.zero_stage > 0:
+        # DeepSpeed's bucket defaults (5e8 elements: 2 GB in fp32) are sized for large models; buckets
+        # in proportion to the model (what HF Trainer's "auto" chooses) keep a small model small.
+        # A value in the user's JSON wins.
+        zero.setdefault("reduce_bucket_size", hidden_size * hidden_size)
+        zero.setdefault("allgather_bucket_size", hidden_size * hidden_size)
+        if cfg.deepspeed.zero_stage == 3:
+            zero.setdefault("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))
+            zero.setdefault("stage3_param_persistence_threshold", 10 * hidden_size)
     out = {**base, **ours, "zero_optimization": zero}
     out["optimizer"] = {"type": "AdamW", "params": {
         "lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay, "betas": list(cfg.optim.betas),

@@ -27,7 +27,7 @@ from trainer.ds_config import deepspeed_config, resolve_precision
 from trainer.evaluation import Shard
 from trainer.freezing import apply_trainable, describe_layout, select_trainable
 from trainer.messages import TestResult, TrainReport
-from trainer.model import build_model, full_shape, load_processor, partitioned_build, prepare_pretrained
+from trainer.model import build_model, full_shape, load_processor, model_config, partitioned_build, prepare_pretrained
 from trainer.report import Reporter
 from trainer.splits import total_steps
 from trainer.tasks.common import Prepared
@@ -94,7 +94,8 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: R
     raw = dict(zip(("train", "validation", "test"), load_splits(cfg)))
     labels = task.label_names(cfg, raw["train"])
     universal = args.universal and args.restart_from is None and args.resume_from is not None
-    ds_config = deepspeed_config(cfg, world, precision, load_universal=universal)
+    ds_config = deepspeed_config(cfg, world, precision, load_universal=universal,
+                                 hidden_size=getattr(model_config(cfg.model, model_dir), "hidden_size", None))
     torch.manual_seed(cfg.seed)  # same seed on all ranks: identical initial weights and heads
     with partitioned_build(ds_config):  # ZeRO-3: no rank ever holds the whole model
         model = build_model(cfg.model, model_dir, labels)

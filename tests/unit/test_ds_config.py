@@ -70,3 +70,16 @@ def test_model_state_memory_per_worker_by_stage():
     assert sum(model_state_bytes(n, n, 0, 1, "bf16").values()) == 16 * n
     # local fine-tuning: frozen weights still count, only the trainable part has gradients and states
     assert model_state_bytes(n, n // 10, 2, 2, "fp32") == {"weights": 4 * n, "gradients": n // 5, "optimizer": 2 * n // 5}
+
+
+def test_zero_buckets_follow_the_model_size_unless_the_json_sets_them(tmp_path):
+    ds = deepspeed_config(cfg(deepspeed={"zero_stage": 3}), 2, "fp32", hidden_size=64)
+    zero = ds["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 64 * 64 and zero["stage3_prefetch_bucket_size"] == int(0.9 * 64 * 64)
+    assert zero["stage3_param_persistence_threshold"] == 640
+    assert "reduce_bucket_size" not in deepspeed_config(cfg(deepspeed={"zero_stage": 0}), 2, "fp32", hidden_size=64)[
+        "zero_optimization"]
+    f = tmp_path / "ds.json"
+    f.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 123}}))
+    ds = deepspeed_config(cfg(deepspeed={"zero_stage": 2, "config_file": str(f)}), 2, "fp32", hidden_size=64)
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 123
