@@ -353,6 +353,5 @@ def fit(cfg: RunConfig, worker: Callable, args: dict, storage: Path, name: str,
         inner = _unwrap(outcome["error"])
         if isinstance(inner, ConfigError):
             raise inner
-        raise LaunchError(f"{type(inner).__name__}: {str(inner).strip().splitlines()[-1] if str(inner).strip() else ''}") \
-            from outcome["error"]
+        raise LaunchError(_describe(inner)) from outcome["error"]
 
