@@ -9,6 +9,8 @@ functions; never ray.
 """
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import random
@@ -113,12 +115,35 @@ def find_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found, key=lambda sp: (_attempt(sp[1]), sp[0], str(sp[1])))
 
 
+@contextlib.contextmanager
+def _frozen_aliases_excluded(engine):
+    """DeepSpeed's exclude_frozen_parameters drops the names `named_parameters()` gives, which lists
+    a tied tensor once: the alias of a frozen one (a causal LM's lm_head.weight, tied to the frozen
+    embeddings) would still be written. For the save, drop every name of a frozen tensor."""
+    own = engine.module_state_dict
+
+    def lean_state_dict(*args, exclude_frozen_parameters=False, **kwargs):
+        sd = own(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+        if exclude_frozen_parameters and sd is not None:
+            for name, p in engine.module.named_parameters(remove_duplicate=False):
+                if not p.requires_grad:
+                    sd.pop(name, None)
+        return sd
+
+    engine.module_state_dict = lean_state_dict
+    try:
+        yield
+    finally:
+        del engine.module_state_dict  # the class's method again
+
+
 def save(engine, directory: Path, state: TrainState, rank: int) -> None:
     """Write this rank's part of a checkpoint into `directory` (every rank calls this)."""
     import numpy as np
     import torch
 
-    engine.save_checkpoint(str(directory), tag=TAG, exclude_frozen_parameters=state.lean)
+    with _frozen_aliases_excluded(engine):
+        engine.save_checkpoint(str(directory), tag=TAG, exclude_frozen_parameters=state.lean)
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
     torch.save(rng, Path(directory) / f"rng_rank{rank}.pt")
