@@ -18,11 +18,11 @@ def mask_labels(input_ids: Sequence[int], offsets: Sequence[tuple[int, int]],
     Special tokens carry the offset (0, 0) and are never labelled, except when they lie inside a
     span as real text (an end-of-turn marker written by a template is text with a proper offset).
     """
-    labels = []
-    for tok, (start, end) in zip(input_ids, offsets):
-        inside = end > start and any(s <= start < e for s, e in spans)
-        labels.append(tok if inside else IGNORE)
-    return labels
+    if len(spans) == 1:  # a prompt/response pair: one comparison per token (this runs over every row)
+        (lo, hi), = spans
+        return [tok if end > start and lo <= start < hi else IGNORE for tok, (start, end) in zip(input_ids, offsets)]
+    return [tok if end > start and any(s <= start < e for s, e in spans) else IGNORE
+            for tok, (start, end) in zip(input_ids, offsets)]
 
 
 def plain_text(prompt: str, response: str, eos: str) -> tuple[str, list[tuple[int, int]]]:
