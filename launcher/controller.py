@@ -299,7 +299,7 @@ def launch(cfg: RunConfig, address: Optional[str], resume: Optional[str], cache_
         if not stopper.requested:
             ray_job.start_ray(address, verbose)
             try:
-                train_and_test(cfg, paths, ctl, stopper, cache_dir, universal, verbose)
+                train_and_test(cfg, paths, ctl, stopper, cache_dir, plan.data_dir, universal, verbose)
             finally:
                 ray_job.stop_ray()
             if ctl.test is None and not stopper.requested:
@@ -311,17 +311,20 @@ def preflight(cfg: RunConfig, paths: Paths, cache_dir: str):
     """Everything checkable before Ray starts (exit 2 on bad input); prints the plan. Returns the plan
     and whether the resume checkpoint is read in DeepSpeed's universal format."""
     from launcher import plan as plan_mod
+    from trainer import data_cache
 
     _say("preflight: checking data, tokenizer, model config and freezing rules")
     plan = plan_mod.make_plan(cfg, cache_dir)
-    for line in plan_mod.describe(plan, cfg).splitlines():
-        _say(line)
     check_disk(paths.out, plan.checkpoint_bytes)
-    universal = False
+    universal, saved = False, None
     if paths.resume_from:
         check_resume(paths.resume_from, cfg, plan)
         saved = checkpoints.read_state(paths.resume_from)
         universal = saved.world_size != cfg.scaling.world_size and saved.zero_stage > 0
+    plan = plan_mod.with_prepared_data(plan, cfg, data_cache.cache_root(cfg), _say)
+    for line in plan_mod.describe(plan, cfg).splitlines():
+        _say(line)
+    if saved is not None:
         if universal:
             ensure_universal(paths.resume_from)
         _say(f"resuming from {paths.resume_from} (step {saved.step})")
@@ -329,7 +332,7 @@ def preflight(cfg: RunConfig, paths: Paths, cache_dir: str):
 
 
 def train_and_test(cfg: RunConfig, paths: Paths, ctl: Controller, stopper: Stopper, cache_dir: str,
-                   universal: bool, verbose: bool) -> None:
+                   data_dir: Optional[str], universal: bool, verbose: bool) -> None:
     """One worker group trains, then (unless stopped) evaluates the test split before fine-tuning and
     from the final sharded checkpoint on disk, with a fresh model, and rank 0 exports the model."""
     from launcher import ray_job
@@ -341,7 +344,7 @@ def train_and_test(cfg: RunConfig, paths: Paths, ctl: Controller, stopper: Stopp
 
     paths.checkpoints.mkdir(parents=True, exist_ok=True)
     _say(f"training: {cfg.scaling.world_size} worker(s), checkpoints in {paths.checkpoints / paths.attempt}")
-    args = {"cache_dir": cache_dir, "tensorboard_dir": str(paths.out / "tensorboard"),
+    args = {"cache_dir": cache_dir, "data_dir": data_dir, "tensorboard_dir": str(paths.out / "tensorboard"),
             "resume_from": str(paths.resume_from) if paths.resume_from else None,
             "stop_file": str(stopper.stop_file), "universal": universal, "verbose": verbose,
             "checkpoint_root": str(paths.checkpoints / paths.attempt),

@@ -7,6 +7,8 @@ A failure is a ConfigError naming the key or file; nothing here starts Ray. Neve
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
 
 from trainer.config import ConfigError, RunConfig
 
@@ -25,6 +27,7 @@ class Plan:
     labels: tuple[str, ...] = ()
     trainable_digest: str = ""
     checkpoint_bytes: int = 0  # estimated size of one checkpoint on disk
+    data_dir: Optional[str] = None  # the prepared data the workers load (make_plan's data_root)
 
 
 SAMPLE_ROWS = 200  # rows of each split prepared in preflight: bad data fails before any worker starts
@@ -32,7 +35,8 @@ SAMPLE_ROWS = 200  # rows of each split prepared in preflight: bad data fails be
 
 def make_plan(cfg: RunConfig, cache_dir: str) -> Plan:
     """Check what the config, the data and the model's config can tell together, as the workers
-    will see it: the task's own column checks and preparation run on the first rows of each split."""
+    will see it: the task's own column checks and preparation run on the first rows of each split.
+    Steps count the source rows (see with_prepared_data)."""
     from trainer.checkpoints import is_lean, trainable_digest
     from trainer.data import load_splits
     from trainer.ds_config import deepspeed_config
@@ -60,7 +64,11 @@ def make_plan(cfg: RunConfig, cache_dir: str) -> Plan:
     trainable = select_trainable([n for n, _ in sizes], cfg.finetune, layout)
     world = cfg.scaling.world_size
     t = cfg.train
-    n_train = len(splits[0].records)
+    rows = {s.name: len(s) for s in splits}
+
+    def steps() -> int:
+        return total_steps(rows["train"], world, t.micro_batch_size, t.gradient_accumulation, t.epochs, t.max_steps)
+
     n_total, n_trainable = sum(s for _, s in sizes), sum(s for n, s in sizes if n in trainable)
     # fp32 weights of every parameter, plus Adam's two fp32 moments (and fp32 master weights in
     # bf16/fp16) of the trainable ones; ZeRO splits this across ranks but not below it.
@@ -68,12 +76,31 @@ def make_plan(cfg: RunConfig, cache_dir: str) -> Plan:
     return Plan(
         world_size=world, micro_batch_size=t.micro_batch_size,
         global_batch_size=t.micro_batch_size * t.gradient_accumulation * world,
-        rows={s.name: len(s.records) for s in splits},
-        steps=total_steps(n_train, world, t.micro_batch_size, t.gradient_accumulation, t.epochs, t.max_steps),
+        rows=rows,
+        steps=steps(),
         trainable=n_trainable, total=n_total,
         freezing=summarize(sizes, trainable, layout), model_dir=model_dir, labels=tuple(labels),
         trainable_digest=trainable_digest(trainable),
         checkpoint_bytes=4 * (n_trainable if is_lean(cfg) else n_total) + per_trainable * n_trainable)
+
+
+def with_prepared_data(plan: Plan, cfg: RunConfig, data_root: Path, log: Callable[[str], None]) -> Plan:
+    """Prepare every split once (or find it prepared) under `data_root` for the workers; the plan's
+    rows and steps then count the prepared (packed) examples."""
+    from dataclasses import replace
+
+    from trainer import data_cache
+    from trainer.model import load_processor
+    from trainer.splits import total_steps
+
+    prepared = data_cache.prepare(cfg, load_processor(cfg.model, plan.model_dir), data_root, log)
+    for line in prepared.describe():
+        log(f"data: {line}")
+    rows = {name: len(p) for name, p in prepared.splits.items()}
+    t = cfg.train
+    steps = total_steps(rows["train"], plan.world_size, t.micro_batch_size, t.gradient_accumulation, t.epochs,
+                        t.max_steps)
+    return replace(plan, rows=rows, steps=steps, data_dir=str(prepared.directory))
 
 
 def check_model_fits(cfg: RunConfig, task, model_dir: str | None, processor, labels: list[str]) -> None:
@@ -123,7 +150,7 @@ def describe(plan: Plan, cfg: RunConfig) -> str:
         f"world size {plan.world_size} ({cfg.scaling.nodes} node(s) x {cfg.scaling.workers_per_node} worker(s)); "
         f"micro batch {plan.micro_batch_size} per worker x accumulation {t.gradient_accumulation} "
         f"= global batch {plan.global_batch_size}",
-        f"data: {rows} rows; {plan.steps} optimizer steps "
+        f"data: {rows} {'examples' if plan.data_dir else 'rows'}; {plan.steps} optimizer steps "
         f"({'train.max_steps' if t.max_steps else f'{t.epochs:g} epoch(s)'}), eval every {t.eval_every}, "
         f"checkpoint every {t.save_interval}, keep last {t.keep_last} + best",
         f"model: {cfg.model.name_or_path or 'inline ' + str(cfg.model.architecture.get('model_type'))}; "

@@ -122,9 +122,10 @@ def check_resources(cfg: RunConfig, gpus_per_worker: float) -> list[str]:
         f"--nodes / --workers-per-node / scaling.cpus_per_worker, or add nodes to the cluster.")
 
 
-def check_shared_storage(node_ids: list[str], directory: Path) -> None:
+def check_shared_storage(node_ids: list[str], directory: Path, key: str = "output_dir") -> None:
     """With several nodes, every node must see the output directory (checkpoints are written there by
-    every rank and read back on resume): a file the driver writes must be visible on each node."""
+    every rank and read back on resume) and the prepared data: a file the driver writes there must
+    be visible on each node. `key` names the setting in messages."""
     import secrets
 
     import ray
@@ -141,12 +142,12 @@ def check_shared_storage(node_ids: list[str], directory: Path) -> None:
         seen = ray.get([sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False))
                         .remote(str(probe)) for n in node_ids], timeout=120)
     except ray.exceptions.GetTimeoutError:
-        raise LaunchError(f"could not check within 120 s that every node sees output_dir {directory}") from None
+        raise LaunchError(f"could not check within 120 s that every node sees {key} {directory}") from None
     finally:
         probe.unlink(missing_ok=True)
     blind = [n[:12] for n, ok in zip(node_ids, seen) if not ok]
     if blind:
-        raise LaunchError(f"output_dir {directory} is not shared storage: node(s) {', '.join(blind)} cannot see "
+        raise LaunchError(f"{key} {directory} is not shared storage: node(s) {', '.join(blind)} cannot see "
                           f"it. With --nodes > 1 it must be a path every node mounts (NFS, Lustre, ...).")
 
 
@@ -306,6 +307,8 @@ def fit(cfg: RunConfig, worker: Callable, args: dict, storage: Path, name: str,
     node_ids = check_resources(cfg, gpus)
     if s.nodes > 1:
         check_shared_storage(node_ids, Path(cfg.output_dir).resolve())
+        if args.get("data_dir"):
+            check_shared_storage(node_ids, Path(args["data_dir"]), "data.cache_dir")
     q = Queue()
     args = {**args, "threads": s.cpus_per_worker, "use_gpu": gpus > 0}
     trainer = TorchTrainer(

@@ -94,12 +94,20 @@ class DataConfig:
     # Used when only a training set is given: train / validation / test fractions of it.
     fractions: tuple[float, ...] = (0.8, 0.1, 0.1)
     split_seed: Optional[int] = None  # defaults to the run's seed
+    # Where the prepared splits are kept (Arrow, memory-mapped by every worker; reused by restarts,
+    # --resume and the test evaluation): default <output_dir>/data_cache. Shared storage on a cluster.
+    cache_dir: Optional[str] = None
+    num_proc: int = 1  # processes that prepare the data (datasets.map), on the machine that runs sft-launch
+    # causal_lm: pack whole examples into rows of max_length tokens (attention stays inside each example).
+    packing: bool = False
 
     def __post_init__(self) -> None:
         if self.train_file is None and self.dataset is None:
             raise ValueError("data needs a source: set data.train_file (jsonl/json/csv/parquet) or data.dataset")
         if self.max_length < 8:
             raise ValueError(f"data.max_length must be at least 8, got {self.max_length}")
+        if self.num_proc < 1:
+            raise ValueError(f"data.num_proc must be >= 1, got {self.num_proc}")
         if len(self.fractions) != 3 or any(f <= 0 for f in self.fractions) or abs(sum(self.fractions) - 1) > 1e-6:
             raise ValueError(f"data.fractions must be three positive numbers (train, validation, test) "
                              f"summing to 1, got {list(self.fractions)}")
@@ -156,6 +164,12 @@ class OptimConfig:
             raise ValueError(f"optim.max_grad_norm must be >= 0 (0 turns clipping off), got {self.max_grad_norm}")
         if len(self.betas) != 2:
             raise ValueError(f"optim.betas must be two numbers, got {list(self.betas)}")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    # The dtype of final_model/'s weights; auto: the precision the run trained in.
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -258,8 +272,16 @@ class RunConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     output_dir: Optional[str] = None  # default (set by the CLI): runs/<config file name>
     seed: int = 42
+
+    def __post_init__(self) -> None:
+        from trainer.tasks.registry import get_task  # stdlib only: cheap here
+
+        if self.data.packing and not get_task(self.model.task).PACKS:
+            raise ValueError(f"data.packing is set, but model.task {self.model.task!r} has no packing "
+                             f"(only tasks that train on token sequences pack examples into rows)")
 
     @property
     def split_seed(self) -> int:

@@ -1,15 +1,16 @@
 """Data: read the train / validation / test splits, and deal a prepared split out as micro-batches.
 
-Reading uses `datasets` (jsonl/json/csv/parquet files or a datasets name); every record keeps its
-row in the source file, so errors name the row a user can find. How a task turns records into
-model inputs lives in its module (trainer/tasks/). The loop sees an endless, resumable stream of
-micro-batches. Never imports ray.
+Reading uses `datasets` (jsonl/json/csv/parquet files or a datasets name): a split is an Arrow
+table, memory-mapped from disk, never a list of Python records; every record keeps its row in the
+source file, so errors name the row a user can find. How a task turns records into model inputs
+lives in its module (trainer/tasks/); trainer/data_cache.py keeps the result. The loop sees an
+endless, resumable stream of micro-batches. Never imports ray.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterator, Optional, Sequence
 
 from trainer.config import ConfigError, RunConfig
 from trainer.splits import split_indices
@@ -17,34 +18,54 @@ from trainer.splits import split_indices
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
+def describe_row(source: str, row: int) -> str:
+    """Source row `row` (0-based) as a user finds it: the line of a jsonl file, the data row of a csv
+    or parquet file, the row of a hub split."""
+    n = row + 1
+    suffix = Path(source).suffix.lower()
+    if suffix == ".jsonl":
+        return f"line {n}"
+    if suffix == ".csv":
+        return f"row {n} (line {n + 1}, after the header)"
+    return f"row {n}" if suffix in FORMATS else f"row {row}"
+
+
 @dataclass
 class Split:
     name: str
     source: str  # a file path or "<dataset>:<split>", for error messages
-    records: list[dict]
+    table: Any  # a datasets.Dataset of the raw records
     class_names: dict = field(default_factory=dict)  # column -> label names of a ClassLabel column
-    rows: Optional[list[int]] = None  # each record's row in the source (0-based); None: its position
+    rows: Optional[Sequence[int]] = None  # each record's row in the source (0-based); None: its position
+
+    @classmethod
+    def from_records(cls, name: str, source: str, records: list[dict], class_names: Optional[dict] = None) -> "Split":
+        import datasets
+
+        return cls(name, source, datasets.Dataset.from_list(records), class_names or {})
+
+    def __len__(self) -> int:
+        return len(self.table)
 
     @property
     def columns(self) -> list[str]:
-        return list(self.records[0].keys()) if self.records else []
+        return list(self.table.column_names)
 
     def row(self, i: int) -> int:
         """The source row (0-based) of record i."""
-        return self.rows[i] if self.rows is not None else i
+        return int(self.rows[i]) if self.rows is not None else i
 
     def where(self, i: int) -> str:
-        """Record i as a user finds it: the line of a jsonl file, the data row of a csv or parquet file."""
-        n = self.row(i) + 1
-        suffix = Path(self.source).suffix.lower()
-        if suffix == ".jsonl":
-            return f"line {n}"
-        if suffix == ".csv":
-            return f"row {n} (line {n + 1}, after the header)"
-        return f"row {n}" if suffix in FORMATS else f"row {n - 1}"
+        return describe_row(self.source, self.row(i))
+
+    def values(self, column: str, batch_size: int = 10_000) -> Iterator[Any]:
+        """Every value of one column, read a batch at a time."""
+        for batch in self.table.select_columns([column]).iter(batch_size=batch_size):
+            yield from batch[column]
 
     def sample(self, n: int) -> "Split":
-        return Split(self.name, self.source, self.records[:n], self.class_names,
+        n = min(n, len(self))
+        return Split(self.name, self.source, self.table.select(range(n)), self.class_names,
                      self.rows[:n] if self.rows is not None else None)
 
 
@@ -58,7 +79,7 @@ def _class_names(ds) -> dict:
     return out
 
 
-def _read_file(path: str, key: str) -> tuple[list[dict], dict]:
+def _read_file(path: str, key: str):
     import datasets
 
     suffix = Path(path).suffix.lower()
@@ -68,14 +89,16 @@ def _read_file(path: str, key: str) -> tuple[list[dict], dict]:
     if not Path(path).is_file():
         raise ConfigError(f"data.{key}: file {path} not found")
     if Path(path).stat().st_size == 0:
-        return [], {}
+        return datasets.Dataset.from_dict({})
     try:
         ds = datasets.load_dataset(FORMATS[suffix], data_files=path, split="train")
-        return ds.to_list(), _class_names(ds)
+        ds.data.validate(full=True)  # the csv reader lets invalid UTF-8 through; decoding it later fails
+        return ds
     except Exception as err:  # datasets raises many kinds for a malformed file, wrapping the parser's
         while (err.__cause__ or err.__context__) is not None and "generating the dataset" in str(err):
             err = err.__cause__ or err.__context__
-        why = "not UTF-8 text" if isinstance(err, UnicodeDecodeError) else _first_line(err)
+        utf8 = isinstance(err, UnicodeDecodeError) or "invalid utf8" in str(err).lower()
+        why = "not UTF-8 text" if utf8 else _first_line(err)
         raise ConfigError(f"data.{key}: cannot read {path} as {FORMATS[suffix]} ({why})") from None
 
 
@@ -85,19 +108,22 @@ def _first_line(err: Exception) -> str:
 
 
 def load_splits(cfg: RunConfig) -> tuple[Split, Split, Split]:
-    """train / validation / test records; a lone training set is split by data.fractions and the seed."""
+    """train / validation / test tables (read into `datasets`' own Arrow cache, memory-mapped); a lone
+    training set is split by data.fractions and the seed."""
     import datasets
 
-    datasets.disable_progress_bars()
+    datasets.disable_progress_bars()  # preparation shows one where the data is large
     # datasets logs a parse error before raising it; the ConfigError below says it once, better.
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     d = cfg.data
     if d.train_file is not None:
-        train, names = _read_file(d.train_file, "train_file")
+        train = _read_file(d.train_file, "train_file")
+        names = _class_names(train)
         if d.validation_file is not None:
             return (Split("train", d.train_file, train, names),
-                    Split("validation", d.validation_file, _read_file(d.validation_file, "validation_file")[0], names),
-                    Split("test", d.test_file, _read_file(d.test_file, "test_file")[0], names))
+                    Split("validation", d.validation_file, _read_file(d.validation_file, "validation_file"),
+                          names),
+                    Split("test", d.test_file, _read_file(d.test_file, "test_file"), names))
         source = d.train_file
     else:
         try:
@@ -108,11 +134,10 @@ def load_splits(cfg: RunConfig) -> tuple[Split, Split, Split]:
             raise ConfigError(f"data.dataset {d.dataset!r} has no 'train' split (it has {', '.join(loaded)})")
         names = _class_names(loaded["train"])
         if "validation" in loaded and "test" in loaded:
-            return tuple(Split(k, f"{d.dataset}:{k}", loaded[k].to_list(), names)
-                         for k in ("train", "validation", "test"))
-        train, source = loaded["train"].to_list(), f"{d.dataset}:train"
+            return tuple(Split(k, f"{d.dataset}:{k}", loaded[k], names) for k in ("train", "validation", "test"))
+        train, source = loaded["train"], f"{d.dataset}:train"
     parts = split_indices(len(train), d.fractions, cfg.split_seed)
-    return tuple(Split(name, source, [train[i] for i in part], names, list(part))
+    return tuple(Split(name, source, train.select(part), names, part)
                  for name, part in zip(("train", "validation", "test"), parts))
 
 
@@ -124,11 +149,13 @@ class MicroBatches:
     together; the rest is padded (by repeating the permutation's head, as DistributedSampler does)
     to a multiple of the world size and dealt out rank by rank. On the same world size this is
     DistributedSampler's own order; on another, no example of the epoch is seen twice or skipped.
+    Each item is the list of the micro-batch's examples (a task's count reads them before collation).
     """
 
-    def __init__(self, examples: list, collate, rank: int, world: int, micro_batch_size: int, seed: int,
+    def __init__(self, examples, rank: int, world: int, micro_batch_size: int, seed: int,
                  epoch: int = 0, position: int = 0):
-        self.examples, self.collate, self.rank, self.world = examples, collate, rank, world
+        """`examples`: anything with len() and examples(positions) -> list of dicts (a Prepared)."""
+        self.examples, self.rank, self.world = examples, rank, world
         self.micro_batch_size, self.seed = micro_batch_size, seed
         self.epoch, self.position = epoch, position
         self._mine: list[int] | None = None
@@ -150,7 +177,7 @@ class MicroBatches:
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict:
+    def __next__(self) -> list[dict]:
         if self._mine is None:
             self._deal()
         b, m = self._next, self.micro_batch_size
@@ -159,4 +186,4 @@ class MicroBatches:
         self.position = self._start + min(self._next * m * self.world, self._length)
         if self._next * m >= len(self._mine):  # the epoch is used up
             self.epoch, self.position, self._mine = self.epoch + 1, 0, None
-        return self.collate([self.examples[i] for i in chunk])
+        return self.examples.examples(chunk)

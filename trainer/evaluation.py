@@ -22,8 +22,8 @@ class Shard:
     batch_size: int
     device: Any
 
-    def batches(self, examples: list[dict]) -> Iterator[tuple[list[int], dict, Any]]:
-        """(positions, batch, logits) for this rank's examples, without gradients. A rank whose shard
+    def batches(self, examples) -> Iterator[tuple[list[int], dict, Any]]:
+        """(positions, batch, logits) for this rank's examples (a Prepared), without gradients. A rank whose shard
         ran out still joins the forward pass (ZeRO-3 gathers weights across ranks) on a stand-in
         example, whose result is dropped."""
         import torch
@@ -31,7 +31,7 @@ class Shard:
         shard = eval_shard(len(examples), self.rank, self.world)
         for b in range(eval_batch_count(len(examples), self.world, self.batch_size)):
             chunk = shard[b * self.batch_size:(b + 1) * self.batch_size]
-            batch = self.collate([examples[i] for i in (chunk or [0])])
+            batch = self.collate(examples.examples(chunk or [0]))
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with torch.no_grad():
                 logits = self.forward({k: v for k, v in batch.items() if k != "labels"})

@@ -23,10 +23,19 @@ def consolidated_state_dict(checkpoint: Path, zero_stage: int) -> dict:
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=TAG)
 
 
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def export_dtype(cfg: RunConfig, trained_in: str) -> str:
+    """export.dtype, where auto is the precision the run trained in (fp32, bf16 or fp16)."""
+    return trained_in if cfg.export.dtype == "auto" else cfg.export.dtype
+
+
 def export_model(cfg: RunConfig, checkpoint: Path, target: Path, processor, labels: list[str],
-                 cache_dir: str) -> None:
-    """Write safetensors weights, config (with id2label for classifiers) and the tokenizer or image
-    processor, loadable with the task's AutoModelFor... and usable in a transformers pipeline."""
+                 cache_dir: str, dtype: str = "fp32") -> None:
+    """Write safetensors weights in `dtype` (fp32 / bf16 / fp16), config (with id2label for
+    classifiers) and the tokenizer or image processor, loadable with the task's AutoModelFor... and
+    usable in a transformers pipeline."""
     import torch
 
     torch.manual_seed(cfg.seed)  # an inline architecture's frozen weights come from the seed
@@ -35,6 +44,7 @@ def export_model(cfg: RunConfig, checkpoint: Path, target: Path, processor, labe
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise RuntimeError(f"the checkpoint holds parameters the model lacks: {result.unexpected_keys[:5]}")
+    model.to(getattr(torch, DTYPES[dtype]))
     target.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(target, safe_serialization=True)
     processor.save_pretrained(target)

@@ -22,7 +22,8 @@ from typing import Any, Optional
 from trainer import checkpoints
 from trainer.checkpoints import TrainState
 from trainer.config import ConfigError, RunConfig
-from trainer.data import MicroBatches, load_splits
+from trainer import data_cache
+from trainer.data import MicroBatches
 from trainer.ds_config import deepspeed_config, resolve_precision
 from trainer.evaluation import Shard
 from trainer.freezing import apply_trainable, describe_layout, select_trainable
@@ -38,6 +39,7 @@ from trainer.tasks.registry import Task, get_task
 class WorkerArgs:
     """What a worker needs beyond the config: where things are, and where to start from."""
     cache_dir: str
+    data_dir: Optional[str] = None  # the prepared data (trainer/data_cache.py); None: prepare in memory
     tensorboard_dir: Optional[str] = None
     resume_from: Optional[str] = None  # a checkpoint folder chosen by --resume
     restart_from: Optional[str] = None  # the orchestrator's latest checkpoint after a worker restart
@@ -65,6 +67,7 @@ class Setup:
     model_id: str
     trainable_digest: str
     universal: bool  # the resume checkpoint is read in DeepSpeed's universal format
+    precision: str  # fp32, bf16 or fp16: what the engine trains in
 
 
 def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: Reporter) -> Setup:
@@ -91,14 +94,23 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: R
     task = get_task(cfg.model.task)
     model_dir = prepare_pretrained(cfg.model, args.cache_dir)
     processor = load_processor(cfg.model, model_dir)
-    raw = dict(zip(("train", "validation", "test"), load_splits(cfg)))
-    labels = task.label_names(cfg, raw["train"])
+    if args.data_dir:
+        prepared = data_cache.load(Path(args.data_dir))  # memory-mapped
+        if rank == 0:
+            reporter.log(f"data: cached ({args.data_dir})")
+    else:
+        prepared = data_cache.prepare(cfg, processor, None)
+    labels, data = prepared.labels, {name: prepared.splits[name] for name in splits}
     universal = args.universal and args.restart_from is None and args.resume_from is not None
     ds_config = deepspeed_config(cfg, world, precision, load_universal=universal,
                                  hidden_size=getattr(model_config(cfg.model, model_dir), "hidden_size", None))
     torch.manual_seed(cfg.seed)  # same seed on all ranks: identical initial weights and heads
     with partitioned_build(ds_config):  # ZeRO-3: no rank ever holds the whole model
         model = build_model(cfg.model, model_dir, labels)
+    if getattr(model.config, "use_cache", False):
+        # Training needs no key/value cache; without one, transformers reads packed rows' position_ids
+        # as separate sequences (no attention across examples).
+        model.config.use_cache = False
     if cfg.train.gradient_checkpointing:
         # use_reentrant=False: correct with frozen blocks (no input needs a gradient) and with ZeRO-3.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -107,14 +119,9 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: R
     apply_trainable(model, trainable)
     torch.manual_seed(cfg.seed + 1000 * (rank + 1))  # dropout differs across ranks, reproducibly
 
-    data = {name: task.prepare(raw[name], cfg, processor, labels) for name in splits}
-    for name, prepared in data.items():
-        if prepared.dropped and rank == 0:
-            reporter.log(f"{name}: dropped {prepared.dropped} of {len(raw[name].records)} rows "
-                         f"({prepared.why_dropped})")
-    n_train = len(data["train"].examples) if "train" in data else len(raw["train"].records)
-    steps = total_steps(n_train, world, cfg.train.micro_batch_size, cfg.train.gradient_accumulation,
-                        cfg.train.epochs, cfg.train.max_steps)
+    t = cfg.train
+    steps = total_steps(len(prepared.splits["train"]), world, t.micro_batch_size, t.gradient_accumulation, t.epochs,
+                        t.max_steps)
 
     # Freeze first: ZeRO partitions and the optimizer hold only what they are given.
     decay = [p for p in model.parameters() if p.requires_grad and len(full_shape(p)) >= 2]
@@ -131,7 +138,7 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: R
     shard = Shard(lambda batch: engine(**batch).logits, task.collator(processor), rank, world,
                   cfg.train.micro_batch_size, device)
     return Setup(task, engine, processor, shard, data, labels, steps, rank, world,
-                 checkpoints.model_identity(cfg.model), checkpoints.trainable_digest(trainable), universal)
+                 checkpoints.model_identity(cfg.model), checkpoints.trainable_digest(trainable), universal, precision)
 
 
 def evaluate_split(s: Setup, split: str) -> tuple[dict, list[dict]]:
@@ -200,31 +207,33 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
         writer = SummaryWriter(args.tensorboard_dir, purge_step=state.step + 1)
 
     accumulation, unit = cfg.train.gradient_accumulation, s.task.UNIT
-    batches = MicroBatches(s.data["train"].examples, s.shard.collate, rank, s.world, cfg.train.micro_batch_size,
-                           cfg.seed, epoch=state.epoch, position=state.position)
+    batches = MicroBatches(s.data["train"], rank, s.world, cfg.train.micro_batch_size, cfg.seed,
+                           epoch=state.epoch, position=state.position)
+    rows = "packed rows" if s.data["train"].packed else "examples"
     log(f"training steps {state.step + 1}..{s.total_steps} on {s.world} worker(s), "
-        f"{len(s.data['train'].examples)} training examples, {len(s.data['validation'].examples)} validation examples")
+        f"{len(s.data['train']):,} training {rows}, {len(s.data['validation']):,} validation examples")
     # ZeRO's optimizers compute the global gradient norm; on stage 0 nothing does, so the loop does.
     own_norm = cfg.deepspeed.zero_stage == 0
     params = [p for p in engine.module.parameters() if p.requires_grad] if own_norm else []
     engine.train()
     for step in range(state.step + 1, s.total_steps + 1):
-        started, loss_sum, units, norm = time.perf_counter(), 0.0, 0, float("nan")
-        for batch in islice(batches, accumulation):
-            batch = {k: v.to(s.shard.device) for k, v in batch.items()}
+        started, loss_sum, units, places, norm = time.perf_counter(), 0.0, 0, 0, float("nan")
+        for examples in islice(batches, accumulation):
+            units += s.task.count(examples)
+            batch = {k: v.to(s.shard.device) for k, v in s.shard.collate(examples).items()}
+            places += batch["input_ids"].numel() if "input_ids" in batch else 0
             loss = engine(**batch).loss
             engine.backward(loss)
             if own_norm and engine.is_gradient_accumulation_boundary():
                 norm = grad_norm(params)  # the gradients are averaged across ranks by now
             engine.step()  # DeepSpeed updates the weights only on the last micro-step
             loss_sum += loss.item() / accumulation
-            units += s.task.count(batch)
         state.step, state.micro_step = step, state.micro_step + accumulation
         state.epoch, state.position = batches.epoch, batches.position
         # One all_reduce per step carries the loss, the unit count and the stop request, so every
         # rank stops after the same step even if only some of them see the file yet.
         asked = float(bool(args.stop_file) and os.path.exists(args.stop_file))
-        loss_total, units_total, stop = s.shard.sum([loss_sum, float(units), asked])
+        loss_total, units_total, places_total, stop = s.shard.sum([loss_sum, float(units), float(places), asked])
         loss_mean = loss_total / s.world
         elapsed = time.perf_counter() - started
         if not own_norm:
@@ -236,6 +245,8 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
             writer.add_scalar("train/lr", lr, step)
             writer.add_scalar("train/grad_norm", norm, step)
             writer.add_scalar(f"train/{unit}_per_s", units_total / elapsed, step)
+            if places_total:  # token batches: the share of padding among the positions computed
+                writer.add_scalar("train/padding_fraction", 1 - units_total / places_total, step)
         if step % cfg.train.log_every == 0 or step == s.total_steps:
             log(f"step {step}/{s.total_steps}  loss {loss_mean:.4f}  lr {lr:.3g}  grad_norm {norm:.3g}  "
                 f"{units_total / elapsed:,.0f} {unit}/s  {elapsed:.2f} s/step")
@@ -277,9 +288,11 @@ def run_test(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TestResult
     if s.rank == 0 and args.predictions_path and rows:
         Path(args.predictions_path).write_text("".join(json.dumps(r) + "\n" for r in rows))
     if s.rank == 0 and args.export_dir:
-        from trainer.export import export_model
-        export_model(cfg, Path(args.final_checkpoint), Path(args.export_dir), s.processor, s.labels, args.cache_dir)
-        reporter.log(f"exported the consolidated model to {args.export_dir}")
+        from trainer.export import export_dtype, export_model
+        dtype = export_dtype(cfg, s.precision)
+        export_model(cfg, Path(args.final_checkpoint), Path(args.export_dir), s.processor, s.labels, args.cache_dir,
+                     dtype)
+        reporter.log(f"exported the consolidated model ({dtype}) to {args.export_dir}")
     result = TestResult(state.step, before, after)
     reporter.report(result)
     return result

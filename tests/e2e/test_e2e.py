@@ -90,8 +90,12 @@ def test_tensorboard_has_train_val_and_test_scalars_by_step(zero2):
 
 def test_resumed_run_starts_at_the_checkpoint_step_and_repeats_the_losses(zero2, resumed):
     out, _, _ = zero2
-    target, _, proc = resumed
+    target, stopped, proc = resumed
     assert "resumed from" in proc.stdout and "at step 1" in proc.stdout
+    # The first launch prepared the data; the resumed one's driver and workers (training, then the
+    # test evaluation) read it from the cache.
+    assert "data: prepared" in stopped[0] and "data: prepared" not in proc.stdout
+    assert proc.stdout.count("data: cached") == 3
     assert "training steps 2..12" in proc.stdout
     summary = json.loads((target / "run_summary.json").read_text())
     assert summary["global_step"] == 12 and summary["resumed_from"].endswith("step_0000001")

@@ -25,7 +25,8 @@ def image_processor(tmp_path_factory):
 def test_task_trains_tests_and_exports(tmp_path, wordpiece, image_processor, process_group, task, main):
     raw = task_config(tmp_path, task, tokenizer=wordpiece, processor=image_processor,
                       scaling={"workers_per_node": 1})
-    cfg = from_dict(raw)
+    dtype = "bf16" if task == "sequence_classification" else "auto"  # auto: the fp32 the run trained in
+    cfg = from_dict({**raw, "export": {"dtype": dtype}})
     reporter = ListReporter(tmp_path / "ckpt")
     run(cfg, reporter, WorkerArgs(cache_dir=str(tmp_path / "cache")))
     assert main in reporter.calls[0][0].validation
@@ -36,6 +37,11 @@ def test_task_trains_tests_and_exports(tmp_path, wordpiece, image_processor, pro
     rows = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
     assert len(rows) == result.after["examples"] and [r["id"] for r in rows] == sorted(r["id"] for r in rows)
     assert json.loads((tmp_path / "final" / "config.json").read_text())["id2label"]
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "final" / "model.safetensors"), "pt") as f:
+        dtypes = {str(f.get_slice(k).get_dtype()) for k in f.keys()}
+    assert dtypes - {"I64"} == ({"BF16"} if dtype == "bf16" else {"F32"})  # I64: batch-norm step counts
     if task == "image_classification":  # the export works in a pipeline and names the labels
         import transformers
         from datasets import load_dataset

@@ -50,6 +50,13 @@ def test_steps_follow_the_distributed_sampler():
     assert total_steps(285, 2, 8, 1, epochs=1, max_steps=5) == 5
 
 
+class Items(list):
+    """A list served the way a prepared split serves its examples."""
+
+    def examples(self, positions):
+        return [self[i] for i in positions]
+
+
 def test_micro_batches_follow_distributed_sampler_and_resume_mid_epoch():
     pytest.importorskip("torch")
     from itertools import islice
@@ -66,11 +73,11 @@ def test_micro_batches_follow_distributed_sampler_and_resume_mid_epoch():
             sampler.set_epoch(epoch)
             order = list(sampler)
             expected += [order[i:i + 4] for i in range(0, len(order), 4)]
-        full = list(islice(MicroBatches(examples, list, rank, 2, 4, seed=5), 9))
+        full = list(islice(MicroBatches(Items(examples), rank, 2, 4, seed=5), 9))
         assert full == expected[:9]  # the same order DistributedSampler gives, epoch after epoch
-        stream = MicroBatches(examples, list, rank, 2, 4, seed=5)
+        stream = MicroBatches(Items(examples), rank, 2, 4, seed=5)
         list(islice(stream, 4))
-        resumed = MicroBatches(examples, list, rank, 2, 4, seed=5, epoch=stream.epoch, position=stream.position)
+        resumed = MicroBatches(Items(examples), rank, 2, 4, seed=5, epoch=stream.epoch, position=stream.position)
         assert list(islice(resumed, 5)) == full[4:]
 
 
@@ -82,11 +89,11 @@ def test_changing_world_size_mid_epoch_neither_repeats_nor_skips(old, new):
     from trainer.data import MicroBatches
 
     examples = list(range(41))
-    first = [MicroBatches(examples, list, r, old, 3, seed=1) for r in range(old)]
+    first = [MicroBatches(Items(examples), r, old, 3, seed=1) for r in range(old)]
     seen = [x for stream in first for batch in islice(stream, 2) for x in batch]
     epoch, position = first[0].epoch, first[0].position
     assert position == 2 * 3 * old and epoch == 0
-    rest = [MicroBatches(examples, list, r, new, 3, seed=1, epoch=epoch, position=position) for r in range(new)]
+    rest = [MicroBatches(Items(examples), r, new, 3, seed=1, epoch=epoch, position=position) for r in range(new)]
     for stream in rest:
         while stream.epoch == 0:
             seen += next(stream)

@@ -32,7 +32,19 @@ def cfg(task, **data):
 
 
 def split(records, name="validation"):
-    return Split(name, "d.jsonl", records)
+    return Split.from_records(name, "d.jsonl", records)
+
+
+def first(prepared) -> dict:
+    return prepared.examples([0])[0]
+
+
+def golds(prepared) -> list:
+    return prepared.column("gold", range(len(prepared)))
+
+
+def dropped(prepared) -> int:
+    return sum(prepared.dropped.values())
 
 
 def test_labels_from_training_split_or_config():
@@ -46,7 +58,7 @@ def test_labels_from_training_split_or_config():
 def test_sequence_classification_rows(tokenizer):
     prepared = prepare(cfg("sequence_classification"),
                        split([{"text": "heavy rain in oslo", "label": "weather"}]), tokenizer, ["food", "weather"])
-    assert prepared.examples[0]["labels"] == 1 and prepared.golds == ["weather"]
+    assert first(prepared)["labels"] == 1 and golds(prepared) == ["weather"]
 
 
 def test_unseen_label_names_file_row_and_column(tokenizer):
@@ -55,7 +67,7 @@ def test_unseen_label_names_file_row_and_column(tokenizer):
                                           r"in the label set"):
         prepare(cfg("sequence_classification"), split(rows), tokenizer, ["food", "weather"])
     skipped = prepare(cfg("sequence_classification", skip_bad_rows=True), split(rows), tokenizer, ["food", "weather"])
-    assert skipped.dropped == 1 and skipped.ids == [0]
+    assert dropped(skipped) == 1 and skipped.column("row", [0]) == [0] and len(skipped) == 1
 
 
 def test_empty_text_and_missing_column(tokenizer):
@@ -76,7 +88,7 @@ def test_first_subword_carries_the_word_label(tokenizer):
     prepared = prepare(cfg("token_classification"),
                        split([{"tokens": ["Maria", "visited", "Oslo"], "tags": ["B-PER", "O", "B-LOC"]}]),
                        tokenizer, ["B-LOC", "B-PER", "O"])
-    labels = prepared.examples[0]["labels"]
+    labels = first(prepared)["labels"]
     assert labels[0] == IGNORE and labels[-1] == IGNORE  # [CLS], [SEP]
     assert [x for x in labels if x != IGNORE] == [1, 2, 0]
 
@@ -92,9 +104,9 @@ def test_srl_predicate_goes_into_the_second_segment(tokenizer):
            "predicate": 1}
     labels = sorted(set(row["tags"]))
     prepared = prepare(cfg("token_classification"), split([row]), tokenizer, labels)
-    ids = prepared.examples[0]["input_ids"]
+    ids = first(prepared)["input_ids"]
     assert tokenizer.decode(ids) == "[CLS] maria gave omar a book [SEP] gave [SEP]"
-    assert len([x for x in prepared.examples[0]["labels"] if x != IGNORE]) == 5
+    assert len([x for x in first(prepared)["labels"] if x != IGNORE]) == 5
     with pytest.raises(ConfigError, match=r"column 'predicate': predicate index 9 is not a word position 0..4"):
         prepare(cfg("token_classification"), split([{**row, "predicate": 9}]), tokenizer, labels)
 
@@ -106,11 +118,12 @@ def test_images_from_bytes_and_an_unreadable_one(tmp_path):
     processor = AutoImageProcessor.from_pretrained(make_image_processor(tmp_path / "p"))
     buf = io.BytesIO()
     Image.new("L", (8, 8), 128).save(buf, format="PNG")
-    rows = [{"image": {"bytes": buf.getvalue(), "path": None}, "label": 3}, {"image": "missing.png", "label": 1}]
+    rows = [{"image": {"bytes": buf.getvalue(), "path": None}, "label": 3},
+            {"image": {"bytes": None, "path": "missing.png"}, "label": 1}]
     with pytest.raises(ConfigError, match=r"line 2, column 'image': unreadable image \(FileNotFoundError"):
         prepare(cfg("image_classification"), split(rows), processor, [str(i) for i in range(10)])
     ok = prepare(cfg("image_classification", skip_bad_rows=True), split(rows), processor, [str(i) for i in range(10)])
-    assert ok.examples[0]["pixel_values"].shape == (3, 32, 32) and ok.golds == ["3"] and ok.dropped == 1
+    assert first(ok)["pixel_values"].shape == (3, 32, 32) and golds(ok) == ["3"] and dropped(ok) == 1
 
 
 def test_classlabel_names_are_the_label_set_and_ids_map_to_them(tokenizer):
@@ -123,17 +136,17 @@ def test_classlabel_names_are_the_label_set_and_ids_map_to_them(tokenizer):
     ds = datasets.Dataset.from_dict({"tokens": [["maria", "lopez", "ran"]], "tags": [[1, 2, 0]]}, features=features)
     names = _class_names(ds)
     assert names == {"tags": ["O", "B-PER", "I-PER"]}
-    train = Split("train", "hub:train", ds.to_list(), names)
+    train = Split("train", "hub:train", ds, names)
     labels = label_names(cfg("token_classification"), train)
     assert labels == ["O", "B-PER", "I-PER"]
-    assert prepare(cfg("token_classification"), train, tokenizer, labels).golds == [["B-PER", "I-PER", "O"]]
+    assert golds(prepare(cfg("token_classification"), train, tokenizer, labels)) == [["B-PER", "I-PER", "O"]]
 
 
 def test_boolean_labels(tokenizer):
     train = split([{"text": "rain", "label": True}, {"text": "goal", "label": False}], "train")
     labels = label_names(cfg("sequence_classification"), train)
     assert labels == ["False", "True"]
-    assert prepare(cfg("sequence_classification"), train, tokenizer, labels).golds == ["True", "False"]
+    assert golds(prepare(cfg("sequence_classification"), train, tokenizer, labels)) == ["True", "False"]
 
 
 def test_sft_bad_rows_stop_the_run_or_are_skipped(tmp_path):
@@ -145,4 +158,4 @@ def test_sft_bad_rows_stop_the_run_or_are_skipped(tmp_path):
     with pytest.raises(ConfigError, match=r"line 2, column 'response': is empty"):
         prepare(cfg("causal_lm"), split(rows), tok, [])
     prepared = prepare(cfg("causal_lm", skip_bad_rows=True), split(rows), tok, [])
-    assert len(prepared.examples) == 1 and prepared.dropped == 1
+    assert len(prepared) == 1 and dropped(prepared) == 1

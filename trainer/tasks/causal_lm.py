@@ -10,11 +10,12 @@ import math
 
 from trainer.config import ConfigError, DataConfig, RunConfig
 from trainer.masking import IGNORE, chat_text, mask_labels, plain_text
-from trainer.tasks.common import BadRows, Prepared, require_rows
+from trainer.tasks.common import DROP, ROW, Prepared, bad, encode_split, require_rows
 
 AUTO_MODEL = "AutoModelForCausalLM"
 PROCESSOR = "tokenizer"
 UNIT = "tokens"
+PACKS = True  # data.packing applies: pack() below
 
 
 def record_kind(split, d: DataConfig) -> str:
@@ -76,45 +77,128 @@ def render(record: dict, kind: str, d: DataConfig, tokenizer, chat: bool) -> tup
         raise ConfigError(f"data.template: {err}") from None
 
 
-def prepare(split, cfg: RunConfig, tokenizer, labels: list[str]) -> Prepared:
-    """input_ids / attention_mask / labels per row. Rows whose response truncation to data.max_length
-    removes entirely are dropped and counted (so are bad rows with data.skip_bad_rows)."""
+def prepare(split, cfg: RunConfig, tokenizer, labels: list[str], scratch=None) -> Prepared:
+    """input_ids / labels per row (int32; the collator adds the attention mask). Rows whose response
+    truncation to data.max_length removes entirely are dropped and counted (so are bad rows with
+    data.skip_bad_rows)."""
+    import numpy as np
+
     d = cfg.data
     require_rows(split)
     kind, chat = record_kind(split, d), uses_chat(d, tokenizer)
-    rows = BadRows(split, d.skip_bad_rows)
-    out = Prepared([], why_dropped=f"a response beyond data.max_length = {d.max_length}, or a bad row with "
-                                   f"data.skip_bad_rows")
-    truncated = 0
-    for i, record in enumerate(split.records):
-        try:
-            text, spans = render(record, kind, d, tokenizer, chat)
-        except ValueError as err:
-            rows.bad(i, *err.args)
-            continue
-        enc = tokenizer(text, add_special_tokens=False, truncation=True, max_length=d.max_length,
+    truncated = f"responses beyond data.max_length = {d.max_length}"
+
+    def encode(batch: dict) -> dict:
+        n = len(next(iter(batch.values())))
+        texts, spans, drops = [], [], []
+        for i in range(n):
+            try:
+                text, found = render({k: v[i] for k, v in batch.items()}, kind, d, tokenizer, chat)
+                drop = ""
+            except ValueError as err:
+                text, found, drop = "", [], bad(*err.args)
+            texts.append(text)
+            spans.append(found)
+            drops.append(drop)
+        enc = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=d.max_length,
                         return_offsets_mapping=True)
-        token_labels = mask_labels(enc["input_ids"], enc["offset_mapping"], spans)
-        if all(label == IGNORE for label in token_labels):
-            truncated += 1
-            continue
-        out.add({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": token_labels},
-                split.row(i))
-    if not out.examples:
-        raise ConfigError(f"{split.source}: every response in the {split.name} split was truncated away by "
-                          f"data.max_length = {d.max_length}; raise it")
-    out.dropped = truncated + rows.skipped
-    return out
+        token_labels = [mask_labels(ids, offsets, found)
+                        for ids, offsets, found in zip(enc["input_ids"], enc["offset_mapping"], spans)]
+        drops = [drop or ("" if any(t != IGNORE for t in lab) else truncated) for drop, lab in zip(drops, token_labels)]
+        # int32 on disk (half of what Python ints become); the collator makes the attention mask.
+        return {"input_ids": [np.asarray(ids, np.int32) for ids in enc["input_ids"]],
+                "labels": [np.asarray(lab, np.int32) for lab in token_labels], DROP: drops}
+
+    try:
+        return encode_split(split, cfg, encode, INPUTS, scratch=scratch)
+    except ConfigError as err:
+        if truncated in str(err) and "no usable row" in str(err):
+            raise ConfigError(f"{split.source}: every response in the {split.name} split was truncated away by "
+                              f"data.max_length = {d.max_length}; raise it") from None
+        raise
+
+
+INPUTS = ("input_ids", "labels")
+PACKED = ("input_ids", "labels", "position_ids")
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Group examples (by position) into rows of at most `capacity` tokens, none split: best-fit
+    decreasing, so rows come out nearly full. Each row lists its examples in data order."""
+    import bisect
+
+    spaces: list[tuple[int, int]] = []  # (free tokens, row) sorted: the tightest row that fits comes first
+    rows: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = min(lengths[i], capacity)
+        at = bisect.bisect_left(spaces, (n, -1))
+        if at < len(spaces):
+            free, row = spaces.pop(at)
+        else:
+            free, row = capacity, len(rows)
+            rows.append([])
+        rows[row].append(i)
+        if free - n > 0:
+            bisect.insort(spaces, (free - n, row))
+    return [sorted(r) for r in rows]
+
+
+def pack(prepared: Prepared, cfg: RunConfig, scratch=None) -> Prepared:
+    """The training split as packed rows of up to data.max_length tokens: each example whole, its
+    position_ids restarting at 0 (transformers then keeps attention inside each example) and the
+    label of its first token ignored (it would be predicted from the previous example). No
+    attention_mask: a packed row has no padding of its own."""
+    import datasets
+    import numpy as np
+
+    lengths = [len(ids) for batch in prepared.table.select_columns(["input_ids"]).iter(10_000)
+               for ids in batch["input_ids"]]
+    groups = pack_rows(lengths, cfg.data.max_length)
+    source = prepared.table.select_columns(["input_ids", "labels"])
+
+    def join(batch: dict) -> dict:
+        out: dict = {k: [] for k in (*PACKED, ROW)}
+        for members in batch["members"]:
+            parts = source[members]
+            out["input_ids"].append(np.concatenate(parts["input_ids"]).astype(np.int32))
+            labels = [np.asarray(lab, np.int32) for lab in parts["labels"]]
+            for lab in labels:
+                lab[0] = IGNORE
+            out["labels"].append(np.concatenate(labels))
+            out["position_ids"].append(np.concatenate([np.arange(len(ids), dtype=np.int32) for ids in parts["input_ids"]]))
+            out[ROW].append(members[0])
+        return out
+
+    files = {} if scratch is None else {"cache_file_name": str(scratch / "train-packed.arrow")}
+    table = datasets.Dataset.from_dict({"members": groups}).map(
+        join, batched=True, batch_size=256, remove_columns=["members"], keep_in_memory=scratch is None,
+        load_from_cache_file=False, new_fingerprint="sft-packed", **files)
+    return Prepared(table, PACKED, None, prepared.rows_read, prepared.dropped, packed=True)
 
 
 def collator(tokenizer):
+    """Pads a micro-batch. Packed rows (they carry position_ids) are padded with a run of positions
+    of their own, so padding forms a separate sequence nothing attends to."""
+    import torch
     from transformers import DataCollatorForSeq2Seq
 
-    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE, return_tensors="pt")
+    padded = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE, return_tensors="pt")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def collate(examples: list[dict]) -> dict:
+        if "position_ids" not in examples[0]:
+            return padded(examples)
+        width = max(len(e["input_ids"]) for e in examples)
+        fill = [width - len(e["input_ids"]) for e in examples]
+        return {"input_ids": torch.tensor([e["input_ids"] + [pad_id] * k for e, k in zip(examples, fill)]),
+                "labels": torch.tensor([e["labels"] + [IGNORE] * k for e, k in zip(examples, fill)]),
+                "position_ids": torch.tensor([e["position_ids"] + list(range(k)) for e, k in zip(examples, fill)])}
+
+    return collate
 
 
-def count(batch: dict) -> int:
-    return int(batch["attention_mask"].sum())
+def count(examples: list[dict]) -> int:
+    return sum(len(e["input_ids"]) for e in examples)
 
 
 def metrics_from_sums(loss_sum: float, tokens: float, correct: float, examples: float) -> dict[str, float]:
@@ -139,7 +223,7 @@ def batch_sums(logits, labels) -> tuple[float, float, float]:
 
 def evaluate(shard, prepared: Prepared, labels: list[str]) -> tuple[dict, list[dict]]:
     sums = [0.0, 0.0, 0.0, 0.0]
-    for chunk, batch, logits in shard.batches(prepared.examples):
+    for chunk, batch, logits in shard.batches(prepared):
         loss_sum, tokens, correct = batch_sums(logits, batch["labels"])
         sums = [a + b for a, b in zip(sums, (loss_sum, tokens, correct, float(len(chunk))))]
     return metrics_from_sums(*shard.sum(sums)), []

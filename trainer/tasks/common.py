@@ -5,42 +5,94 @@ functions only; never ray.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from trainer.config import ConfigError, RunConfig
 from trainer.masking import IGNORE
 
 
+ROW = "row"  # prepared column: the example's row in its source (0-based)
+DROP = "drop"  # column of an encoder's output: "" keeps the row; bad(column, problem); or why it is left out
+_BAD = "bad\t"
+
+
+def bad(column: str, problem: str) -> str:
+    """An encoder's DROP value for a bad row: stops the run, or is skipped with data.skip_bad_rows."""
+    return f"{_BAD}{column}\t{problem}"
+
+
 @dataclass
 class Prepared:
-    """A split as model inputs, with each example's source row and gold answer."""
-    examples: list[dict]
-    ids: list[int] = field(default_factory=list)  # the example's row in its source file (0-based)
-    golds: list[Any] = field(default_factory=list)
-    notes: list[Any] = field(default_factory=list)  # per example, what the task's evaluation needs besides
-    dropped: int = 0  # rows left out (see why_dropped)
-    why_dropped: str = "bad rows skipped by data.skip_bad_rows"
+    """A split as model inputs: an Arrow table (memory-mapped when it comes from the data cache)
+    with the model's input columns, each example's source row (ROW) and the task's own columns
+    (gold answers, what its evaluation needs). Examples are read a micro-batch at a time."""
+    table: Any  # datasets.Dataset
+    inputs: tuple[str, ...]  # the columns the collator gets
+    fmt: Optional[str] = None  # the datasets format of the inputs (None: Python lists; "numpy" for pixels)
+    rows_read: int = 0  # rows of the split before any was left out
+    dropped: dict = field(default_factory=dict)  # why -> rows left out
+    packed: bool = False  # each row holds several examples (data.packing)
 
-    def add(self, example: dict, row: int, gold: Any = None, note: Any = None) -> None:
-        self.examples.append(example)
-        self.ids.append(row)
-        self.golds.append(gold)
-        if note is not None:
-            self.notes.append(note)
+    def __post_init__(self) -> None:
+        self._inputs = self.table.select_columns(list(self.inputs)).with_format(self.fmt)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def examples(self, positions: Sequence[int]) -> list[dict]:
+        """The model inputs of these examples, for the collator."""
+        return self._inputs.__getitems__(list(positions))
+
+    def column(self, name: str, positions: Sequence[int]) -> list:
+        return self.table.select_columns([name])[list(positions)][name]
+
+    def describe_dropped(self) -> str:
+        return "; ".join(f"{n} {why}" for why, n in self.dropped.items())
 
 
-class BadRows:
-    """Raises a ConfigError naming file, row and column, or skips and counts (data.skip_bad_rows)."""
+def encode_split(split, cfg: RunConfig, encode: Callable[[dict], dict], inputs: tuple[str, ...],
+                 fmt: Optional[str] = None, scratch: Optional[Path] = None) -> Prepared:
+    """Run a task's batched `encode` (columns of raw records -> columns of model inputs and DROP,
+    one value per row) over a split with `datasets.map` (data.num_proc processes). A bad row raises
+    a ConfigError naming file, row and column unless data.skip_bad_rows; rows left out are counted by
+    reason. `scratch`: where the Arrow files go (None: in memory)."""
+    import pyarrow.compute as pc
 
-    def __init__(self, split, skip: bool):
-        self.split, self.skip, self.skipped = split, skip, 0
+    require_rows(split)
+    rows = split.rows
 
-    def bad(self, i: int, column: str, problem: str) -> None:
-        if self.skip:
-            self.skipped += 1
-            return
-        raise ConfigError(f"{self.split.source}, {self.split.name} split, {self.split.where(i)}, column '{column}': "
-                          f"{problem} (set data.skip_bad_rows: true to skip such rows)")
+    def encode_rows(batch: dict, positions: list[int]) -> dict:
+        out = encode(batch)
+        out[ROW] = [int(rows[i]) if rows is not None else i for i in positions]
+        return out
+
+    big = len(split) >= 2000
+    num_proc = cfg.data.num_proc if cfg.data.num_proc > 1 and len(split) >= 1000 * cfg.data.num_proc else None
+    files = {} if scratch is None else {"cache_file_name": str(scratch / f"{split.name}-encoded.arrow")}
+    table = split.table.map(encode_rows, batched=True, with_indices=True, remove_columns=split.columns,
+                            num_proc=num_proc, keep_in_memory=scratch is None, load_from_cache_file=False,
+                            desc=f"preparing the {split.name} split" if big else None,
+                            new_fingerprint=f"sft-{split.name}-{id(encode)}", **files)
+    drop = table.data.column(DROP)
+    is_bad = pc.starts_with(drop, _BAD)
+    if pc.any(is_bad).as_py() and not cfg.data.skip_bad_rows:
+        first = pc.index(is_bad, True).as_py()
+        _, column, problem = table[first][DROP].split("\t", 2)
+        from trainer.data import describe_row
+        raise ConfigError(f"{split.source}, {split.name} split, {describe_row(split.source, table[first][ROW])}, "
+                          f"column '{column}': {problem} (set data.skip_bad_rows: true to skip such rows)")
+    reasons = pc.if_else(is_bad, "bad rows skipped by data.skip_bad_rows", drop)
+    dropped = {r["values"]: r["counts"] for r in pc.value_counts(reasons).to_pylist() if r["values"]}
+    if dropped:
+        import numpy as np
+
+        keep = np.flatnonzero(pc.equal(drop, "").to_numpy(zero_copy_only=False))
+        table = table.select(keep)
+    if not len(table):
+        raise ConfigError(f"{split.source}: no usable row in the {split.name} split "
+                          f"({'; '.join(f'{n} {why}' for why, n in dropped.items())})")
+    return Prepared(table.remove_columns([DROP]), inputs, fmt, len(split), dropped)
 
 
 def require_columns(split, columns: Iterable[tuple[str, str]]) -> None:
@@ -53,7 +105,7 @@ def require_columns(split, columns: Iterable[tuple[str, str]]) -> None:
 
 
 def require_rows(split) -> None:
-    if not split.records:
+    if not len(split):
         raise ConfigError(f"{split.source}: the {split.name} split is empty")
 
 
@@ -65,7 +117,7 @@ def label_set(cfg: RunConfig, train, column: str, key: str, values: Callable[[An
     if column in train.class_names:
         return list(train.class_names[column])
     require_columns(train, [(column, key)])
-    found = {v for r in train.records for v in values(r[column])}
+    found = {v for cell in train.values(column) for v in values(cell)}
     found.discard(None)
     if found and all(isinstance(v, int) and not isinstance(v, bool) for v in found):
         return [str(i) for i in range(max(found) + 1)]
@@ -96,18 +148,19 @@ def classify(shard, prepared: Prepared, predict: Callable, metrics: Callable) ->
     """Loss, task metrics and per-example predictions over a whole split. Each rank predicts its
     shard; the predictions are gathered by example id, so an uneven split counts every example once.
 
-    `predict(logits, batch, notes)` gives the batch's predictions; `metrics(golds, preds)` the scores."""
+    `predict(logits, batch, positions)` gives the batch's predictions; `metrics(golds, preds)` the
+    scores. The gold answers are the prepared split's "gold" column."""
     import torch.nn.functional as F
 
     local, loss_sum, count = [], 0.0, 0
-    for chunk, batch, logits in shard.batches(prepared.examples):
+    for chunk, batch, logits in shard.batches(prepared):
         target = batch["labels"]
         loss_sum += float(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), target.reshape(-1),
                                           ignore_index=IGNORE, reduction="sum"))
         count += int((target != IGNORE).sum())
-        notes = [prepared.notes[i] for i in chunk] if prepared.notes else [None] * len(chunk)
-        for i, p in zip(chunk, predict(logits, batch, notes)):
-            local.append({"id": prepared.ids[i], "gold": prepared.golds[i], "predicted": p})
+        ids, golds = prepared.column(ROW, chunk), prepared.column("gold", chunk)
+        for row, gold, p in zip(ids, golds, predict(logits, batch, chunk)):
+            local.append({"id": row, "gold": gold, "predicted": p})
     parts = shard.gather((local, loss_sum, count))
     rows = sorted((r for part in parts for r in part[0]), key=lambda r: r["id"])
     total_loss, total_count = sum(p[1] for p in parts), sum(p[2] for p in parts)
@@ -119,7 +172,7 @@ def evaluate_labels(shard, prepared: Prepared, labels: list[str]) -> tuple[dict,
     """One label per example (sequence and image classification): accuracy, macro and per-class F1."""
     from trainer.metrics import accuracy, macro_f1, per_class_f1
 
-    def predict(logits, batch, notes):
+    def predict(logits, batch, positions):
         return [labels[i] for i in logits.argmax(-1).tolist()]
 
     def scores(golds, preds):

@@ -9,12 +9,13 @@ import io
 from pathlib import Path
 
 from trainer.config import DataConfig, RunConfig
-from trainer.tasks.common import BadRows, Prepared, evaluate_labels, label_id, label_set, require_columns, require_rows, \
-    unknown_label
+from trainer.tasks.common import DROP, Prepared, bad, encode_split, evaluate_labels, label_id, label_set, \
+    require_columns, require_rows, unknown_label
 
 AUTO_MODEL = "AutoModelForImageClassification"
 PROCESSOR = "image_processor"
 UNIT = "samples"
+PACKS = False  # data.packing is for causal_lm
 
 
 def check_columns(split, d: DataConfig) -> None:
@@ -48,26 +49,36 @@ def load_image(value, base: Path):
     return image.convert("RGB")
 
 
-def prepare(split, cfg: RunConfig, processor, labels: list[str]) -> Prepared:
+def prepare(split, cfg: RunConfig, processor, labels: list[str], scratch=None) -> Prepared:
+    """Pixel values (float32, as the processor makes them), the label id and the gold label name."""
+    import numpy as np
+
     d = cfg.data
     require_rows(split)
     check_columns(split, d)
-    rows, out = BadRows(split, d.skip_bad_rows), Prepared([])
     base = Path(split.source).parent if Path(split.source).exists() else Path(".")
-    for i, r in enumerate(split.records):
-        label = label_id(r[d.label_column], labels)
-        if label is None:
-            rows.bad(i, d.label_column, unknown_label(r[d.label_column], labels))
-            continue
-        try:
-            image = load_image(r[d.image_column], base)
-        except Exception as err:  # PIL raises many kinds for a missing or broken file
-            rows.bad(i, d.image_column, f"unreadable image ({type(err).__name__}: {str(err)[:160]})")
-            continue
-        pixels = processor(images=image, return_tensors="pt")["pixel_values"][0]
-        out.add({"pixel_values": pixels, "labels": label}, split.row(i), labels[label])
-    out.dropped = rows.skipped
-    return out
+
+    def encode(batch: dict) -> dict:
+        out: dict = {"pixel_values": [], "labels": [], "gold": [], DROP: []}
+        for value, image_value in zip(batch[d.label_column], batch[d.image_column]):
+            label, pixels, drop = label_id(value, labels), None, ""
+            if label is None:
+                drop = bad(d.label_column, unknown_label(value, labels))
+            else:
+                try:
+                    image = load_image(image_value, base)
+                    pixels = processor(images=image, return_tensors="np")["pixel_values"][0].astype(np.float32)
+                except Exception as err:  # PIL raises many kinds for a missing or broken file
+                    drop = bad(d.image_column, f"unreadable image ({type(err).__name__}: {str(err)[:160]})")
+            out["pixel_values"].append(pixels)
+            out["labels"].append(label if label is not None else -1)
+            out["gold"].append(labels[label] if label is not None else "")
+            out[DROP].append(drop)
+        shape = next((p.shape for p in out["pixel_values"] if p is not None), (3, 1, 1))
+        out["pixel_values"] = [p if p is not None else np.zeros(shape, np.float32) for p in out["pixel_values"]]
+        return out
+
+    return encode_split(split, cfg, encode, ("pixel_values", "labels"), fmt="numpy", scratch=scratch)
 
 
 def collator(processor):
@@ -76,8 +87,8 @@ def collator(processor):
     return default_data_collator
 
 
-def count(batch: dict) -> int:
-    return len(batch["labels"])
+def count(examples: list[dict]) -> int:
+    return len(examples)
 
 
 evaluate = evaluate_labels  # loss, accuracy, macro F1, per-class F1 over gathered predictions

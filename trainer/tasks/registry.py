@@ -10,7 +10,8 @@ transformers inside their functions, so looking a task up stays cheap.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Protocol
 
 if TYPE_CHECKING:
     from trainer.config import DataConfig, RunConfig
@@ -31,6 +32,7 @@ class Task(Protocol):
     AUTO_MODEL: str  # the transformers Auto class of the model with this task's head
     PROCESSOR: Literal["tokenizer", "image_processor"]  # what turns a row into inputs (model.<PROCESSOR>)
     UNIT: Literal["tokens", "samples"]  # what train/<UNIT>_per_s counts
+    PACKS: bool  # data.packing applies; then the module also has pack(prepared, cfg, scratch) -> Prepared
 
     def check_columns(self, split: Split, d: DataConfig) -> None:
         """A ConfigError naming the data.*_column key when a column the task reads is missing."""
@@ -38,14 +40,16 @@ class Task(Protocol):
     def label_names(self, cfg: RunConfig, train: Split) -> list[str]:
         """The label set (empty for tasks without labels)."""
 
-    def prepare(self, split: Split, cfg: RunConfig, processor: Any, labels: list[str]) -> Prepared:
-        """Model inputs of every usable row; bad rows raise a ConfigError or are counted as dropped."""
+    def prepare(self, split: Split, cfg: RunConfig, processor: Any, labels: list[str],
+                scratch: Optional[Path] = None) -> Prepared:
+        """Model inputs of every usable row (an Arrow table, written under `scratch` or kept in
+        memory); bad rows raise a ConfigError or are counted as dropped."""
 
     def collator(self, processor: Any) -> Callable[[list[dict]], dict]:
         """Pads a list of prepared examples into a batch of tensors."""
 
-    def count(self, batch: dict) -> int:
-        """How many UNITs a batch holds (real tokens, not padding; or samples)."""
+    def count(self, examples: list[dict]) -> int:
+        """How many UNITs a micro-batch's examples hold (real tokens, not padding; or samples)."""
 
     def evaluate(self, shard: Shard, prepared: Prepared, labels: list[str]) -> tuple[dict, list[dict]]:
         """Metrics over the whole split (each example once across ranks) and per-example rows for

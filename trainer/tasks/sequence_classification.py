@@ -7,12 +7,13 @@ gathered predictions. Never imports ray.
 from __future__ import annotations
 
 from trainer.config import DataConfig, RunConfig
-from trainer.tasks.common import BadRows, Prepared, evaluate_labels, label_id, label_set, require_columns, require_rows, \
-    unknown_label
+from trainer.tasks.common import DROP, Prepared, bad, encode_split, evaluate_labels, label_id, label_set, \
+    require_columns, require_rows, unknown_label
 
 AUTO_MODEL = "AutoModelForSequenceClassification"
 PROCESSOR = "tokenizer"
 UNIT = "tokens"
+PACKS = False  # data.packing is for causal_lm
 
 
 def check_columns(split, d: DataConfig) -> None:
@@ -23,24 +24,31 @@ def label_names(cfg: RunConfig, train) -> list[str]:
     return label_set(cfg, train, cfg.data.label_column, "data.label_column", lambda value: [value])
 
 
-def prepare(split, cfg: RunConfig, tokenizer, labels: list[str]) -> Prepared:
+def prepare(split, cfg: RunConfig, tokenizer, labels: list[str], scratch=None) -> Prepared:
+    """Token ids, the label id, and the gold label name per row."""
     d = cfg.data
     require_rows(split)
     check_columns(split, d)
-    rows, out = BadRows(split, d.skip_bad_rows), Prepared([])
-    has_pair = d.text_pair_column in split.columns
-    for i, r in enumerate(split.records):
-        text, pair = r[d.text_column], r[d.text_pair_column] if has_pair else None
-        label = label_id(r[d.label_column], labels)
-        if not isinstance(text, str) or not text.strip():
-            rows.bad(i, d.text_column, f"empty or missing text ({text!r})")
-        elif label is None:
-            rows.bad(i, d.label_column, unknown_label(r[d.label_column], labels))
-        else:
-            out.add({**tokenizer(text, pair, truncation=True, max_length=d.max_length), "labels": label},
-                    split.row(i), labels[label])
-    out.dropped = rows.skipped
-    return out
+    pair_column = d.text_pair_column if d.text_pair_column in split.columns else None
+
+    def encode(batch: dict) -> dict:
+        texts, pairs, ids, drops = [], [], [], []
+        for i, (text, value) in enumerate(zip(batch[d.text_column], batch[d.label_column])):
+            label = label_id(value, labels)
+            pair = batch[pair_column][i] if pair_column else None
+            drop = ""
+            if not isinstance(text, str) or not text.strip():
+                drop, text = bad(d.text_column, f"empty or missing text ({text!r})"), ""
+            elif label is None:
+                drop = bad(d.label_column, unknown_label(value, labels))
+            texts.append(text)
+            pairs.append(pair if isinstance(pair, str) else "")
+            ids.append(label if label is not None else -1)
+            drops.append(drop)
+        enc = tokenizer(texts, pairs if pair_column else None, truncation=True, max_length=d.max_length)
+        return {**enc, "labels": ids, "gold": [labels[i] if i >= 0 else "" for i in ids], DROP: drops}
+
+    return encode_split(split, cfg, encode, (*tokenizer.model_input_names, "labels"), scratch=scratch)
 
 
 def collator(tokenizer):
@@ -49,8 +57,8 @@ def collator(tokenizer):
     return DataCollatorWithPadding(tokenizer, return_tensors="pt")
 
 
-def count(batch: dict) -> int:
-    return int(batch["attention_mask"].sum())
+def count(examples: list[dict]) -> int:
+    return sum(len(e["input_ids"]) for e in examples)
 
 
 evaluate = evaluate_labels  # loss, accuracy, macro F1, per-class F1 over gathered predictions

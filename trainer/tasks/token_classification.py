@@ -10,11 +10,13 @@ from __future__ import annotations
 from trainer.config import DataConfig, RunConfig
 from trainer.masking import IGNORE
 from trainer.metrics import accuracy, span_prf
-from trainer.tasks.common import BadRows, Prepared, classify, label_id, label_set, require_columns, require_rows
+from trainer.tasks.common import DROP, Prepared, bad, classify, encode_split, label_id, label_set, require_columns, \
+    require_rows
 
 AUTO_MODEL = "AutoModelForTokenClassification"
 PROCESSOR = "tokenizer"
 UNIT = "tokens"
+PACKS = False  # data.packing is for causal_lm
 
 
 def check_columns(split, d: DataConfig) -> None:
@@ -37,43 +39,54 @@ def align_labels(word_ids: list, sequence_ids: list, tag_ids: list[int]) -> list
     return labels
 
 
-def _problem(r: dict, d: DataConfig, labels: list[str], has_predicate: bool) -> tuple[str, str] | None:
-    words, tags = r[d.tokens_column], r[d.tags_column]
+def _problem(words, tags, p, labels: list[str], d: DataConfig) -> str:
+    """The row's DROP value: "" or what is wrong with it."""
     if not isinstance(words, list) or not words or not all(isinstance(w, str) and w for w in words):
-        return d.tokens_column, "expected a non-empty list of words"
+        return bad(d.tokens_column, "expected a non-empty list of words")
     if not isinstance(tags, list) or len(tags) != len(words):
-        return d.tags_column, (f"{len(tags) if isinstance(tags, list) else 'no'} tags for {len(words)} words; "
-                               f"expected one tag per word")
+        return bad(d.tags_column, f"{len(tags) if isinstance(tags, list) else 'no'} tags for {len(words)} words; "
+                                  f"expected one tag per word")
     unknown = [t for t in tags if label_id(t, labels) is None]
     if unknown:
-        return d.tags_column, f"tag {unknown[0]!r} is not in the tag set taken from the training split (or data.labels)"
-    p = r[d.predicate_column] if has_predicate else 0
+        return bad(d.tags_column, f"tag {unknown[0]!r} is not in the tag set taken from the training split "
+                                  f"(or data.labels)")
     if not isinstance(p, int) or isinstance(p, bool) or not 0 <= p < len(words):
-        return d.predicate_column, f"predicate index {p!r} is not a word position 0..{len(words) - 1}"
-    return None
+        return bad(d.predicate_column, f"predicate index {p!r} is not a word position 0..{len(words) - 1}")
+    return ""
 
 
-def prepare(split, cfg: RunConfig, tokenizer, labels: list[str]) -> Prepared:
-    """Each example's note is (word count, the word of each labelled token), for word-level predictions."""
+def prepare(split, cfg: RunConfig, tokenizer, labels: list[str], scratch=None) -> Prepared:
+    """Per example also its gold tags (every word, also those cut off by max_length), its word count
+    and the word of each labelled token, for word-level predictions."""
     d = cfg.data
     require_rows(split)
     check_columns(split, d)
-    rows, out = BadRows(split, d.skip_bad_rows), Prepared([])
     has_predicate = d.predicate_column in split.columns
-    for i, r in enumerate(split.records):
-        problem = _problem(r, d, labels, has_predicate)
-        if problem:
-            rows.bad(i, *problem)
-            continue
-        words, ids = r[d.tokens_column], [label_id(t, labels) for t in r[d.tags_column]]
-        pair = [words[r[d.predicate_column]]] if has_predicate else None
-        enc = tokenizer(words, pair, is_split_into_words=True, truncation="only_first" if pair else True,
-                        max_length=d.max_length)
-        aligned = align_labels(enc.word_ids(), enc.sequence_ids(), ids)
-        word_of = [w for w, label in zip(enc.word_ids(), aligned) if label != IGNORE]
-        out.add({**enc, "labels": aligned}, split.row(i), [labels[t] for t in ids], (len(words), word_of))
-    out.dropped = rows.skipped
-    return out
+
+    def encode(batch: dict) -> dict:
+        n = len(batch[d.tokens_column])
+        predicates = batch[d.predicate_column] if has_predicate else [0] * n
+        out: dict = {k: [] for k in (*tokenizer.model_input_names, "labels", "gold", "n_words", "word_of", DROP)}
+        for words, tags, p in zip(batch[d.tokens_column], batch[d.tags_column], predicates):
+            drop = _problem(words, tags, p, labels, d)
+            if drop:
+                words, ids, pair = ["-"], [0], None
+            else:
+                ids = [label_id(t, labels) for t in tags]
+                pair = [words[p]] if has_predicate else None
+            enc = tokenizer(words, pair, is_split_into_words=True, truncation="only_first" if pair else True,
+                            max_length=d.max_length)
+            aligned = align_labels(enc.word_ids(), enc.sequence_ids(), ids)
+            for k in tokenizer.model_input_names:
+                out[k].append(enc[k])
+            out["labels"].append(aligned)
+            out["gold"].append([labels[t] for t in ids])
+            out["n_words"].append(len(words))
+            out["word_of"].append([w for w, label in zip(enc.word_ids(), aligned) if label != IGNORE])
+            out[DROP].append(drop)
+        return out
+
+    return encode_split(split, cfg, encode, (*tokenizer.model_input_names, "labels"), scratch=scratch)
 
 
 def collator(tokenizer):
@@ -82,13 +95,14 @@ def collator(tokenizer):
     return DataCollatorForTokenClassification(tokenizer, label_pad_token_id=IGNORE, return_tensors="pt")
 
 
-def count(batch: dict) -> int:
-    return int(batch["attention_mask"].sum())
+def count(examples: list[dict]) -> int:
+    return sum(len(e["input_ids"]) for e in examples)
 
 
 def predict_words(logits, batch, notes: list, labels: list[str]) -> list[list[str]]:
     """Per example, one tag per word; words without a labelled token (cut off by max_length, or
-    tokenized to nothing) are predicted O."""
+    tokenized to nothing) are predicted O. `notes`: per example (word count, the word of each
+    labelled token)."""
     out, best = [], logits.argmax(-1)
     for row, (n_words, word_of) in enumerate(notes):
         tags = ["O"] * n_words
@@ -103,4 +117,8 @@ def evaluate(shard, prepared: Prepared, labels: list[str]) -> tuple[dict, list[d
         words = [(g, p) for gs, ps in zip(golds, preds) for g, p in zip(gs, ps)]
         return {**span_prf(golds, preds), "token_accuracy": accuracy([g for g, _ in words], [p for _, p in words])}
 
-    return classify(shard, prepared, lambda logits, batch, notes: predict_words(logits, batch, notes, labels), scores)
+    def predict(logits, batch, positions):
+        notes = zip(prepared.column("n_words", positions), prepared.column("word_of", positions))
+        return predict_words(logits, batch, list(notes), labels)
+
+    return classify(shard, prepared, predict, scores)

@@ -1,0 +1,150 @@
+"""Data prepared once: every split as model inputs, in an Arrow folder keyed by what changes them.
+
+`prepare` reads the source, runs the task's preparation (`datasets.map`, data.num_proc processes)
+on all three splits and, with data.packing, packs the training split; it writes them into
+`<data.cache_dir>/<task>-<key>/` (staged, then renamed into place, so a crash never leaves half a
+cache) — or, with no cache folder, keeps them in memory. The key hashes everything that changes
+the result: the data files' bytes (a `datasets` name and config for hub data), the data.* keys
+that shape examples, the split seed, the tokenizer or image processor, and the source of the
+preparation code. `load` reads a prepared folder memory-mapped: no rank holds a split as Python
+objects. The launcher prepares once per run before any worker starts; workers, their restarts,
+--resume and the test evaluation load what it wrote. Never imports ray or deepspeed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from trainer.config import RunConfig
+from trainer.tasks.common import Prepared
+from trainer.tasks.registry import TASKS, get_task
+
+SPLITS = ("train", "validation", "test")
+META = "prepared.json"  # written last: a folder without it is not a cache
+VERSION = 1
+# data.* keys that do not change a prepared example.
+UNKEYED = ("cache_dir", "num_proc")
+CODE = ("trainer/data.py", "trainer/data_cache.py", "trainer/masking.py", "trainer/tasks/common.py")
+
+
+@dataclass
+class PreparedData:
+    splits: dict[str, Prepared]
+    labels: list[str]
+    directory: Optional[Path]  # None: prepared in memory
+    seconds: float = 0.0  # spent preparing (0 when it came from the cache)
+
+    def describe(self) -> list[str]:
+        """What a user reads about the data: examples per split, rows left out and why."""
+        counts = ", ".join(f"{name} {len(p):,}" for name, p in self.splits.items())
+        packed = any(p.packed for p in self.splits.values())
+        lines = [f"examples: {counts}" + (" (training split: packed rows)" if packed else "")]
+        for name, p in self.splits.items():
+            if p.dropped:
+                lines.append(f"{name}: left out {sum(p.dropped.values()):,} of {p.rows_read:,} rows "
+                             f"({p.describe_dropped()})")
+        return lines
+
+
+def cache_root(cfg: RunConfig) -> Path:
+    return Path(cfg.data.cache_dir or Path(cfg.output_dir) / "data_cache").resolve()
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_key(cfg: RunConfig, processor) -> str:
+    from datasets.fingerprint import Hasher
+
+    d = cfg.data
+    h = hashlib.sha256()
+    shaping = {k: v for k, v in asdict(d).items() if k not in UNKEYED}
+    h.update(json.dumps({"version": VERSION, "task": cfg.model.task, "data": shaping, "split_seed": cfg.split_seed},
+                        sort_keys=True, default=str).encode())
+    for path in (d.train_file, d.validation_file, d.test_file):
+        if path is not None:
+            h.update(_file_digest(path).encode())
+    h.update(Hasher.hash(processor).encode())
+    root = Path(__file__).resolve().parents[1]
+    for source in (*CODE, TASKS[cfg.model.task].replace(".", "/") + ".py"):
+        h.update((root / source).read_bytes())
+    return h.hexdigest()[:20]
+
+
+def prepare(cfg: RunConfig, processor, root: Optional[Path], log: Callable[[str], None] = print) -> PreparedData:
+    """The three prepared splits: from `root` when this data was prepared there before, else
+    prepared now (into `root`, or in memory when it is None). ConfigError on bad data."""
+    if root is None:
+        return _prepare(cfg, processor, None)
+    directory = root / f"{cfg.model.task}-{cache_key(cfg, processor)}"
+    if (directory / META).is_file():
+        data = load(directory)
+        log(f"data: cached ({directory})")
+        return data
+    created = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".preparing-", dir=root))
+    try:
+        scratch = staging / "scratch"
+        scratch.mkdir()
+        data = _prepare(cfg, processor, scratch)
+        meta = {"labels": data.labels, "seconds": round(data.seconds, 2), "splits": {}}
+        for name, p in data.splits.items():
+            p.table.save_to_disk(str(staging / name))
+            meta["splits"][name] = {"inputs": list(p.inputs), "fmt": p.fmt, "rows_read": p.rows_read,
+                                    "dropped": p.dropped, "packed": p.packed}
+        shutil.rmtree(scratch)
+        (staging / META).write_text(json.dumps(meta, indent=1))
+        try:
+            staging.rename(directory)
+        except OSError:  # another launch prepared the same data meanwhile: theirs is as good
+            pass
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(root.iterdir()):
+            root.rmdir()  # bad data leaves nothing behind
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
+    log(f"data: prepared in {data.seconds:.1f} s into {directory}")
+    prepared = load(directory)
+    prepared.seconds = data.seconds
+    return prepared
+
+
+def load(directory: Path) -> PreparedData:
+    """A prepared folder, memory-mapped."""
+    import datasets
+
+    meta = json.loads((directory / META).read_text())
+    splits = {name: Prepared(datasets.load_from_disk(str(directory / name)), tuple(m["inputs"]), m["fmt"],
+                             m["rows_read"], m["dropped"], m["packed"])
+              for name, m in meta["splits"].items()}
+    return PreparedData(splits, meta["labels"], directory)
+
+
+def _prepare(cfg: RunConfig, processor, scratch: Optional[Path]) -> PreparedData:
+    import datasets
+
+    from trainer.data import load_splits
+
+    started = time.perf_counter()
+    task = get_task(cfg.model.task)
+    raw = dict(zip(SPLITS, load_splits(cfg)))
+    labels = task.label_names(cfg, raw["train"])
+    big = any(len(s) >= 20_000 for s in raw.values())
+    (datasets.enable_progress_bars if big and scratch is not None else datasets.disable_progress_bars)()
+    splits = {name: task.prepare(raw[name], cfg, processor, labels, scratch) for name in SPLITS}
+    if cfg.data.packing:
+        splits["train"] = task.pack(splits["train"], cfg, scratch)
+    return PreparedData(splits, labels, None, time.perf_counter() - started)
