@@ -40,7 +40,10 @@ def make_plan(cfg: RunConfig, cache_dir: str) -> Plan:
     from trainer.checkpoints import is_lean, trainable_digest
     from trainer.data import load_splits
     from trainer.ds_config import deepspeed_config
-    from trainer.freezing import describe_layout, select_trainable, summarize
+    import torch
+
+    from trainer.freezing import describe_layout, summarize
+    from trainer.lora import lora_layout, trainable_model
     from trainer.model import build_skeleton, load_processor, prepare_pretrained
     from trainer.splits import total_steps
     from trainer.tasks.common import require_rows
@@ -59,9 +62,13 @@ def make_plan(cfg: RunConfig, cache_dir: str) -> Plan:
     check_model_fits(cfg, task, model_dir, processor, labels)
     deepspeed_config(cfg, cfg.scaling.world_size, "fp32")  # the user's DeepSpeed JSON, checked now
     skeleton = build_skeleton(cfg.model, model_dir, labels)
+    freezing = ""
+    if cfg.finetune.mode == "lora":
+        freezing = lora_layout(skeleton, cfg.finetune, describe_layout(skeleton)).describe(cfg.finetune) + "; "
+    with torch.device("meta"):  # adapters on the skeleton: names and sizes, no memory
+        skeleton, trainable = trainable_model(skeleton, cfg.finetune)
     sizes = [(n, p.numel()) for n, p in skeleton.named_parameters()]
     layout = describe_layout(skeleton)
-    trainable = select_trainable([n for n, _ in sizes], cfg.finetune, layout)
     world = cfg.scaling.world_size
     t = cfg.train
     rows = {s.name: len(s) for s in splits}
@@ -79,7 +86,7 @@ def make_plan(cfg: RunConfig, cache_dir: str) -> Plan:
         rows=rows,
         steps=steps(),
         trainable=n_trainable, total=n_total,
-        freezing=summarize(sizes, trainable, layout), model_dir=model_dir, labels=tuple(labels),
+        freezing=freezing + summarize(sizes, trainable, layout), model_dir=model_dir, labels=tuple(labels),
         trainable_digest=trainable_digest(trainable),
         checkpoint_bytes=4 * (n_trainable if is_lean(cfg) else n_total) + per_trainable * n_trainable)
 
@@ -116,6 +123,13 @@ def check_model_fits(cfg: RunConfig, task, model_dir: str | None, processor, lab
                           "flash-attn package (pip install flash-attn); it is "
                           f"{'not installed' if importlib.util.find_spec('flash_attn') is None else 'asked for on CPU workers'}"
                           "; use sdpa or auto")
+    if cfg.finetune.lora.quantize:
+        gpu = cfg.scaling.gpus_per_worker != 0 and importlib.util.find_spec("bitsandbytes") is not None
+        raise ConfigError(
+            "finetune.lora.quantize: 4bit (QLoRA) keeps the frozen base in 4 bits with bitsandbytes, which runs on "
+            "CUDA GPUs only; " + ("this version of sft does not build 4-bit models under DeepSpeed yet" if gpu else
+                                  "the workers here have no GPU (or bitsandbytes is not installed)")
+            + "; remove finetune.lora.quantize to train LoRA adapters on the full-precision base")
     config = model_config(cfg.model, model_dir)
     limit = position_limit(config, processor) if task.PROCESSOR == "tokenizer" else None
     if limit and cfg.data.max_length > limit[0]:

@@ -68,6 +68,19 @@ def tiny_llama(n_layer: int = 2) -> dict:
             "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 
 
+def save_pretrained_llama(target: Path, tokenizer_dir: Path, tied: bool = False) -> Path:
+    """A tiny pretrained-style model folder (weights from seed 0): local and LoRA fine-tuning rebuild
+    their frozen weights from it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    arch = {**tiny_llama(3), "tie_word_embeddings": tied}
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(arch.pop("model_type"), **arch)).save_pretrained(target)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(target)
+    return target
+
+
 def tiny_config(tmp: Path, tokenizer: Path, **sections) -> dict:
     raw = {
         "model": {"architecture": tiny_gpt2(), "tokenizer": str(tokenizer)},

@@ -44,7 +44,7 @@ class TrainState:
 def is_lean(cfg) -> bool:
     """Checkpoints leave the frozen weights out when they can be rebuilt from pretrained weights
     (an inline architecture has none: its frozen weights are saved)."""
-    return cfg.finetune.mode == "local" and cfg.model.name_or_path is not None
+    return cfg.finetune.mode in ("local", "lora") and cfg.model.name_or_path is not None
 
 
 def size_bytes(path: Path) -> int:

@@ -117,18 +117,47 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (peft) for finetune.mode: lora."""
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    # fnmatch patterns over module names; default: every linear layer inside the transformer blocks
+    # (the attention and MLP projections, found by module type).
+    target: tuple[str, ...] = ()
+    quantize: Optional[Literal["4bit"]] = None  # QLoRA: the frozen base in 4 bits (bitsandbytes, GPUs only)
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ValueError(f"finetune.lora needs r >= 1, alpha > 0 and 0 <= dropout < 1, got r={self.r}, "
+                             f"alpha={self.alpha}, dropout={self.dropout}")
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
-    mode: Literal["global", "local"] = "global"
-    # fnmatch patterns over parameter names, used when mode is "local".
+    # global: every weight trains; local: the rules below choose; lora: low-rank adapters train (plus
+    # a classification head, and whatever `train` patterns add), the base stays frozen.
+    mode: Literal["global", "local", "lora"] = "global"
+    # fnmatch patterns over parameter names, used when mode is "local" (with "lora": fully trained extras).
     train: tuple[str, ...] = ()
     freeze: tuple[str, ...] = ()
     train_last_layers: Optional[int] = None  # the last K transformer blocks train
     train_embeddings: Optional[bool] = None  # None: as the rules above leave them
     train_head: Optional[bool] = None  # the output head (the embeddings too when they are tied)
 
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
     def __post_init__(self) -> None:
         local_keys = [k for k in ("train", "freeze", "train_last_layers", "train_embeddings", "train_head")
                       if getattr(self, k) not in (None, ())]
+        if self.mode != "lora" and self.lora != LoraConfig():
+            raise ValueError(f"finetune.lora is set but finetune.mode is {self.mode!r}; use finetune.mode: lora")
+        if self.mode == "lora":
+            extra = [k for k in local_keys if k != "train"]
+            if extra:
+                raise ValueError(f"finetune.{extra[0]} does not apply to finetune.mode: lora (the base is frozen, "
+                                 f"adapters train); finetune.train patterns may add fully trained parameters")
+            return
         if self.mode == "global" and local_keys:
             raise ValueError(f"finetune.mode is 'global' (every weight trains) but finetune.{local_keys[0]} "
                              f"is set: use finetune.mode: local for selective freezing")
@@ -170,6 +199,9 @@ class OptimConfig:
 class ExportConfig:
     # The dtype of final_model/'s weights; auto: the precision the run trained in.
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # finetune.mode: lora: final_model/ is the merged model; adapter/both also (adapter: only) write
+    # the adapter in peft's format to final_adapter/.
+    lora: Literal["merged", "adapter", "both"] = "merged"
 
 
 @dataclass(frozen=True)

@@ -41,10 +41,9 @@ class PreparedData:
     seconds: float = 0.0  # spent preparing (0 when it came from the cache)
 
     def describe(self) -> list[str]:
-        """What a user reads about the data: examples per split, rows left out and why."""
-        counts = ", ".join(f"{name} {len(p):,}" for name, p in self.splits.items())
-        packed = any(p.packed for p in self.splits.values())
-        lines = [f"examples: {counts}" + (" (training split: packed rows)" if packed else "")]
+        """What a user reads about the data besides its sizes: packing, rows left out and why."""
+        lines = [f"{name}: examples packed into {len(p):,} rows of up to data.max_length tokens"
+                 for name, p in self.splits.items() if p.packed]
         for name, p in self.splits.items():
             if p.dropped:
                 lines.append(f"{name}: left out {sum(p.dropped.values()):,} of {p.rows_read:,} rows "

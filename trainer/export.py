@@ -9,6 +9,7 @@ from pathlib import Path
 
 from trainer.config import RunConfig
 from trainer.checkpoints import TAG
+from trainer.lora import trainable_model
 from trainer.model import build_model, prepare_pretrained
 
 
@@ -40,11 +41,23 @@ def export_model(cfg: RunConfig, checkpoint: Path, target: Path, processor, labe
 
     torch.manual_seed(cfg.seed)  # an inline architecture's frozen weights come from the seed
     model = build_model(cfg.model, prepare_pretrained(cfg.model, cache_dir), labels)
+    model, _ = trainable_model(model, cfg.finetune)  # with LoRA: the adapters, named as in the checkpoint
     state = consolidated_state_dict(checkpoint, cfg.deepspeed.zero_stage)
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise RuntimeError(f"the checkpoint holds parameters the model lacks: {result.unexpected_keys[:5]}")
     model.to(getattr(torch, DTYPES[dtype]))
+    if cfg.finetune.mode == "lora":
+        if cfg.export.lora in ("adapter", "both"):  # peft's format: PeftModel.from_pretrained(base, path)
+            model.save_pretrained(adapter_dir(target), safe_serialization=True)
+        if cfg.export.lora == "adapter":
+            return
+        model = model.merge_and_unload()  # a plain transformers model, no peft needed to load it
     target.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(target, safe_serialization=True)
     processor.save_pretrained(target)
+
+
+def adapter_dir(final_model: Path) -> Path:
+    """Where export.lora: adapter | both writes the LoRA adapter: beside final_model/."""
+    return final_model.parent / "final_adapter"

@@ -26,7 +26,7 @@ from trainer import data_cache
 from trainer.data import MicroBatches
 from trainer.ds_config import deepspeed_config, resolve_precision
 from trainer.evaluation import Shard
-from trainer.freezing import apply_trainable, describe_layout, select_trainable
+from trainer.lora import trainable_model
 from trainer.messages import TestResult, TrainReport
 from trainer.model import build_model, full_shape, load_processor, model_config, partitioned_build, prepare_pretrained
 from trainer.report import Reporter
@@ -114,9 +114,7 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: R
     if cfg.train.gradient_checkpointing:
         # use_reentrant=False: correct with frozen blocks (no input needs a gradient) and with ZeRO-3.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    names = [n for n, _ in model.named_parameters()]
-    trainable = select_trainable(names, cfg.finetune, describe_layout(model))
-    apply_trainable(model, trainable)
+    model, trainable = trainable_model(model, cfg.finetune)  # freezing rules, or LoRA adapters
     torch.manual_seed(cfg.seed + 1000 * (rank + 1))  # dropout differs across ranks, reproducibly
 
     t = cfg.train

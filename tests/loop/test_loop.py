@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from trainer.config import from_dict
-from tests.helpers import tiny_config, tiny_llama
+from tests.helpers import save_pretrained_llama, tiny_config, tiny_llama
 from trainer.checkpoints import TAG, find_checkpoints, read_state
 from trainer.loop import WorkerArgs, run
 from trainer.model import build_model
@@ -77,17 +77,6 @@ def test_grad_norm_is_logged_on_every_stage_and_stage_0_matches_zero(tmp_path, t
     assert [norms[0][s] for s in (1, 2, 3)] == pytest.approx([norms[2][s] for s in (1, 2, 3)], rel=1e-4)
 
 
-def _pretrained_llama(target: Path, tokenizer_dir, tied: bool) -> Path:
-    """A tiny pretrained-style model folder: local fine-tuning can rebuild its frozen weights from it."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    arch = {**tiny_llama(3), "tie_word_embeddings": tied}
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(AutoConfig.for_model(arch.pop("model_type"), **arch)).save_pretrained(target)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(target)
-    return target
-
-
 # Stage 1 on a model whose output head is tied to the (frozen) embeddings, as SmolLM2's is: the alias
 # lm_head.weight must not be written either.
 @pytest.mark.parametrize("stage, tied", [(1, True), (3, False)])
@@ -96,7 +85,7 @@ def test_lean_checkpoints_hold_only_the_trainable_part_and_resume_exactly(tmp_pa
     from trainer.checkpoints import load, size_bytes
     from trainer.loop import evaluate_split, setup
 
-    pretrained_llama = _pretrained_llama(tmp_path / "pretrained", tokenizer_dir, tied)
+    pretrained_llama = save_pretrained_llama(tmp_path / "pretrained", tokenizer_dir, tied)
     local = {"model": {"name_or_path": str(pretrained_llama), "architecture": None, "tokenizer": None},
              "finetune": {"mode": "local", "train_last_layers": 1}, "deepspeed": {"zero_stage": stage}}
     cfg, full, _ = _run(tmp_path / "full", tokenizer_dir, **local)

@@ -198,3 +198,10 @@ def test_flash_attention_without_a_gpu_or_the_package_is_refused(tmp_path, token
     raw = tiny_config(tmp_path, tokenizer_dir, model={"attn_implementation": "flash_attention_2"})
     proc = run_cli(write_config(tmp_path / "c.yaml", raw))
     assert proc.returncode == 2 and "flash_attention_2 needs a CUDA GPU per worker" in proc.stderr
+
+
+def test_qlora_is_refused_without_a_gpu(tmp_path, tokenizer_dir):
+    raw = tiny_config(tmp_path, tokenizer_dir, finetune={"mode": "lora", "lora": {"quantize": "4bit"}})
+    proc = run_cli(write_config(tmp_path / "c.yaml", raw))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "finetune.lora.quantize: 4bit (QLoRA)" in proc.stderr and "CUDA GPUs only" in proc.stderr

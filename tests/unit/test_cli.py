@@ -50,3 +50,14 @@ def test_dry_run_prints_resolved_config_and_plan(tmp_path, tokenizer_dir):
         in proc.stdout
     assert "12 optimizer steps" in proc.stdout and "blocks [.T]" in proc.stdout
     assert not (tmp_path / "run").exists()  # a dry run starts and writes nothing
+
+
+def test_dry_run_shows_the_lora_layout(tmp_path, tokenizer_dir):
+    """Adapters found by module type on GPT-2 (its Conv1D projections), counted on a meta skeleton."""
+    raw = tiny_config(tmp_path, tokenizer_dir, finetune={"mode": "lora", "lora": {"r": 4}})
+    proc = cli(write_config(tmp_path / "c.yaml", raw), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    # 2 blocks x (c_attn, attention c_proj, c_fc, mlp c_proj); r=4 adapters: (in + out) * 4 each
+    assert "LoRA r=4 alpha=32 on 8 modules (c_attn, c_fc, c_proj)" in proc.stdout
+    adapters = 2 * 4 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))
+    assert f"trainable {adapters:,} / " in proc.stdout and "blocks [pp]" in proc.stdout
