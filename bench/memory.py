@@ -52,9 +52,11 @@ def overrides(stage: int, offload: str, workers: int, mode: str, steps: int) -> 
 def measure(config: Path, args: list[str]) -> dict:
     """One launch: per-worker peaks (MB) before the first step and during the steps."""
     with tempfile.TemporaryDirectory(prefix="sft-bench-") as out:
+        # PYTHONPATH: Ray's workers import this checkout, not the one the package was installed from.
+        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", str(config), "--output", out, *args],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path})
         phase, peaks, done = ["setup"], {"setup": {}, "steps": {}}, threading.Event()
 
         def sample():
