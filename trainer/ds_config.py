@@ -84,6 +84,11 @@ def deepspeed_config(cfg: RunConfig, world_size: int, precision: str, load_unive
         if cfg.deepspeed.zero_stage == 3:
             zero.setdefault("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))
             zero.setdefault("stage3_param_persistence_threshold", 10 * hidden_size)
+            # DeepSpeed keeps a gathered weight alive while it is used again within 1e9 elements, i.e.
+            # the whole forward pass of any model this size, until backward: the full model sits
+            # gathered on every rank. About one transformer block (12 hidden²) keeps only what is in use.
+            zero.setdefault("stage3_max_live_parameters", 12 * hidden_size * hidden_size)
+            zero.setdefault("stage3_max_reuse_distance", 12 * hidden_size * hidden_size)
     out = {**base, **ours, "zero_optimization": zero}
     out["optimizer"] = {"type": "AdamW", "params": {
         "lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay, "betas": list(cfg.optim.betas),

@@ -77,9 +77,12 @@ def test_zero_buckets_follow_the_model_size_unless_the_json_sets_them(tmp_path):
     zero = ds["zero_optimization"]
     assert zero["reduce_bucket_size"] == 64 * 64 and zero["stage3_prefetch_bucket_size"] == int(0.9 * 64 * 64)
     assert zero["stage3_param_persistence_threshold"] == 640
+    assert zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == 12 * 64 * 64
     assert "reduce_bucket_size" not in deepspeed_config(cfg(deepspeed={"zero_stage": 0}), 2, "fp32", hidden_size=64)[
         "zero_optimization"]
     f = tmp_path / "ds.json"
-    f.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 123}}))
+    f.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 123, "stage3_max_reuse_distance": 1e9}}))
     ds = deepspeed_config(cfg(deepspeed={"zero_stage": 2, "config_file": str(f)}), 2, "fp32", hidden_size=64)
     assert ds["zero_optimization"]["reduce_bucket_size"] == 123
+    ds = deepspeed_config(cfg(deepspeed={"zero_stage": 3, "config_file": str(f)}), 2, "fp32", hidden_size=64)
+    assert ds["zero_optimization"]["stage3_max_reuse_distance"] == 1e9
