@@ -94,6 +94,10 @@ def deepspeed_config(cfg: RunConfig, world_size: int, precision: str, load_unive
         "lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay, "betas": list(cfg.optim.betas),
         # torch's AdamW needs no JIT-compiled op; CPU offload needs DeepSpeed's CPU Adam.
         "torch_adam": cfg.deepspeed.offload != "cpu"}}
+    if cfg.deepspeed.offload != "cpu":
+        # One kernel per update: the unfused AdamW makes temporaries the size of what it updates, and
+        # ZeRO hands it one flat partition (SmolLM2-135M, ZeRO-3, 2 workers: the step peaked 0.5 GB higher).
+        out["optimizer"]["params"]["fused"] = True
     out["bf16"] = {"enabled": precision == "bf16"}
     out["fp16"] = {"enabled": precision == "fp16"}
     if load_universal:  # resuming on another world size from a universal checkpoint

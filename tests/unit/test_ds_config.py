@@ -18,6 +18,7 @@ def test_batch_sizes_and_stage_come_from_our_config():
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 3
     assert ds["train_batch_size"] == 48 and ds["zero_optimization"]["stage"] == 3
     assert ds["optimizer"]["params"]["torch_adam"] is True  # no JIT-compiled FusedAdam on CPU
+    assert ds["optimizer"]["params"]["fused"] is True  # torch's fused AdamW: no temporaries
     assert ds["bf16"] == {"enabled": False} and ds["gradient_clipping"] == 1.0
 
 
@@ -25,6 +26,7 @@ def test_offload_uses_cpu_adam_and_offloads_params_at_stage_3():
     ds = deepspeed_config(cfg(deepspeed={"zero_stage": 3, "offload": "cpu"}), 1, "bf16")
     assert ds["zero_optimization"]["offload_param"] == {"device": "cpu"}
     assert ds["optimizer"]["params"]["torch_adam"] is False and ds["bf16"] == {"enabled": True}
+    assert "fused" not in ds["optimizer"]["params"]  # DeepSpeed's CPU Adam takes no such argument
 
 
 def test_user_json_is_the_base_but_cannot_contradict_batch_sizes(tmp_path):
