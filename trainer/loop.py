@@ -266,6 +266,7 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
     if writer:
         writer.close()
     dist.barrier()  # every rank's shard of the last checkpoint is persisted
+    engine.destroy()  # ZeRO's gradient hooks would keep the engine (all its states) alive for the test
     return state, state.step < s.total_steps
 
 
