@@ -2,8 +2,9 @@
 
 For every (stage, workers, fine-tuning mode) it launches the real command on a config (default: the
 shipped SmolLM2-135M config), samples every Ray Train worker's resident memory from /proc (CPU
-machines) every 0.2 s, and reports the peak during setup (before the first step) and during the
-steps, next to the model-state estimate that `--dry-run` prints. Not a test: run it by hand.
+machines) every 0.2 s, and reports the peak during setup (before the first step), during the
+steps (with the last validation and checkpoint) and during the test evaluation that follows in the
+same workers, next to the model-state estimate that `--dry-run` prints. Not a test: run it by hand.
 
     .venv/bin/python bench/memory.py                       # the full matrix (about 25 minutes here)
     .venv/bin/python bench/memory.py --stages 0 2 3 --workers 2 --modes global
@@ -57,14 +58,13 @@ def measure(config: Path, args: list[str]) -> dict:
         proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", str(config), "--output", out, *args],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path})
-        phase, peaks, done = ["setup"], {"setup": {}, "steps": {}}, threading.Event()
+        phase, peaks, done = ["setup"], {"setup": {}, "steps": {}, "test": {}}, threading.Event()
 
         def sample():
             while not done.is_set():
                 for pid, mb in worker_rss_mb().items():
-                    bucket = peaks[phase[0]] if phase[0] in peaks else None
-                    if bucket is not None:
-                        bucket[pid] = max(bucket.get(pid, 0.0), mb)
+                    bucket = peaks[phase[0]]
+                    bucket[pid] = max(bucket.get(pid, 0.0), mb)
                 time.sleep(0.2)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -75,7 +75,7 @@ def measure(config: Path, args: list[str]) -> dict:
             if "[sft] training steps" in line:
                 phase[0] = "steps"
             elif "[sft] test evaluation" in line:
-                phase[0] = "test"  # not sampled: a fresh model for the test split
+                phase[0] = "test"  # a fresh model and engine for the test split, in the same workers
         code = proc.wait()
         done.set()
         sampler.join()
@@ -109,7 +109,7 @@ def main() -> None:
     a = p.parse_args()
     rows = []
     print(f"{'stage':<10} {'workers':>7} {'mode':<7} {'setup peak MB':>14} {'step peak MB':>13} "
-          f"{'estimate MB':>12} {'step/ZeRO-0':>12} {'checkpoint MB':>14}", flush=True)
+          f"{'estimate MB':>12} {'step/ZeRO-0':>12} {'checkpoint MB':>14} {'test peak MB':>13}", flush=True)
     baseline: dict[tuple, float] = {}
     for workers in a.workers:
         for mode in a.modes:
@@ -123,9 +123,10 @@ def main() -> None:
                     baseline[(workers, mode)] = steps
                 ratio = steps / baseline[(workers, mode)] if (workers, mode) in baseline else float("nan")
                 ckpt = statistics.median(r["checkpoint_mb"] for r in runs)
+                test = statistics.median(r["test"] for r in runs)
                 rows.append((name, workers, mode, setup, steps, estimate_mb(Path(a.config), args), ratio))
                 print(f"{name:<10} {workers:>7} {mode:<7} {setup:>14,.0f} {steps:>13,.0f} {rows[-1][5]:>12,.0f} "
-                      f"{ratio:>12.2f} {ckpt:>14,.0f}", flush=True)
+                      f"{ratio:>12.2f} {ckpt:>14,.0f} {test:>13,.0f}", flush=True)
 
 
 if __name__ == "__main__":
