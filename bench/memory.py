@@ -26,14 +26,32 @@ REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {"0": (0, "none"), "1": (1, "none"), "2": (2, "none"), "3": (3, "none"), "3+offload": (3, "cpu")}
 
 
-def worker_rss_mb() -> dict[int, float]:
-    """Resident memory of every Ray Train worker process now (they are titled ray::RayTrainWorker...)."""
+def parent(pid: int) -> int:
+    """The parent's pid (0 when gone); the command name in /proc/PID/stat may hold spaces."""
+    try:
+        return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def descends_from(pid: int, root: int) -> bool:
+    while pid > 1:
+        if pid == root:
+            return True
+        pid = parent(pid)
+    return False
+
+
+def worker_rss_mb(root: int) -> dict[int, float]:
+    """Resident memory of every Ray Train worker process of the launch `root` now (they are titled
+    ray::RayTrainWorker...; the launch's private Ray instance makes them its descendants). Other
+    launches on the same machine are not counted."""
     out = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            if b"RayTrainWorker" not in (proc / "cmdline").read_bytes():
+            if b"RayTrainWorker" not in (proc / "cmdline").read_bytes() or not descends_from(int(proc.name), root):
                 continue
             rss = next(l for l in (proc / "status").read_text().splitlines() if l.startswith("VmRSS:"))
             out[int(proc.name)] = int(rss.split()[1]) / 1024
@@ -62,7 +80,7 @@ def measure(config: Path, args: list[str]) -> dict:
 
         def sample():
             while not done.is_set():
-                for pid, mb in worker_rss_mb().items():
+                for pid, mb in worker_rss_mb(proc.pid).items():
                     bucket = peaks[phase[0]]
                     bucket[pid] = max(bucket.get(pid, 0.0), mb)
                 time.sleep(0.2)
