@@ -2,8 +2,9 @@
 
 For every (stage, workers, fine-tuning mode) it launches the real command on a config (default: the
 shipped SmolLM2-135M config), samples every Ray Train worker's resident memory from /proc (CPU
-machines) every 0.2 s, and reports the peak during setup (before the first step) and during the
-steps, next to the model-state estimate that `--dry-run` prints. Not a test: run it by hand.
+machines) every 0.2 s, and reports the peak during setup (before the first step), during the
+steps (with the last validation and checkpoint) and during the test evaluation that follows in the
+same workers, next to the model-state estimate that `--dry-run` prints. Not a test: run it by hand.
 
     .venv/bin/python bench/memory.py                       # the full matrix (about 25 minutes here)
     .venv/bin/python bench/memory.py --stages 0 2 3 --workers 2 --modes global
@@ -25,14 +26,32 @@ REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {"0": (0, "none"), "1": (1, "none"), "2": (2, "none"), "3": (3, "none"), "3+offload": (3, "cpu")}
 
 
-def worker_rss_mb() -> dict[int, float]:
-    """Resident memory of every Ray Train worker process now (they are titled ray::RayTrainWorker...)."""
+def parent(pid: int) -> int:
+    """The parent's pid (0 when gone); the command name in /proc/PID/stat may hold spaces."""
+    try:
+        return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def descends_from(pid: int, root: int) -> bool:
+    while pid > 1:
+        if pid == root:
+            return True
+        pid = parent(pid)
+    return False
+
+
+def worker_rss_mb(root: int) -> dict[int, float]:
+    """Resident memory of every Ray Train worker process of the launch `root` now (they are titled
+    ray::RayTrainWorker...; the launch's private Ray instance makes them its descendants). Other
+    launches on the same machine are not counted."""
     out = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            if b"RayTrainWorker" not in (proc / "cmdline").read_bytes():
+            if b"RayTrainWorker" not in (proc / "cmdline").read_bytes() or not descends_from(int(proc.name), root):
                 continue
             rss = next(l for l in (proc / "status").read_text().splitlines() if l.startswith("VmRSS:"))
             out[int(proc.name)] = int(rss.split()[1]) / 1024
@@ -52,17 +71,18 @@ def overrides(stage: int, offload: str, workers: int, mode: str, steps: int) -> 
 def measure(config: Path, args: list[str]) -> dict:
     """One launch: per-worker peaks (MB) before the first step and during the steps."""
     with tempfile.TemporaryDirectory(prefix="sft-bench-") as out:
+        # PYTHONPATH: Ray's workers import this checkout, not the one the package was installed from.
+        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", str(config), "--output", out, *args],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        phase, peaks, done = ["setup"], {"setup": {}, "steps": {}}, threading.Event()
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path})
+        phase, peaks, done = ["setup"], {"setup": {}, "steps": {}, "test": {}}, threading.Event()
 
         def sample():
             while not done.is_set():
-                for pid, mb in worker_rss_mb().items():
-                    bucket = peaks[phase[0]] if phase[0] in peaks else None
-                    if bucket is not None:
-                        bucket[pid] = max(bucket.get(pid, 0.0), mb)
+                for pid, mb in worker_rss_mb(proc.pid).items():
+                    bucket = peaks[phase[0]]
+                    bucket[pid] = max(bucket.get(pid, 0.0), mb)
                 time.sleep(0.2)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -73,7 +93,7 @@ def measure(config: Path, args: list[str]) -> dict:
             if "[sft] training steps" in line:
                 phase[0] = "steps"
             elif "[sft] test evaluation" in line:
-                phase[0] = "test"  # not sampled: a fresh model for the test split
+                phase[0] = "test"  # a fresh model and engine for the test split, in the same workers
         code = proc.wait()
         done.set()
         sampler.join()
@@ -107,7 +127,7 @@ def main() -> None:
     a = p.parse_args()
     rows = []
     print(f"{'stage':<10} {'workers':>7} {'mode':<7} {'setup peak MB':>14} {'step peak MB':>13} "
-          f"{'estimate MB':>12} {'step/ZeRO-0':>12} {'checkpoint MB':>14}", flush=True)
+          f"{'estimate MB':>12} {'step/ZeRO-0':>12} {'checkpoint MB':>14} {'test peak MB':>13}", flush=True)
     baseline: dict[tuple, float] = {}
     for workers in a.workers:
         for mode in a.modes:
@@ -121,9 +141,10 @@ def main() -> None:
                     baseline[(workers, mode)] = steps
                 ratio = steps / baseline[(workers, mode)] if (workers, mode) in baseline else float("nan")
                 ckpt = statistics.median(r["checkpoint_mb"] for r in runs)
+                test = statistics.median(r["test"] for r in runs)
                 rows.append((name, workers, mode, setup, steps, estimate_mb(Path(a.config), args), ratio))
                 print(f"{name:<10} {workers:>7} {mode:<7} {setup:>14,.0f} {steps:>13,.0f} {rows[-1][5]:>12,.0f} "
-                      f"{ratio:>12.2f} {ckpt:>14,.0f}", flush=True)
+                      f"{ratio:>12.2f} {ckpt:>14,.0f} {test:>13,.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,12 @@ RAY_ENV = {
     "PYTHONWARNINGS": "ignore",
 }
 
+# The training workers' C allocator: tensors of 64 KiB and more are mapped, and unmapped when freed.
+# glibc's default raises that threshold as tensors are freed (up to 32 MiB), so activations and
+# optimizer temporaries come from heaps that keep what was freed: +0.9 GB resident per ZeRO-3 worker
+# on SmolLM2-135M after 3 steps. An explicit value in the driver's environment wins.
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
 
 class LaunchError(RuntimeError):
     """The cluster cannot run the job as asked (missing resources, a failed worker group)."""
@@ -67,7 +73,8 @@ def start_ray(address: Optional[str], verbose: bool = False) -> None:
     import ray
 
     common = dict(logging_level=logging.ERROR, log_to_driver=verbose, configure_logging=True,
-                  runtime_env={"env_vars": {k: os.environ[k] for k in RAY_ENV},
+                  runtime_env={"env_vars": {**{k: os.environ.get(k, v) for k, v in WORKER_ENV.items()},
+                                            **{k: os.environ[k] for k in RAY_ENV}},
                                "worker_process_setup_hook": "launcher.ray_job._quiet_worker_logs"})
     if address:
         # SFT_NODE_IP: this host's address in the cluster, where Ray would guess another one (the

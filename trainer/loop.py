@@ -28,7 +28,8 @@ from trainer.ds_config import deepspeed_config, resolve_precision
 from trainer.evaluation import Shard
 from trainer.lora import trainable_model
 from trainer.messages import TestResult, TrainReport
-from trainer.model import build_model, full_shape, load_processor, model_config, partitioned_build, prepare_pretrained
+from trainer.model import (build_model, full_shape, load_processor, model_config, partitioned_build, prepare_pretrained,
+                           share_fp32_partitions)
 from trainer.report import Reporter
 from trainer.splits import total_steps
 from trainer.tasks.common import Prepared
@@ -133,6 +134,7 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: R
 
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, lr_scheduler=scheduler,
                                       config=ds_config)
+    share_fp32_partitions(engine)  # ZeRO-3 in fp32: no second copy of the weights' partition
     shard = Shard(lambda batch: engine(**batch).logits, task.collator(processor), rank, world,
                   cfg.train.micro_batch_size, device)
     return Setup(task, engine, processor, shard, data, labels, steps, rank, world,
@@ -273,6 +275,7 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
     if writer:
         writer.close()
     dist.barrier()  # every rank's shard of the last checkpoint is persisted
+    engine.destroy()  # ZeRO's gradient hooks would keep the engine (all its states) alive for the test
     return state, state.step < s.total_steps
 
 

@@ -172,6 +172,24 @@ def partitioned_build(ds_config: dict):
         unset_hf_deepspeed_config()  # later builds (rank 0's export) are plain again
 
 
+def share_fp32_partitions(engine) -> None:
+    """ZeRO-3 with weights in fp32 already: the optimizer's fp32 partition becomes the weights'
+    partition itself, as DeepSpeed means it to (stage3.py, _create_fp32_partitions), instead of a
+    copy that doubles every rank's share of the weights.
+
+    DeepSpeed 0.19.8 (private attributes): that check compares a tensor's torch.device with the
+    accelerator's device name, which is never equal ('cpu' != device('cpu')), so it always copies
+    (257 MB per worker for SmolLM2-135M at 2 workers). Called before the first step, while the copy
+    still equals the weights; every later update then writes the weights in place, as with autocast."""
+    optimizer = getattr(engine, "optimizer", None)
+    weights = getattr(optimizer, "fp16_partitioned_groups_flat", None) or []
+    masters = getattr(optimizer, "fp32_partitioned_groups_flat", None) or []
+    for weight, master in zip(weights, masters):
+        if (weight is not None and weight.dtype == master.dtype and weight.device == master.device
+                and weight.numel() == master.numel() and weight.data_ptr() != master.data_ptr()):
+            master.data = weight.data
+
+
 def full_shape(param) -> tuple:
     """A parameter's real shape, also when ZeRO-3 has partitioned it away (ds_shape)."""
     return tuple(getattr(param, "ds_shape", param.shape))

@@ -18,6 +18,7 @@ def test_batch_sizes_and_stage_come_from_our_config():
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 3
     assert ds["train_batch_size"] == 48 and ds["zero_optimization"]["stage"] == 3
     assert ds["optimizer"]["params"]["torch_adam"] is True  # no JIT-compiled FusedAdam on CPU
+    assert ds["optimizer"]["params"]["fused"] is True  # torch's fused AdamW: no temporaries
     assert ds["bf16"] == {"enabled": False} and ds["gradient_clipping"] == 1.0
 
 
@@ -25,6 +26,7 @@ def test_offload_uses_cpu_adam_and_offloads_params_at_stage_3():
     ds = deepspeed_config(cfg(deepspeed={"zero_stage": 3, "offload": "cpu"}), 1, "bf16")
     assert ds["zero_optimization"]["offload_param"] == {"device": "cpu"}
     assert ds["optimizer"]["params"]["torch_adam"] is False and ds["bf16"] == {"enabled": True}
+    assert "fused" not in ds["optimizer"]["params"]  # DeepSpeed's CPU Adam takes no such argument
 
 
 def test_user_json_is_the_base_but_cannot_contradict_batch_sizes(tmp_path):
@@ -77,9 +79,12 @@ def test_zero_buckets_follow_the_model_size_unless_the_json_sets_them(tmp_path):
     zero = ds["zero_optimization"]
     assert zero["reduce_bucket_size"] == 64 * 64 and zero["stage3_prefetch_bucket_size"] == int(0.9 * 64 * 64)
     assert zero["stage3_param_persistence_threshold"] == 640
+    assert zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == 12 * 64 * 64
     assert "reduce_bucket_size" not in deepspeed_config(cfg(deepspeed={"zero_stage": 0}), 2, "fp32", hidden_size=64)[
         "zero_optimization"]
     f = tmp_path / "ds.json"
-    f.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 123}}))
+    f.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 123, "stage3_max_reuse_distance": 1e9}}))
     ds = deepspeed_config(cfg(deepspeed={"zero_stage": 2, "config_file": str(f)}), 2, "fp32", hidden_size=64)
     assert ds["zero_optimization"]["reduce_bucket_size"] == 123
+    ds = deepspeed_config(cfg(deepspeed={"zero_stage": 3, "config_file": str(f)}), 2, "fp32", hidden_size=64)
+    assert ds["zero_optimization"]["stage3_max_reuse_distance"] == 1e9
