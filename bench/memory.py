@@ -4,10 +4,13 @@ For every (stage, workers, fine-tuning mode) it launches the real command on a c
 shipped SmolLM2-135M config), samples every Ray Train worker's resident memory from /proc (CPU
 machines) every 0.2 s, and reports the peak during setup (before the first step), during the
 steps (with the last validation and checkpoint) and during the test evaluation that follows in the
-same workers, next to the model-state estimate that `--dry-run` prints. Not a test: run it by hand.
+same workers, next to the model-state estimate that `--dry-run` prints; also the trainable
+parameters, the median seconds per step and the test loss after the run (mode lora: LoRA r=16 at
+lr 1e-3; global and local at the config's rate). Not a test: run it by hand.
 
     .venv/bin/python bench/memory.py                       # the full matrix (about 25 minutes here)
     .venv/bin/python bench/memory.py --stages 0 2 3 --workers 2 --modes global
+    .venv/bin/python bench/memory.py --stages 2 --workers 2 --modes global local lora --steps 12
 """
 from __future__ import annotations
 
@@ -61,8 +64,10 @@ def worker_rss_mb(root: int) -> dict[int, float]:
 
 
 def overrides(stage: int, offload: str, workers: int, mode: str, steps: int) -> list[str]:
-    finetune = "{mode: global}" if mode == "global" else "{mode: local, train_last_layers: 2}"
-    sets = [f"deepspeed.zero_stage={stage}", f"deepspeed.offload={offload}", f"scaling.workers_per_node={workers}",
+    finetune = {"global": "{mode: global}", "local": "{mode: local, train_last_layers: 2}",
+                "lora": "{mode: lora}"}[mode]
+    # LoRA at configs/gpt_lora.yaml's rate (adapters take a larger one); the others at the config's.
+    sets = (["optim.lr=1.0e-3"] if mode == "lora" else []) + [f"deepspeed.zero_stage={stage}", f"deepspeed.offload={offload}", f"scaling.workers_per_node={workers}",
             f"finetune={finetune}", f"train.max_steps={steps}", f"train.eval_every={steps}", "train.log_every=1",
             "train.micro_batch_size=2"]
     return [a for s in sets for a in ("--set", s)]
@@ -87,9 +92,11 @@ def measure(config: Path, args: list[str]) -> dict:
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        lines = []
+        lines, seconds = [], []
         for line in proc.stdout:
             lines.append(line)
+            if " s/step" in line:
+                seconds.append(float(line.rsplit(" s/step", 1)[0].split()[-1]))
             if "[sft] training steps" in line:
                 phase[0] = "steps"
             elif "[sft] test evaluation" in line:
@@ -99,9 +106,11 @@ def measure(config: Path, args: list[str]) -> dict:
         sampler.join()
         if code != 0:
             raise SystemExit(f"sft-launch failed ({code}):\n{''.join(lines[-30:])}")
-        sizes = json.loads((Path(out) / "run_summary.json").read_text())["checkpoint_bytes"]
+        summary = json.loads((Path(out) / "run_summary.json").read_text())
     return {**{k: max(v.values(), default=0.0) for k, v in peaks.items()},
-            "checkpoint_mb": max(sizes.values()) / 2**20}
+            "checkpoint_mb": max(summary["checkpoint_bytes"].values()) / 2**20,
+            "trainable": summary["trainable_parameters"], "test_loss": summary["test"]["after"]["loss"],
+            "s_per_step": statistics.median(seconds[1:] if len(seconds) > 1 else seconds)}
 
 
 def estimate_mb(config: Path, args: list[str]) -> float:
@@ -121,13 +130,14 @@ def main() -> None:
     p.add_argument("--config", default=str(REPO / "configs" / "gpt_ft.yaml"))
     p.add_argument("--stages", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--workers", nargs="+", type=int, default=[1, 2])
-    p.add_argument("--modes", nargs="+", default=["global", "local"], choices=["global", "local"])
+    p.add_argument("--modes", nargs="+", default=["global", "local"], choices=["global", "local", "lora"])
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=1, help="launches per cell; the table shows the median")
     a = p.parse_args()
     rows = []
     print(f"{'stage':<10} {'workers':>7} {'mode':<7} {'setup peak MB':>14} {'step peak MB':>13} "
-          f"{'estimate MB':>12} {'step/ZeRO-0':>12} {'checkpoint MB':>14} {'test peak MB':>13}", flush=True)
+          f"{'estimate MB':>12} {'step/ZeRO-0':>12} {'checkpoint MB':>14} {'test peak MB':>13} {'trainable':>11} "
+          f"{'s/step':>7} {'test loss':>9}", flush=True)
     baseline: dict[tuple, float] = {}
     for workers in a.workers:
         for mode in a.modes:
@@ -144,7 +154,9 @@ def main() -> None:
                 test = statistics.median(r["test"] for r in runs)
                 rows.append((name, workers, mode, setup, steps, estimate_mb(Path(a.config), args), ratio))
                 print(f"{name:<10} {workers:>7} {mode:<7} {setup:>14,.0f} {steps:>13,.0f} {rows[-1][5]:>12,.0f} "
-                      f"{ratio:>12.2f} {ckpt:>14,.0f} {test:>13,.0f}", flush=True)
+                      f"{ratio:>12.2f} {ckpt:>14,.0f} {test:>13,.0f} {runs[0]['trainable']:>11,} "
+                      f"{statistics.median(r['s_per_step'] for r in runs):>7.2f} "
+                      f"{statistics.median(r['test_loss'] for r in runs):>9.4f}", flush=True)
 
 
 if __name__ == "__main__":

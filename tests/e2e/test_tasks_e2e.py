@@ -11,7 +11,9 @@ from tests.helpers import make_wordpiece_tokenizer, task_config, write_config
 
 pytestmark = pytest.mark.e2e
 
-TASKS = {"sequence_classification": ("text-classification", "accuracy", {}),
+# The sequence classification run fine-tunes with LoRA (adapters + a fully trained head) on 2 workers.
+TASKS = {"sequence_classification": ("text-classification", "accuracy",
+                                     {"finetune": {"mode": "lora", "lora": {"r": 8, "dropout": 0.0}}}),
          "token_classification": ("token-classification", "f1", {"data": {"fractions": [0.8, 0.0975, 0.1025]}})}
 
 
@@ -85,3 +87,18 @@ def test_exported_model_works_in_a_pipeline_with_label_names(task_run):
         assert found and all(e["entity"] in labels for e in found)
     else:
         assert pipe("Heavy rain is expected in Oslo today")[0]["label"] in labels
+
+
+def test_lora_run_trains_adapters_and_exports_a_plain_model(task_run):
+    task, out, _ = task_run
+    if task != "sequence_classification":
+        pytest.skip("the LoRA run is the sequence classification one")
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["config"]["finetune"]["mode"] == "lora"
+    assert 0 < summary["trainable_parameters"] < 0.3 * summary["total_parameters"]
+    weights = (out / "final_model" / "model.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        names = list(f.keys())
+    assert names and not any("lora" in n or "base_model.model" in n for n in names)  # merged, plain names
