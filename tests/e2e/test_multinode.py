@@ -59,11 +59,12 @@ def two_nodes(tmp_path_factory):
                 os.killpg(proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        for proc in procs:
+        for proc in procs:  # `ray start --block` takes ~30 s to end on SIGTERM; its group is ours alone
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
 
 
 def test_two_nodes_one_worker_each_match_the_single_node_run(two_nodes, zero2, tmp_path):
