@@ -61,3 +61,10 @@ def test_dry_run_shows_the_lora_layout(tmp_path, tokenizer_dir):
     assert "LoRA r=4 alpha=32 on 8 modules (c_attn, c_fc, c_proj)" in proc.stdout
     adapters = 2 * 4 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))
     assert f"trainable {adapters:,} / " in proc.stdout and "blocks [pp]" in proc.stdout
+
+
+def test_lora_target_matching_nothing_fails_before_any_worker(tmp_path, tokenizer_dir):
+    raw = tiny_config(tmp_path, tokenizer_dir, finetune={"mode": "lora", "lora": {"target": ["*q_proj"]}})
+    proc = cli(write_config(tmp_path / "c.yaml", raw), "--dry-run")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "finetune.lora.target[0] = '*q_proj' matches no linear or convolution layer" in proc.stderr
