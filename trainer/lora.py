@@ -8,6 +8,7 @@ too (preflight). Never imports ray.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -78,7 +79,9 @@ def wrap(model, cfg: FinetuneConfig, layout: Layout):
     found = lora_layout(model, cfg, layout)
     config = peft.LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                              target_modules=list(found.targets), modules_to_save=list(found.full) or None)
-    return peft.get_peft_model(model, config, adapter_name=ADAPTER)
+    with warnings.catch_warnings():  # peft 0.21 reads a transformers attribute deprecated in 5.x
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return peft.get_peft_model(model, config, adapter_name=ADAPTER)
 
 
 def trainable_model(model, cfg: FinetuneConfig) -> tuple:
