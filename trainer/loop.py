@@ -19,10 +19,9 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Optional
 
-from trainer import checkpoints
+from trainer import checkpoints, data_cache
 from trainer.checkpoints import TrainState
 from trainer.config import ConfigError, RunConfig
-from trainer import data_cache
 from trainer.data import MicroBatches
 from trainer.ds_config import deepspeed_config, resolve_precision
 from trainer.evaluation import Shard
