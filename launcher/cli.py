@@ -37,6 +37,9 @@ def parser() -> argparse.ArgumentParser:
                    help="continue from the latest complete checkpoint in output_dir, or from PATH")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, typed like YAML (repeatable), e.g. --set optim.lr=3e-5")
+    p.add_argument("--tune", action="store_true",
+                   help="run the config's hyperparameter search (tune:) instead of one run; with --resume, "
+                        "continue the search in output_dir")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config and the plan; start nothing")
     p.add_argument("--verbose", action="store_true",
@@ -80,10 +83,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = resolve(args)
         if args.submit and not args.slurm:
             raise ConfigError("--submit goes with --slurm")
+        if args.tune and args.resume:
+            raise ConfigError("--tune --resume continues the search in output_dir; it takes no checkpoint PATH")
+        if args.tune:
+            from launcher.tune import check_search
+
+            check_search(cfg, args.resume is not None, Path(cfg.output_dir).resolve())
         if args.slurm:
             from launcher.slurm import write_and_submit
 
-            passed = [a for item in args.set for a in ("--set", item)]
+            passed = [a for item in args.set for a in ("--set", item)] + (["--tune"] if args.tune else [])
             if args.workers_per_node is not None:
                 passed += ["--workers-per-node", str(args.workers_per_node)]
             write_and_submit(cfg, Path(args.config), sys.executable, passed, args.submit)
@@ -94,7 +103,16 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
             print("---")
             print(describe(make_plan(cfg, cache_dir()), cfg))
+            if args.tune:
+                from launcher.tune import describe_search
+
+                describe_search(cfg.tune, resume=False)
             return 0
+        if args.tune:
+            from launcher.tune import search
+
+            summary = search(cfg, args.address, args.resume is not None, cache_dir(), verbose=args.verbose)
+            return EXIT_STOPPED if summary.get("status") == "stopped" else 0
         from launcher.controller import launch
 
         summary = launch(cfg, args.address, args.resume, cache_dir(), verbose=args.verbose)

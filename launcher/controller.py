@@ -249,7 +249,7 @@ def _next_attempt(root: Path) -> int:
     return max(numbers, default=0) + 1
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
     tmp.replace(path)
@@ -272,10 +272,11 @@ class Paths:
     out: Path
     attempt: str  # this launch's folder under checkpoints/: a reused name would restore its Ray state
     resume_from: Optional[Path]
+    checkpoint_dir: Optional[Path] = None  # default <out>/checkpoints (a search: its best trial's)
 
     @property
     def checkpoints(self) -> Path:
-        return self.out / "checkpoints"
+        return self.checkpoint_dir or self.out / "checkpoints"
 
 
 def launch(cfg: RunConfig, address: Optional[str], resume: Optional[str], cache_dir: str,
@@ -374,7 +375,8 @@ def final_checkpoint(paths: Paths) -> Optional[Path]:
     return found[-1][1] if found else paths.resume_from
 
 
-def summarise(cfg: RunConfig, paths: Paths, ctl: Controller, plan, final: Optional[Path], elapsed: float) -> dict:
+def summarise(cfg: RunConfig, paths: Paths, ctl: Controller, plan, final: Optional[Path], elapsed: float,
+              extra: Optional[dict] = None) -> dict:
     """run_summary.json (and, for a completed run, test_metrics.json and the TensorBoard test scalars)."""
     step = checkpoints.read_state(final).step if final else 0
     summary = {
@@ -395,15 +397,16 @@ def summarise(cfg: RunConfig, paths: Paths, ctl: Controller, plan, final: Option
         "total_parameters": plan.total,
         "elapsed_s": round(elapsed, 1),
         "config": to_dict(cfg),
+        **(extra or {}),
     }
     if ctl.test:
         before, after = ctl.test.before, ctl.test.after
-        _write_json(paths.out / "test_metrics.json", {"before": before, "after": after, "step": step,
+        write_json(paths.out / "test_metrics.json", {"before": before, "after": after, "step": step,
                                                       "checkpoint": str(final)})
         _tensorboard_test(paths.out, step, before, after)
         summary.update(test={"before": before, "after": after}, final_model=str(paths.out / "final_model"),
                        tensorboard=str(paths.out / "tensorboard"))
-    _write_json(paths.out / "run_summary.json", summary)
+    write_json(paths.out / "run_summary.json", summary)
     if ctl.test:
         changes = "  ".join(f"{k} {before[k]:.4g} -> {after[k]:.4g}" for k, v in after.items()
                             if isinstance(v, float) and k not in ("tokens", "examples", "perplexity"))

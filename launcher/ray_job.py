@@ -28,6 +28,8 @@ RAY_ENV = {
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "TRANSFORMERS_VERBOSITY": "error",
     "PYTHONWARNINGS": "ignore",
+    "RAY_CHDIR_TO_TRIAL_DIR": "0",  # a search trial runs where a plain run does (relative paths hold)
+    "TUNE_DISABLE_SIGINT_HANDLER": "1",  # the launcher's own stop (checkpoint first) handles Ctrl-C
 }
 
 # The training workers' C allocator: tensors of 64 KiB and more are mapped, and unmapped when freed.
@@ -237,6 +239,14 @@ def train_worker(loop_config: dict) -> None:
         _reporting_bad_input(reporter, lambda: loop.fine_tune(cfg, reporter, args))
 
 
+def test_worker(loop_config: dict) -> None:
+    """The test evaluation alone, on `final_checkpoint` (a search's best trial)."""
+    from trainer import loop
+
+    cfg, args, reporter = _worker_args(loop_config)
+    _reporting_bad_input(reporter, lambda: loop.run_test(cfg, reporter, args))
+
+
 # ---------------------------------------------------------------- driver side
 
 
@@ -316,7 +326,7 @@ def fit(cfg: RunConfig, worker: Callable, args: dict, storage: Path, name: str,
         check_shared_storage(node_ids, Path(cfg.output_dir).resolve())
         if args.get("data_dir"):
             check_shared_storage(node_ids, Path(args["data_dir"]), "data.cache_dir")
-    q = Queue()
+    q = Queue(actor_options={"num_cpus": 0})  # fits in a search trial's placement group too
     args = {**args, "threads": s.cpus_per_worker, "use_gpu": gpus > 0}
     trainer = TorchTrainer(
         train_loop_per_worker=worker,

@@ -294,6 +294,73 @@ class SlurmConfig:
                 raise ValueError(f"slurm.{key} must be >= 0, got {getattr(self, key)}")
 
 
+# tune.space: a config key -> one distribution, written {kind: arguments}.
+DISTRIBUTIONS = {
+    "uniform": "[low, high]",
+    "loguniform": "[low, high] (low > 0)",
+    "randint": "[low, high] (integers; high excluded)",
+    "choice": "[value, ...]",
+    "grid": "[value, ...] (every value, in every repeat of the grid)",
+}
+# Keys a trial may not change: where and how the search itself runs.
+UNSEARCHABLE = ("tune", "output_dir", "scaling", "slurm")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """`sft-launch CONFIG --tune`: Ray Tune trials over `space`, each a full run (see launcher/tune.py)."""
+    metric: str = "loss"  # a validation metric the task reports
+    mode: Literal["min", "max"] = "min"
+    num_samples: int = 8  # trials; with grid values: repeats of the grid
+    max_concurrent_trials: Optional[int] = None  # default: as many as the cluster holds at once
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int = 1  # evaluations before ASHA may stop a trial
+    reduction_factor: int = 2
+    search_alg: Literal["random", "optuna"] = "random"
+    space: dict = field(default_factory=dict)  # config key -> {uniform|loguniform|randint|choice|grid: ...}
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1 or self.grace_period < 1 or self.reduction_factor < 2:
+            raise ValueError("tune.num_samples and tune.grace_period must be >= 1, tune.reduction_factor >= 2")
+        if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
+            raise ValueError(f"tune.max_concurrent_trials must be >= 1, got {self.max_concurrent_trials}")
+        for key, spec in self.space.items():
+            kind, args = distribution(key, spec)
+            if kind == "grid" and self.search_alg == "optuna":
+                raise ValueError(f"tune.space.{key}: grid values do not go with tune.search_alg: optuna "
+                                 f"(use choice)")
+
+
+def distribution(key: str, spec: Any) -> tuple[str, list]:
+    """(kind, arguments) of one tune.space entry, checked for shape (the values are checked by
+    trial_config against the key's own rules)."""
+    kinds = ", ".join(f"{{{k}: {v}}}" for k, v in DISTRIBUTIONS.items())
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+        raise ValueError(f"tune.space.{key} must be one distribution, one of {kinds}; got {spec!r}")
+    kind, args = next(iter(spec.items()))
+    if not isinstance(args, (list, tuple)) or not args:
+        raise ValueError(f"tune.space.{key}: {kind} takes a list {DISTRIBUTIONS[kind]}, got {args!r}")
+    if kind in ("uniform", "loguniform", "randint"):
+        numeric = all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
+        if len(args) != 2 or not numeric or not args[0] < args[1]:
+            raise ValueError(f"tune.space.{key}: {kind} takes {DISTRIBUTIONS[kind]} with low < high, got {args!r}")
+        if kind == "loguniform" and args[0] <= 0:
+            raise ValueError(f"tune.space.{key}: loguniform needs low > 0, got {args!r}")
+        if kind == "randint" and not all(isinstance(a, int) for a in args):
+            raise ValueError(f"tune.space.{key}: randint takes two integers, got {args!r}")
+    return kind, list(args)
+
+
+def checked_values(kind: str, args: list) -> list:
+    """The values of a distribution that the key's own checks must accept: every choice or grid
+    value, both ends of a range (as the type a sample has)."""
+    if kind in ("choice", "grid"):
+        return list(args)
+    if kind == "randint":
+        return [args[0], args[1] - 1]
+    return [float(args[0]), float(args[1])]
+
+
 @dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig
@@ -305,6 +372,7 @@ class RunConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    tune: Optional[TuneConfig] = None  # the search `sft-launch --tune` runs
     output_dir: Optional[str] = None  # default (set by the CLI): runs/<config file name>
     seed: int = 42
 
@@ -314,6 +382,9 @@ class RunConfig:
         if self.data.packing and not get_task(self.model.task).PACKS:
             raise ValueError(f"data.packing is set, but model.task {self.model.task!r} has no packing "
                              f"(only tasks that train on token sequences pack examples into rows)")
+
+        if self.tune is not None:
+            check_space(self)
 
     @property
     def split_seed(self) -> int:
@@ -407,7 +478,12 @@ def _build(cls: type, raw: Any, where: str, prefix: str = "") -> Any:
                 raise ConfigError(f"{where}: missing required section '{prefix}{f.name}'")
             continue
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
+        optional = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(optional) == 1 and dataclasses.is_dataclass(optional[0]) and type(None) in typing.get_args(tp):
+            # An optional section: null (or absent) leaves it off; a mapping turns it on.
+            kwargs[f.name] = None if raw[f.name] is None else _build(optional[0], raw[f.name], where,
+                                                                     f"{prefix}{f.name}.")
+        elif dataclasses.is_dataclass(tp):
             kwargs[f.name] = _build(tp, raw[f.name] if raw[f.name] is not None else {}, where,
                                     f"{prefix}{f.name}.")
         else:
@@ -527,3 +603,45 @@ def to_dict(cfg: RunConfig) -> dict:
             return {k: plain(v) for k, v in value.items()}
         return value
     return plain(dataclasses.asdict(cfg))
+
+
+# ---------------------------------------------------------------- search trials
+
+TRIAL = "tune trial"  # the `where` of a trial's config errors
+
+
+def trial_config(cfg: RunConfig, values: dict, output_dir: Optional[str] = None) -> RunConfig:
+    """The plain run config of one search trial: `cfg` with each searched key set to its value and
+    no tune section, checked like any config."""
+    raw = to_dict(cfg)
+    raw["tune"] = None
+    for key, value in values.items():
+        node, parts = raw, key.split(".")
+        for part in parts[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or parts[-1] not in node:
+            raise ConfigError(f"tune.space.{key}: no such config key (a searched key is a dotted key of the "
+                              f"run config, e.g. optim.lr or train.micro_batch_size)")
+        node[parts[-1]] = value
+    if output_dir is not None:
+        raw["output_dir"] = output_dir
+    return from_dict(raw, TRIAL)
+
+
+def check_space(cfg: RunConfig) -> None:
+    """Every key of tune.space exists and accepts every value the search can give it (each choice and
+    grid value, both ends of a range), through the normal config checks, before any trial starts."""
+    for key, spec in cfg.tune.space.items():
+        if key.split(".")[0] in UNSEARCHABLE:
+            raise ValueError(f"tune.space.{key}: {', '.join(UNSEARCHABLE)} are the search's own settings; "
+                             f"a trial cannot change them")
+        kind, args = distribution(key, spec)
+        for value in checked_values(kind, args):
+            try:
+                trial_config(cfg, {key: value})
+            except ConfigError as err:
+                reason = str(err).removeprefix(f"{TRIAL}: ")
+                if reason.startswith(f"tune.space.{key}:"):
+                    raise ValueError(reason) from None
+                raise ValueError(f"tune.space.{key}: the search could give it {value!r}, which the config "
+                                 f"refuses: {reason}") from None

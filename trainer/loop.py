@@ -49,6 +49,7 @@ class WorkerArgs:
     universal: bool = False  # resume_from is read in DeepSpeed's universal format (world size changed)
     final_checkpoint: Optional[str] = None  # run_test: the checkpoint to evaluate
     checkpoint_root: Optional[str] = None  # fine_tune: where this launch's checkpoints are persisted
+    test_after: bool = True  # fine_tune: go on to the test evaluation (a search trial does not)
     threads: int = 1
     verbose: bool = False  # keep the libraries' own progress bars and notices
 
@@ -169,7 +170,7 @@ def fine_tune(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> None:
     import torch.distributed as dist
 
     state, stopped = run(cfg, reporter, args)
-    if stopped:
+    if stopped or not args.test_after:
         return
     gc.collect()  # the training engine (weights, gradients, optimizer states) goes before the test's
     written = Path(args.checkpoint_root) / checkpoints.dir_name(state.step)

@@ -1,0 +1,501 @@
+"""`sft-launch CONFIG --tune`: a hyperparameter search on the validation metric with Ray Tune.
+
+Every trial is a complete sft run (its own DeepSpeed worker group, checkpoints, TensorBoard and
+worker restarts) in `<output_dir>/trials/<trial id>/`, driven the way Ray Train V2 documents for
+Tune: a Tune function per trial that runs the TorchTrainer and passes each validation to Tune, so
+ASHA can stop a trial between evaluations. No trial touches the test split: when the search ends,
+the controller tests the best trial's final sharded checkpoint once, exports it, and writes
+tune_results.csv, best_config.yaml and TensorBoard HParams. Never imports deepspeed.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from trainer import checkpoints
+from trainer.config import (ConfigError, RunConfig, TuneConfig, checked_values, distribution, from_dict, to_dict,
+                            trial_config)
+
+TRIALS = "trials"  # <output_dir>/trials/<trial id>/: one run each
+EXPERIMENT = "tune"  # <output_dir>/tune/: Ray Tune's own state (what --tune --resume restores)
+RECORD = "trial.json"  # a trial's status, searched values, validation history, steps and time
+STOP = ".stop-request"  # in a trial's folder: its workers checkpoint after the current step and stop
+ASHA_STOP = "asha"  # what the scheduler writes there
+EXIT_REASONS = {"completed": "ran its whole schedule", "stopped early": "stopped by ASHA",
+                "stopped": "stopped on request (continue with --tune --resume)", "failed": "failed"}
+
+
+def _say(text: str) -> None:
+    print(f"[sft] {text}", flush=True)
+
+
+class TrialStopped(RuntimeError):
+    """A trial checkpointed and stopped because the search was asked to stop: it resumes with
+    --tune --resume (Tune restarts errored trials then; a completed one it would keep)."""
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial function gets besides its searched values."""
+    base: dict  # the run config (to_dict), with absolute paths
+    out: str
+    cache_dir: str
+    data_dir: Optional[str]  # prepared by the driver; a trial that searches data.*/model.* keys prepares its own
+    stop_file: str
+    verbose: bool
+
+
+def trial_dir(out: Path, trial_id: str) -> Path:
+    return out / TRIALS / trial_id
+
+
+def read_record(directory: Path) -> Optional[dict]:
+    path = directory / RECORD
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _write_record(directory: Path, record: dict) -> None:
+    tmp = directory / f".{RECORD}.tmp"
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    tmp.replace(directory / RECORD)
+
+
+# ---------------------------------------------------------------- one trial (in a Tune actor)
+
+
+def run_trial(values: dict, setup: TrialSetup) -> None:
+    """The Tune function of one trial: a plain run of the trial's config, without the test split.
+    Each validation goes to Tune (`tune.report`), where ASHA may end the trial."""
+    import ray.tune
+
+    from launcher import controller, ray_job
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    out = trial_dir(Path(setup.out), trial_id)
+    cfg = trial_config(from_dict(setup.base), values, str(out))
+    previous = read_record(out) or {}
+    if previous.get("status") == "failed":  # a restored search keeps a failed trial failed
+        raise RuntimeError(previous.get("error", "failed in an earlier launch"))
+    if Path(setup.stop_file).exists():
+        raise TrialStopped("the search was asked to stop before this trial started")
+    out.mkdir(parents=True, exist_ok=True)
+    stop = out / STOP
+    stop.unlink(missing_ok=True)  # a request of an earlier launch
+    found = checkpoints.find_checkpoints(out / "checkpoints")
+    resume_from = found[-1][1] if found else None
+    data_dir = setup.data_dir
+    if any(k.split(".")[0] in ("data", "model") for k in values):
+        data_dir = _prepare(cfg, setup.cache_dir)
+    paths = controller.Paths(out, f"attempt-{controller._next_attempt(out / 'checkpoints')}", resume_from)
+    ctl = controller.Controller(cfg, out, protected={resume_from} if resume_from else set())
+    started, spent = time.time(), float(previous.get("wall_s", 0.0))
+    record = {"trial": trial_id, "values": values, "status": "running", "steps": 0, "wall_s": spent,
+              "history": previous.get("history", [])}
+    metric = setup.base["tune"]["metric"]
+
+    def on_report(item) -> None:
+        seen = len(ctl.history)
+        ctl.receive(item)
+        record.update(steps=ctl.last_step, wall_s=round(spent + time.time() - started, 1))
+        for entry in ctl.history[seen:]:
+            if metric not in entry:
+                raise ConfigError(f"tune.metric: {metric!r} is not a validation metric of model.task "
+                                  f"{cfg.model.task!r}; its validation reports {', '.join(sorted(entry))}")
+            record["history"] = [h for h in record["history"] if h["step"] != entry["step"]] + [entry]
+            _write_record(out, record)
+            ray.tune.report({**entry, "trial_step": entry["step"]})
+
+    def pass_on_stop() -> None:
+        """The search's stop request (a signal to the launcher) reaches this trial's workers."""
+        if Path(setup.stop_file).exists() and not stop.exists():
+            stop.write_text("stop requested\n")
+
+    args = {"cache_dir": setup.cache_dir, "data_dir": data_dir, "tensorboard_dir": str(out / "tensorboard"),
+            "resume_from": str(resume_from) if resume_from else None, "stop_file": str(stop),
+            "universal": False, "verbose": setup.verbose, "checkpoint_root": str(paths.checkpoints / paths.attempt),
+            "test_after": False}
+    try:
+        paths.checkpoints.mkdir(parents=True, exist_ok=True)
+        ray_job.fit(cfg, ray_job.train_worker, args, paths.checkpoints, paths.attempt, on_report,
+                    abort_reason=lambda: pass_on_stop())
+        if ctl.bad_input:
+            raise ConfigError(ctl.bad_input)
+    except BaseException as err:
+        if not isinstance(err, KeyboardInterrupt):
+            _write_record(out, {**record, "status": "failed", "error": f"{type(err).__name__}: {err}",
+                                "bad_input": isinstance(err, ConfigError)})
+        raise
+    final = checkpoints.find_checkpoints(paths.checkpoints)
+    by_asha = ctl.stopped and stop.exists() and stop.read_text().startswith(ASHA_STOP)
+    record.update(status="stopped early" if by_asha else "stopped" if ctl.stopped else "completed",
+                  steps=ctl.last_step, final_checkpoint=str(final[-1][1]) if final else None,
+                  wall_s=round(spent + time.time() - started, 1))
+    _write_record(out, record)
+    if ctl.stopped and not by_asha:
+        raise TrialStopped(f"checkpointed at step {ctl.last_step} and stopped on request")
+
+
+def _prepare(cfg: RunConfig, cache_dir: str) -> str:
+    """A trial whose data or model keys differ from the base config's prepares (or finds) its own data."""
+    from launcher.plan import make_plan, with_prepared_data
+    from trainer import data_cache
+
+    plan = with_prepared_data(make_plan(cfg, cache_dir), cfg, data_cache.cache_root(cfg), lambda text: None)
+    return plan.data_dir
+
+
+# ---------------------------------------------------------------- the search (on the driver)
+
+
+def param_space(tune: TuneConfig) -> dict:
+    from ray import tune as rt
+
+    make = {"uniform": lambda a: rt.uniform(*a), "loguniform": lambda a: rt.loguniform(*a),
+            "randint": lambda a: rt.randint(*a), "choice": rt.choice, "grid": rt.grid_search}
+    return {key: make[kind](args) for key, (kind, args) in
+            ((key, distribution(key, spec)) for key, spec in tune.space.items())}
+
+
+def concurrency(cfg: RunConfig, cluster: dict, gpus_per_worker: float) -> int:
+    """How many trials the cluster holds at once: each needs world_size workers' CPUs (and GPUs)."""
+    s = cfg.scaling
+    fits = [cluster.get("CPU", 0) // (s.world_size * s.cpus_per_worker)]
+    if gpus_per_worker > 0:
+        fits.append(cluster.get("GPU", 0) // (s.world_size * gpus_per_worker))
+    return max(1, int(min(fits)))
+
+
+def _scheduler(tune: TuneConfig, out: Path):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+
+    if tune.scheduler == "fifo":
+        return FIFOScheduler()
+
+    class CheckpointingASHA(ASHAScheduler):
+        """ASHA's decisions, carried out by the trial: its workers checkpoint after the current step and
+        stop, and the trial ends on its own. (Tune would kill the trial's actor instead, and Ray Train
+        2.60 frees a killed controller's worker placement group only through the dashboard's state API:
+        the CPUs would stay taken and the next trial would wait for ever.)"""
+
+        def on_trial_result(self, tune_controller, trial, result):
+            decision = super().on_trial_result(tune_controller, trial, result)
+            if decision != TrialScheduler.STOP:
+                return decision
+            stop = trial_dir(out, trial.trial_id) / STOP
+            if not stop.exists():
+                stop.write_text(f"{ASHA_STOP}: below the top 1/{tune.reduction_factor} at evaluation "
+                                f"{result.get('training_iteration')}\n")
+            return TrialScheduler.CONTINUE
+
+    # Time is counted in evaluations (Tune's training_iteration: one report per validation). ASHA
+    # also ends a trial that reaches max_t, so it lies beyond any schedule.
+    return CheckpointingASHA(time_attr="training_iteration", grace_period=tune.grace_period,
+                             reduction_factor=tune.reduction_factor, max_t=2 ** 20)
+
+
+def _search_alg(tune: TuneConfig):
+    if tune.search_alg == "random":
+        return None  # Tune's default: random and grid sampling of the space
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch()
+
+
+def check_search(cfg: RunConfig, resume: bool, out: Path) -> None:
+    """Bad input that the config alone cannot show."""
+    import importlib.util
+
+    if cfg.tune is None:
+        raise ConfigError("--tune needs a tune: section in the config (tune.space: the keys to search; see "
+                          "the README, 'Search hyperparameters')")
+    if not cfg.tune.space:
+        raise ConfigError("tune.space is empty: give at least one key to search, e.g. "
+                          "optim.lr: {loguniform: [1.0e-5, 1.0e-3]}")
+    if cfg.tune.search_alg == "optuna" and importlib.util.find_spec("optuna") is None:
+        raise ConfigError("tune.search_alg: optuna needs the optuna package (pip install optuna); "
+                          "or use tune.search_alg: random")
+    experiment = out / EXPERIMENT
+    if resume and not experiment.is_dir():
+        raise ConfigError(f"--tune --resume: no search to continue in {out} (expected {experiment}); "
+                          f"start it without --resume")
+    if not resume and (experiment.exists() or (out / TRIALS).exists() or (out / "run_summary.json").exists()):
+        raise ConfigError(f"output_dir {out} already holds a search or a run; pass --resume to continue it, or "
+                          f"choose another directory with --output")
+
+
+def search(cfg: RunConfig, address: Optional[str], resume: bool, cache_dir: str, verbose: bool = False) -> dict:
+    """Preflight, the trials, the test of the best trial, the results. Returns the run summary."""
+    from launcher import controller, ray_job
+
+    started_at = time.time()
+    cfg = absolute_paths(cfg)
+    out = Path(cfg.output_dir)
+    check_search(cfg, resume, out)
+    out.mkdir(parents=True, exist_ok=True)
+    stopper = controller.Stopper(out / ".stop-request", cfg.train.stop_grace_s)
+    with stopper.installed():
+        plan, _ = controller.preflight(cfg, controller.Paths(out, "", None), cache_dir)
+        _check_trial_plans(cfg, cache_dir)
+        describe_search(cfg.tune, resume)
+        if stopper.requested:
+            return {"status": "stopped"}
+        ray_job.start_ray(address, verbose)
+        try:
+            setup = TrialSetup(to_dict(cfg), str(out), cache_dir, plan.data_dir, str(stopper.stop_file), verbose)
+            run_search(cfg, setup, resume, stopper)
+            records = collect(out)
+            write_results(out, cfg.tune, records)
+            write_hparams(out, cfg.tune, records)
+            bad = [r for r in records if r.get("bad_input")]
+            if bad:
+                raise ConfigError(bad[0]["error"].removeprefix("ConfigError: "))
+            show_table(cfg.tune, records)
+            if stopper.requested or any(r["status"] == "stopped" for r in records):
+                _say(f"search stopped: {sum(r['status'] == 'stopped' for r in records)} trial(s) checkpointed; "
+                     f"continue with: sft-launch <config> --tune --output {out} --resume")
+                return {"status": "stopped"}
+            best = pick_best(cfg.tune, records)
+            best_cfg = trial_config(cfg, best["values"], str(out / "best_run"))
+            (out / "best_config.yaml").write_text(
+                f"# The best trial of the search in {out} ({best['trial']}), as a plain run config:\n"
+                f"#   sft-launch {out / 'best_config.yaml'}\n" + yaml.safe_dump(to_dict(best_cfg), sort_keys=False))
+            _say(f"best trial {best['trial']}: {_values(best['values'])}; val {cfg.tune.metric} "
+                 f"{_last(best, cfg.tune.metric):.4g} (its final evaluation); testing its final checkpoint")
+            ctl = test_best(cfg, best, out, cache_dir, plan.data_dir, stopper, verbose)
+        finally:
+            ray_job.stop_ray()
+    # The summary of the best trial's run, as a plain run writes it, plus the search.
+    paths = controller.Paths(out, "", None, checkpoint_dir=trial_dir(out, best["trial"]) / "checkpoints")
+    search_summary = {"best_trial": best["trial"], "best_values": best["values"], "metric": cfg.tune.metric,
+                      "mode": cfg.tune.mode, "chosen_by": "final validation value",
+                      "trials": {r["trial"]: r["status"] for r in records},
+                      "results": str(out / "tune_results.csv"), "best_config": str(out / "best_config.yaml")}
+    trained = trial_config(cfg, best["values"], str(trial_dir(out, best["trial"])))
+    return controller.summarise(trained, paths, ctl, plan, Path(best["final_checkpoint"]), time.time() - started_at,
+                                extra={"tune": search_summary})
+
+
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Trials run in other processes (and, on a cluster, other hosts): every path absolute."""
+    def absolute(value: Optional[str]) -> Optional[str]:
+        if value is None or value.startswith("pkg:") or Path(value).is_absolute() or not Path(value).exists():
+            return value
+        return str(Path(value).resolve())
+    d, m = cfg.data, cfg.model
+    data = replace(d, **{k: absolute(getattr(d, k)) for k in ("train_file", "validation_file", "test_file",
+                                                              "cache_dir")})
+    model = replace(m, name_or_path=absolute(m.name_or_path), tokenizer=absolute(m.tokenizer),
+                    image_processor=absolute(m.image_processor))
+    return replace(cfg, data=data, model=model, output_dir=str(Path(cfg.output_dir).resolve()))
+
+
+def _check_trial_plans(cfg: RunConfig, cache_dir: str) -> None:
+    """Values of finetune.* / model.* keys are checked against the model too (a layer count it lacks,
+    say), as a plain run's preflight would, before any trial starts."""
+    from launcher.plan import make_plan
+
+    for key, spec in cfg.tune.space.items():
+        if key.split(".")[0] not in ("finetune", "model"):
+            continue
+        for value in checked_values(*distribution(key, spec)):
+            try:
+                make_plan(trial_config(cfg, {key: value}), cache_dir)
+            except ConfigError as err:
+                raise ConfigError(f"tune.space.{key}: the search could give it {value!r}, which the model "
+                                  f"refuses: {err}") from None
+
+
+def describe_search(tune: TuneConfig, resume: bool) -> None:
+    space = "; ".join(f"{k} {next(iter(v))} {list(next(iter(v.values())))}" for k, v in tune.space.items())
+    how = (f"ASHA (grace {tune.grace_period} evaluation(s), reduction factor {tune.reduction_factor})"
+           if tune.scheduler == "asha" else "FIFO (every trial runs its whole schedule)")
+    _say(f"{'continuing the' if resume else 'tune:'} search of val {tune.metric} ({tune.mode}) over {space}; "
+         f"{tune.num_samples} sample(s), {tune.search_alg} search, {how}")
+
+
+def run_search(cfg: RunConfig, setup: TrialSetup, resume: bool, stopper) -> None:
+    """Run (or continue) the Tune experiment in `<output_dir>/tune`; returns when every trial ended."""
+    import ray
+    import ray.tune
+
+    from launcher import ray_job
+
+    tune = cfg.tune
+    s = cfg.scaling
+    if not setup.verbose:
+        # Tune's own tables and per-trial notices: the launcher prints a line per trial instead.
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
+    gpus = s.gpus_per_worker if s.gpus_per_worker is not None else (
+        1.0 if any(ray_job.cluster_gpus_per_node()) else 0.0)
+    ray_job.check_resources(cfg, gpus)  # one trial at least must fit: say so now, not in a trial
+    limit = tune.max_concurrent_trials or concurrency(cfg, ray.cluster_resources(), gpus)
+    # The trial function needs no CPU of its own (its workers hold the CPUs, through ScalingConfig), but
+    # Tune places nothing that asks for nothing: it asks for one byte of Ray's memory resource.
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(_trial_fn, setup=setup), {"CPU": 0, "memory": 1})
+    experiment = Path(setup.out) / EXPERIMENT
+    callbacks = [_trial_lines(Path(setup.out), tune)]
+    if resume:
+        tuner = ray.tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
+        _say(f"continuing the search in {experiment}: finished trials are kept, stopped ones resume from "
+             f"their checkpoints")
+    else:
+        tuner = ray.tune.Tuner(
+            trainable, param_space=param_space(tune),
+            tune_config=ray.tune.TuneConfig(metric=tune.metric, mode=tune.mode, num_samples=tune.num_samples,
+                                            max_concurrent_trials=limit, scheduler=_scheduler(tune, Path(setup.out)),
+                                            search_alg=_search_alg(tune), reuse_actors=False),
+            run_config=ray.tune.RunConfig(name=EXPERIMENT, storage_path=setup.out, verbose=2 if setup.verbose else 0,
+                                           callbacks=callbacks))
+    _say(f"trials: up to {limit} at a time, each {s.world_size} worker(s); each in {Path(setup.out) / TRIALS}/<trial>")
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["grid"] = tuner.fit()
+        except BaseException as err:
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, name="ray-tune-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)
+        reason = stopper.abort_reason()
+        if reason:
+            raise ray_job.Aborted(reason)
+    if "error" in outcome:
+        raise ray_job.LaunchError(f"the search failed: {ray_job._describe(outcome['error'])}") from outcome["error"]
+
+
+def _trial_fn(config: dict, setup: TrialSetup) -> None:
+    run_trial(config, setup)
+
+
+def _trial_lines(out: Path, tune: TuneConfig):
+    """A Tune callback on the driver: one console line per trial that ended."""
+    from ray.tune import Callback
+
+    class TrialLines(Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            _say(trial_line(trial_status(out, trial.trial_id, errored=False), tune))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            _say(trial_line(trial_status(out, trial.trial_id, errored=True), tune))
+
+    return TrialLines()
+
+
+def trial_status(out: Path, trial_id: str, errored: bool) -> dict:
+    """A trial's record with its final status: ASHA ends a trial by stopping its actor, so a trial that
+    ended without saying it completed was stopped early."""
+    record = read_record(trial_dir(out, trial_id)) or {"trial": trial_id, "values": {}, "history": [], "steps": 0,
+                                                       "wall_s": 0.0}
+    status = record.get("status", "running")
+    if status == "running":
+        status = "failed" if errored else "stopped early"
+    return {**record, "status": status}
+
+
+def collect(out: Path) -> list[dict]:
+    """Every trial's record, in the order Tune created them."""
+    found = sorted((out / TRIALS).glob(f"*/{RECORD}")) if (out / TRIALS).is_dir() else []
+    return [trial_status(out, p.parent.name, errored=False) for p in found]
+
+
+def _last(record: dict, metric: str) -> float:
+    values = [h[metric] for h in sorted(record["history"], key=lambda h: h["step"]) if metric in h]
+    return values[-1] if values else math.nan
+
+
+def _values(values: dict) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+
+
+def trial_line(record: dict, tune: TuneConfig) -> str:
+    history = sorted(record["history"], key=lambda h: h["step"])
+    shown = (f"val {tune.metric} {history[-1][tune.metric]:.4g} at step {history[-1]['step']}"
+             if history and tune.metric in history[-1] else "no evaluation")
+    why = EXIT_REASONS[record["status"]]
+    error = f" ({record['error']})" if record["status"] == "failed" and record.get("error") else ""
+    return (f"trial {record['trial']} {record['status']} after step {record['steps']}: {_values(record['values'])}; "
+            f"{shown}; {why}{error}")
+
+
+def pick_best(tune: TuneConfig, records: list[dict]) -> dict:
+    """The best trial by its final validation value among the trials that ran their whole schedule
+    (their final checkpoint is the one the test evaluates)."""
+    done = [r for r in records if r["status"] == "completed" and not math.isnan(_last(r, tune.metric))]
+    if not done:
+        raise ConfigError("tune: no trial completed its schedule, so there is no trial to test; see "
+                          "tune_results.csv (a grace_period shorter than the schedule, or a wider space)")
+    sign = 1 if tune.mode == "min" else -1
+    return min(done, key=lambda r: sign * _last(r, tune.metric))
+
+
+def show_table(tune: TuneConfig, records: list[dict], top: int = 5) -> None:
+    sign = 1 if tune.mode == "min" else -1
+    ranked = sorted(records, key=lambda r: (math.isnan(_last(r, tune.metric)), sign * _last(r, tune.metric)))
+    _say(f"top trials by final val {tune.metric} ({tune.mode}):")
+    for i, r in enumerate(ranked[:top], 1):
+        _say(f"  {i}. {r['trial']}  {tune.metric} {_last(r, tune.metric):.4g}  {r['status']:<13} step {r['steps']:<5} "
+             f"{r['wall_s']:.0f} s  {_values(r['values'])}")
+
+
+def write_results(out: Path, tune: TuneConfig, records: list[dict]) -> Path:
+    """tune_results.csv: one row per trial; the metric at each evaluation step in its own column."""
+    steps = sorted({h["step"] for r in records for h in r["history"]})
+    keys = list(tune.space)
+    path = out / "tune_results.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["trial", "status", "steps", "wall_s", *keys, f"final_{tune.metric}",
+                         *[f"{tune.metric}@{s}" for s in steps]])
+        for r in records:
+            at = {h["step"]: h.get(tune.metric) for h in r["history"]}
+            writer.writerow([r["trial"], r["status"], r["steps"], r["wall_s"], *[r["values"].get(k) for k in keys],
+                             _last(r, tune.metric), *[at.get(s, "") for s in steps]])
+    return path
+
+
+def write_hparams(out: Path, tune: TuneConfig, records: list[dict]) -> None:
+    """TensorBoard HParams beside each trial's scalars: `tensorboard --logdir <output_dir>` compares them."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    for r in records:
+        values = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in r["values"].items()}
+        final = _last(r, tune.metric)
+        with SummaryWriter(str(trial_dir(out, r["trial"]) / "tensorboard")) as writer:
+            writer.add_hparams({**values, "status": r["status"]},
+                               {f"hparam/val_{tune.metric}": final if not math.isnan(final) else float("inf")},
+                               run_name="hparams")
+
+
+def test_best(cfg: RunConfig, best: dict, out: Path, cache_dir: str, data_dir: Optional[str], stopper, verbose: bool):
+    """The test split, once: before fine-tuning and from the best trial's final sharded checkpoint, in a
+    fresh worker group; rank 0 exports the model to <output_dir>/final_model."""
+    from launcher import controller, ray_job
+
+    best_cfg = trial_config(cfg, best["values"], str(out))
+    if any(k.split(".")[0] in ("data", "model") for k in best["values"]):
+        data_dir = _prepare(best_cfg, cache_dir)
+    ctl = controller.Controller(best_cfg, out)
+    args = {"cache_dir": cache_dir, "data_dir": data_dir, "final_checkpoint": best["final_checkpoint"],
+            "export_dir": str(out / "final_model"), "predictions_path": str(out / "test_predictions.jsonl"),
+            "verbose": verbose}
+    ray_job.fit(best_cfg, ray_job.test_worker, args, out / "test_evaluation", "test", ctl.receive,
+                stopper.abort_reason, finished=lambda: ctl.test is not None)
+    if ctl.bad_input:
+        raise ConfigError(ctl.bad_input)
+    if ctl.test is None:
+        raise ray_job.LaunchError("the test worker group ended without a test result")
+    return ctl
