@@ -86,9 +86,11 @@ def run_trial(values: dict, setup: TrialSetup) -> None:
     previous = read_record(out) or {}
     if previous.get("status") == "failed":  # a restored search keeps a failed trial failed
         raise RuntimeError(previous.get("error", "failed in an earlier launch"))
-    if Path(setup.stop_file).exists():
-        raise TrialStopped("the search was asked to stop before this trial started")
     out.mkdir(parents=True, exist_ok=True)
+    if Path(setup.stop_file).exists():
+        _write_record(out, {"trial": trial_id, "values": values, "status": "stopped", "steps": previous.get("steps", 0),
+                            "wall_s": previous.get("wall_s", 0.0), "history": previous.get("history", [])})
+        raise TrialStopped("the search was asked to stop before this trial started")
     stop = out / STOP
     stop.unlink(missing_ok=True)  # a request of an earlier launch
     found = checkpoints.find_checkpoints(out / "checkpoints")
@@ -261,7 +263,7 @@ def search(cfg: RunConfig, address: Optional[str], resume: bool, cache_dir: str,
                 raise ConfigError(bad[0]["error"].removeprefix("ConfigError: "))
             show_table(cfg.tune, records)
             if stopper.requested or any(r["status"] == "stopped" for r in records):
-                _say(f"search stopped: {sum(r['status'] == 'stopped' for r in records)} trial(s) checkpointed; "
+                _say(f"search stopped: {sum(r['status'] == 'stopped' for r in records)} trial(s) to continue; "
                      f"continue with: sft-launch <config> --tune --output {out} --resume")
                 return {"status": "stopped"}
             best = pick_best(cfg.tune, records)
