@@ -19,7 +19,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Optional
 
-from trainer import checkpoints, data_cache, early_stopping
+from trainer import checkpoints, data_cache, early_stopping, mixing
 from trainer.checkpoints import TrainState
 from trainer.config import ConfigError, RunConfig
 from trainer.data import MicroBatches
@@ -191,6 +191,15 @@ def best_checkpoint(cfg: RunConfig, root: Path) -> Optional[Path]:
                              for step, path in found])
 
 
+def micro_batches(cfg: RunConfig, train: Prepared, rank: int, world: int, state: TrainState) -> MicroBatches:
+    """This rank's stream of training micro-batches from the saved data position; a training mix
+    draws from its sources by their weights (trainer/mixing.py)."""
+    parts, weights = train.parts, [source.weight for source in cfg.data.sources]
+    order = (lambda epoch: mixing.epoch_order(parts, weights, cfg.seed, epoch)) if len(parts) > 1 else None
+    return MicroBatches(train, rank, world, cfg.train.micro_batch_size, cfg.seed, epoch=state.epoch,
+                        position=state.position, order=order)
+
+
 def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainState, bool]:
     """Train, validate every eval_every steps, checkpoint every save_every, report both; stop early
     when validation stops improving (train.early_stopping). Returns the state and whether the run
@@ -219,8 +228,7 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
         writer = SummaryWriter(args.tensorboard_dir, purge_step=state.step + 1)
 
     accumulation, unit = cfg.train.gradient_accumulation, s.task.UNIT
-    batches = MicroBatches(s.data["train"], rank, s.world, cfg.train.micro_batch_size, cfg.seed,
-                           epoch=state.epoch, position=state.position)
+    batches = micro_batches(cfg, s.data["train"], rank, s.world, state)
     rows = "packed rows" if s.data["train"].packed else "examples"
     log(f"training steps {state.step + 1}..{s.total_steps} on {s.world} worker(s), "
         f"{len(s.data['train']):,} training {rows}, {len(s.data['validation']):,} validation examples")
