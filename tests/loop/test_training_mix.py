@@ -1,13 +1,12 @@
 """A training mix of two weighted sources through the real preparation and the worker loop: each
 source prepared on its own, validation and test from the first, an epoch drawn 3:1, the plan's
 lines, and a resumed run that continues at the same place."""
-import json
 from pathlib import Path
 
 import pytest
 
 from launcher.plan import Plan, describe, mix_shares
-from tests.helpers import DATA, tiny_config, tiny_llama
+from tests.helpers import DATA, shouted_copy, tiny_config, tiny_llama
 from trainer import data_cache
 from trainer.checkpoints import TrainState, read_state
 from trainer.config import from_dict
@@ -16,17 +15,8 @@ from trainer.model import load_tokenizer
 from trainer.report import ListReporter
 
 
-def second_source(tmp: Path, n: int = 80) -> str:
-    """Another file: the shipped rows' first n, shouted."""
-    rows = [json.loads(line) for line in DATA.read_text().splitlines()[:n]]
-    path = tmp / "shouted.jsonl"
-    path.write_text("".join(json.dumps({"prompt": r["prompt"].upper(), "response": r["response"].upper()}) + "\n"
-                            for r in rows))
-    return str(path)
-
-
 def mix_config(tmp: Path, tokenizer_dir, weights=(3, 1), **train):
-    sources = [{"path": str(DATA), "weight": weights[0]}, {"path": second_source(tmp), "weight": weights[1]}]
+    sources = [{"path": str(DATA), "weight": weights[0]}, {"path": shouted_copy(tmp), "weight": weights[1]}]
     return from_dict(tiny_config(tmp, tokenizer_dir, model={"architecture": tiny_llama(2), "tokenizer": str(tokenizer_dir)},
                                  data={"train_file": sources, "max_length": 96},
                                  train={"max_steps": 6, "eval_every": 3, "save_every": 3, **train}))
