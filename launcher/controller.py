@@ -167,9 +167,9 @@ class Controller:
         if report.stopped_early:
             self.stopped_early_at = report.step
             e = self.cfg.train.early_stopping
+            best = f" (best {self.best[e.metric]:.4g} at step {self.best['step']})" if self.best else ""
             _say(f"early stopping at step {report.step}: validation {e.metric} has not improved by more than "
-                 f"{e.min_delta:g} for {e.patience} evaluation(s) (train.early_stopping.patience); the test "
-                 f"evaluation comes next")
+                 f"{e.min_delta:g} for {e.patience} evaluation(s){best}; checkpointed, the test evaluation comes next")
         if item.checkpoint:
             path = Path(item.checkpoint)
             checkpoints.mark_complete(path)  # every rank's part is persisted now

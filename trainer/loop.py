@@ -297,10 +297,7 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
             state.best_metric, state.bad_evaluations = early_stopping.advance(state.best_metric, state.bad_evaluations,
                                                                               validation, early)
             state.stopped_early = state.bad_evaluations >= early.patience and not is_last
-            if state.stopped_early:
-                stopping = False  # the run ends here anyway, and goes on to the test
-                log(f"early stopping: validation {early.metric} has not improved by more than {early.min_delta:g} "
-                    f"for {early.patience} evaluation(s) (best {state.best_metric:.4g}); checkpointing step {step}")
+            stopping = stopping and not state.stopped_early  # the run ends here anyway, and goes on to the test
         if stopping:
             log(f"stop requested: checkpointing step {step} and stopping")
         report = TrainReport(step, loss_mean, validation, final=is_last or state.stopped_early, stopped=stopping,

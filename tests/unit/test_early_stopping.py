@@ -54,7 +54,7 @@ def test_unmarked_checkpoints_count_only_under_the_workers_own_launch(tmp_path):
     assert [s for s, _ in find_checkpoints(tmp_path, written_under=tmp_path / "attempt-2")] == [4, 6]
 
 
-def test_the_controller_records_the_early_stop_and_tracks_the_best_by_the_metric(tmp_path):
+def test_the_controller_records_the_early_stop_and_tracks_the_best_by_the_metric(tmp_path, capsys):
     cfg = from_dict(tiny_config(tmp_path, tmp_path, model={"task": "sequence_classification"},
                                 train={"early_stopping": {"metric": "accuracy", "mode": "max", "patience": 1}}))
     ctl = Controller(cfg, tmp_path)
@@ -62,6 +62,8 @@ def test_the_controller_records_the_early_stop_and_tracks_the_best_by_the_metric
     ctl.receive(report(8, validation={"loss": 1.5, "accuracy": 0.5}, final=True, stopped_early=True))
     assert ctl.best["step"] == 4  # the lower loss at step 8 does not count: accuracy decides
     assert ctl.stopped_early_at == 8 and ctl.trained and not ctl.stopped
+    assert "[sft] early stopping at step 8: validation accuracy has not improved by more than 0 for 1 evaluation(s) " \
+           "(best 0.6 at step 4); checkpointed, the test evaluation comes next" in capsys.readouterr().out
 
 
 def test_resume_of_a_run_that_stopped_early_is_refused(tmp_path):
