@@ -204,3 +204,18 @@ def best(checkpoints: list[tuple[int, Path, float | None]]) -> Path | None:
     none has a score. Retention keeps it; test.checkpoint: best tests it."""
     scored = [c for c in checkpoints if c[2] is not None]
     return min(scored, key=lambda c: (c[2], -c[0]))[1] if scored else None
+
+
+def best_checkpoint(root: Path, own: Path, metric: str, mode: str) -> Path | None:
+    """The run's best checkpoint by validation `metric` (every launch's under `root`, this launch's
+    `own` folder's too before the orchestrator marks them): the one retention keeps as best."""
+    from trainer.early_stopping import score
+
+    for attempt in range(3):  # the orchestrator may delete a checkpoint (never the best) while we look
+        try:
+            return best([(step, path, score(read_state(path).validation, metric, mode))
+                         for step, path in find_checkpoints(root, written_under=own)])
+        except (OSError, ValueError):
+            if attempt == 2:
+                raise
+    return None

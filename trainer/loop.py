@@ -177,27 +177,14 @@ def fine_tune(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> None:
     which = "final"
     if cfg.test.checkpoint == "best":
         # Rank 0 chooses and tells the others: the controller may be pruning while the ranks look.
-        chosen = [str(best_checkpoint(cfg, Path(args.checkpoint_root)) or final) if dist.get_rank() == 0 else None]
+        root, chosen = Path(args.checkpoint_root), [None]
+        if dist.get_rank() == 0:
+            chosen = [str(checkpoints.best_checkpoint(root.parent, root, *early_stopping.selection(cfg)) or final)]
         dist.broadcast_object_list(chosen, src=0)
         final, which = Path(chosen[0]), "best"
     if dist.get_rank() == 0:
         reporter.log(f"test evaluation on the {which} checkpoint {final} (and on the model before fine-tuning)")
     run_test(cfg, reporter, replace(args, final_checkpoint=str(final)))
-
-
-def best_checkpoint(cfg: RunConfig, root: Path) -> Optional[Path]:
-    """The best checkpoint by validation of the whole run (every launch's folder beside `root`, this
-    launch's own): the one retention keeps as best."""
-    metric, mode = early_stopping.selection(cfg)
-    for attempt in range(3):  # the controller may delete a checkpoint (never the best) while we look
-        try:
-            found = checkpoints.find_checkpoints(root.parent, written_under=root)
-            return checkpoints.best([(step, path, early_stopping.score(checkpoints.read_state(path).validation,
-                                                                       metric, mode)) for step, path in found])
-        except (OSError, ValueError):
-            if attempt == 2:
-                raise
-    return None
 
 
 def micro_batches(cfg: RunConfig, train: Prepared, rank: int, world: int, state: TrainState) -> MicroBatches:
