@@ -189,5 +189,10 @@ def describe(plan: Plan, cfg: RunConfig) -> str:
         f"offload {cfg.deepspeed.offload}",
         memory_line(plan, cfg),
     ] + [f"training mix: {Path(path).name} {n:,} rows, weight {w:g}: {share:.1%} of each epoch's draws"
-         for path, w, n, share in plan.sources] + ([f"task: {cfg.model.task}, {len(plan.labels)} labels: {', '.join(plan.labels[:12])}"
+         for path, w, n, share in plan.sources]
+      + ([f"early stopping: validation {e.metric} ({e.mode}), patience {e.patience} evaluation(s), min_delta "
+          f"{e.min_delta:g}"] if (e := t.early_stopping) else [])
+      + (["test and export: the best checkpoint by validation (test.checkpoint: best)"]
+         if cfg.test.checkpoint == "best" else [])
+      + ([f"task: {cfg.model.task}, {len(plan.labels)} labels: {', '.join(plan.labels[:12])}"
           f"{' ...' if len(plan.labels) > 12 else ''}"] if plan.labels else []))

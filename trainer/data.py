@@ -151,8 +151,8 @@ class MicroBatches:
     """Endless micro-batches for one rank, resumable at a global position, also on another world size.
 
     Epoch e shuffles the examples exactly as DistributedSampler(shuffle=True, seed=seed) does for
-    epoch e (a training mix: `order` gives the epoch's permutation instead). `position` counts the places of that permutation already consumed by all ranks
-    together; the rest is padded (by repeating the permutation's head, as DistributedSampler does)
+    epoch e (a training mix: `order` gives the epoch's draws instead). `position` counts the places
+    of that permutation already consumed by all ranks together; the rest is padded (by repeating the permutation's head, as DistributedSampler does)
     to a multiple of the world size and dealt out rank by rank. On the same world size this is
     DistributedSampler's own order; on another, no example of the epoch is seen twice or skipped.
     Each item is the list of the micro-batch's examples (a task's count reads them before collation).

@@ -1,6 +1,7 @@
 """A training mix of two weighted sources through the real preparation and the worker loop: each
 source prepared on its own, validation and test from the first, an epoch drawn 3:1, the plan's
 lines, and a resumed run that continues at the same place."""
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from launcher.plan import Plan, describe, mix_shares
 from tests.helpers import DATA, shouted_copy, tiny_config, tiny_llama
 from trainer import data_cache
 from trainer.checkpoints import TrainState, read_state
-from trainer.config import from_dict
+from trainer.config import EarlyStoppingConfig, from_dict
 from trainer.loop import WorkerArgs, micro_batches, run
 from trainer.model import load_tokenizer
 from trainer.report import ListReporter
@@ -43,6 +44,9 @@ def test_a_mix_is_prepared_per_source_and_an_epoch_draws_by_weight(tmp_path, tok
     assert [s for *_, s in shares] == pytest.approx([274 / 365, 91 / 365])  # 365 draws: 273.75 and 91.25, rounded
     plan = Plan(2, 8, 16, {"train": len(train)}, 6, 1, 1, "", None, sources=shares)
     assert "training mix: shouted.jsonl 80 rows, weight 1: 24.9% of each epoch's draws" in describe(plan, cfg)
+    assert "early stopping" not in describe(plan, cfg) and "test and export" not in describe(plan, cfg)
+    stopping = replace(cfg, train=replace(cfg.train, early_stopping=EarlyStoppingConfig(patience=2)))
+    assert "early stopping: validation loss (min), patience 2 evaluation(s), min_delta 0" in describe(plan, stopping)
 
 
 def test_a_mix_resumes_at_the_same_place(tmp_path, tokenizer_dir, process_group):
