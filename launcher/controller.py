@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from trainer import checkpoints
+from trainer import checkpoints, early_stopping
 from trainer.config import ConfigError, RunConfig, to_dict
 from trainer.messages import BadInput, LogLine, Received, TestResult, TrainReport, WorkerFailure
 
@@ -61,6 +61,11 @@ def guard_output(out: Path, resuming: bool) -> None:
 def check_resume(path: Path, cfg: RunConfig, plan) -> None:
     """Refuse, before any worker starts, a checkpoint that cannot continue this config."""
     state = checkpoints.read_state(path)
+    if state.stopped_early:
+        raise ConfigError(f"--resume {path}: the run stopped early at step {state.step} (train.early_stopping: "
+                          f"validation had not improved for the patience's evaluations), so there is nothing left to "
+                          f"train; its test results are in the output directory. To train further, start a new run "
+                          f"(another --output) from its weights, or raise train.early_stopping.patience in a new run")
     if state.model != checkpoints.model_identity(cfg.model):
         raise ConfigError(f"--resume {path}: the checkpoint is of model {state.model!r}, but the config trains "
                           f"{checkpoints.model_identity(cfg.model)!r}")
@@ -121,6 +126,7 @@ class Controller:
     last_failure: Optional[WorkerFailure] = None
     trained: bool = False  # the last step of the schedule was reported: the test evaluation runs
     stopped: bool = False  # the workers reported their last step before a requested stop
+    stopped_early_at: Optional[int] = None  # the step where train.early_stopping ended the training
     last_step: int = 0  # the last step the workers reported
     failed_at: Optional[int] = None  # last_step when the last failure came
 
@@ -151,11 +157,19 @@ class Controller:
             entry = {"step": report.step, **report.validation}
             # After a restart the steps past the checkpoint run again: keep one entry per step.
             self.history = [h for h in self.history if h["step"] != entry["step"]] + [entry]
-            if self.best is None or entry["loss"] < self.best["loss"]:
+            metric, mode = early_stopping.selection(self.cfg)
+            score = early_stopping.score(entry, metric, mode)
+            if score is not None and (self.best is None or score < early_stopping.score(self.best, metric, mode)):
                 self.best = dict(entry)
             shown = "  ".join(f"{k} {v:.4g}" for k, v in entry.items() if k not in ("step", "loss"))
-            _say(f"eval  step {entry['step']}: val loss {entry['loss']:.4f}  {shown}  (best {self.best['loss']:.4f} "
-                 f"at step {self.best['step']})")
+            best = f"  (best {metric} {self.best[metric]:.4f} at step {self.best['step']})" if self.best else ""
+            _say(f"eval  step {entry['step']}: val loss {entry['loss']:.4f}  {shown}{best}")
+        if report.stopped_early:
+            self.stopped_early_at = report.step
+            e = self.cfg.train.early_stopping
+            best = f" (best {self.best[e.metric]:.4g} at step {self.best['step']})" if self.best else ""
+            _say(f"early stopping at step {report.step}: validation {e.metric} has not improved by more than "
+                 f"{e.min_delta:g} for {e.patience} evaluation(s){best}; checkpointed, the test evaluation comes next")
         if item.checkpoint:
             path = Path(item.checkpoint)
             checkpoints.mark_complete(path)  # every rank's part is persisted now
@@ -191,7 +205,9 @@ class Controller:
 
     def prune(self, keep: Path) -> None:
         found = checkpoints.find_checkpoints(self.out / "checkpoints")
-        scored = [(step, path, checkpoints.read_state(path).validation.get("loss")) for step, path in found]
+        metric, mode = early_stopping.selection(self.cfg)
+        scored = [(step, path, early_stopping.score(checkpoints.read_state(path).validation, metric, mode))
+                  for step, path in found]
         kept = checkpoints.retained(scored, self.cfg.train.keep_last, self.protected | {keep})
         for _, path, _ in scored:
             if path not in kept:
@@ -388,6 +404,7 @@ def summarise(cfg: RunConfig, paths: Paths, ctl: Controller, plan, final: Option
         "checkpoints": [str(p) for _, p in checkpoints.find_checkpoints(paths.checkpoints)],
         "checkpoint_bytes": {str(p): checkpoints.size_bytes(p) for _, p in checkpoints.find_checkpoints(paths.checkpoints)},
         "best_validation": ctl.best,
+        "stopped_early_at": ctl.stopped_early_at,
         "validation_history": ctl.history,
         "resumed_from": str(paths.resume_from) if paths.resume_from else None,
         "attempt": paths.attempt,
@@ -401,8 +418,10 @@ def summarise(cfg: RunConfig, paths: Paths, ctl: Controller, plan, final: Option
     }
     if ctl.test:
         before, after = ctl.test.before, ctl.test.after
+        # The checkpoint tested (test.checkpoint: the final one, or the best by validation) and its step.
+        tested, step = ctl.test.checkpoint or str(final), ctl.test.step
         write_json(paths.out / "test_metrics.json", {"before": before, "after": after, "step": step,
-                                                      "checkpoint": str(final)})
+                                                      "checkpoint": tested, "checkpoint_choice": cfg.test.checkpoint})
         _tensorboard_test(paths.out, step, before, after)
         summary.update(test={"before": before, "after": after}, final_model=str(paths.out / "final_model"),
                        tensorboard=str(paths.out / "tensorboard"))

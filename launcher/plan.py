@@ -28,6 +28,8 @@ class Plan:
     trainable_digest: str = ""
     checkpoint_bytes: int = 0  # estimated size of one checkpoint on disk
     data_dir: Optional[str] = None  # the prepared data the workers load (make_plan's data_root)
+    # A training mix: (path, weight, rows, share of an epoch's draws) per source.
+    sources: tuple[tuple[str, float, int, float], ...] = ()
 
 
 SAMPLE_ROWS = 200  # rows of each split prepared in preflight: bad data fails before any worker starts
@@ -39,6 +41,7 @@ def make_plan(cfg: RunConfig, cache_dir: str) -> Plan:
     Steps count the source rows (see with_prepared_data)."""
     from trainer.checkpoints import is_lean, trainable_digest
     from trainer.data import load_splits
+    from trainer.data_cache import training_labels
     from trainer.ds_config import deepspeed_config
     import torch
 
@@ -50,11 +53,12 @@ def make_plan(cfg: RunConfig, cache_dir: str) -> Plan:
     from trainer.tasks.registry import get_task
 
     task = get_task(cfg.model.task)
-    splits = load_splits(cfg)
+    sources, validation, test = load_splits(cfg)
+    splits = (*sources, validation, test)
     for split in splits:
         require_rows(split)
         task.check_columns(split, cfg.data)
-    labels = task.label_names(cfg, splits[0])
+    labels = training_labels(cfg, task, sources)
     model_dir = prepare_pretrained(cfg.model, cache_dir)
     processor = load_processor(cfg.model, model_dir)
     for split in splits:
@@ -71,7 +75,7 @@ def make_plan(cfg: RunConfig, cache_dir: str) -> Plan:
     layout = describe_layout(skeleton)
     world = cfg.scaling.world_size
     t = cfg.train
-    rows = {s.name: len(s) for s in splits}
+    rows = {"train": sum(len(s) for s in sources), "validation": len(validation), "test": len(test)}
 
     def steps() -> int:
         return total_steps(rows["train"], world, t.micro_batch_size, t.gradient_accumulation, t.epochs, t.max_steps)
@@ -107,7 +111,19 @@ def with_prepared_data(plan: Plan, cfg: RunConfig, data_root: Path, log: Callabl
     t = cfg.train
     steps = total_steps(rows["train"], plan.world_size, t.micro_batch_size, t.gradient_accumulation, t.epochs,
                         t.max_steps)
-    return replace(plan, rows=rows, steps=steps, data_dir=str(prepared.directory))
+    return replace(plan, rows=rows, steps=steps, data_dir=str(prepared.directory),
+                   sources=mix_shares(cfg, prepared.splits["train"].parts))
+
+
+def mix_shares(cfg: RunConfig, parts: tuple[int, ...]) -> tuple[tuple[str, float, int, float], ...]:
+    """(path, weight, rows, share of an epoch's draws) of each source of a training mix; () for one source."""
+    from trainer.mixing import draws_per_source
+
+    if len(parts) < 2:
+        return ()
+    weights = [s.weight for s in cfg.data.sources]
+    draws = draws_per_source(parts, weights)
+    return tuple((s.path, s.weight, n, d / sum(draws)) for s, n, d in zip(cfg.data.sources, parts, draws))
 
 
 def check_model_fits(cfg: RunConfig, task, model_dir: str | None, processor, labels: list[str]) -> None:
@@ -172,5 +188,11 @@ def describe(plan: Plan, cfg: RunConfig) -> str:
         f"deepspeed: ZeRO stage {cfg.deepspeed.zero_stage}, precision {cfg.deepspeed.precision}, "
         f"offload {cfg.deepspeed.offload}",
         memory_line(plan, cfg),
-    ] + ([f"task: {cfg.model.task}, {len(plan.labels)} labels: {', '.join(plan.labels[:12])}"
+    ] + [f"training mix: {Path(path).name} {n:,} rows, weight {w:g}: {share:.1%} of each epoch's draws"
+         for path, w, n, share in plan.sources]
+      + ([f"early stopping: validation {e.metric} ({e.mode}), patience {e.patience} evaluation(s), min_delta "
+          f"{e.min_delta:g}"] if (e := t.early_stopping) else [])
+      + (["test and export: the best checkpoint by validation (test.checkpoint: best)"]
+         if cfg.test.checkpoint == "best" else [])
+      + ([f"task: {cfg.model.task}, {len(plan.labels)} labels: {', '.join(plan.labels[:12])}"
           f"{' ...' if len(plan.labels) > 12 else ''}"] if plan.labels else []))

@@ -483,15 +483,21 @@ def write_hparams(out: Path, tune: TuneConfig, records: list[dict]) -> None:
 
 
 def test_best(cfg: RunConfig, best: dict, out: Path, cache_dir: str, data_dir: Optional[str], stopper, verbose: bool):
-    """The test split, once: before fine-tuning and from the best trial's final sharded checkpoint, in a
-    fresh worker group; rank 0 exports the model to <output_dir>/final_model."""
+    """The test split, once: before fine-tuning and from the best trial's final sharded checkpoint (or its
+    best, with test.checkpoint: best), in a fresh worker group; rank 0 exports it to <output_dir>/final_model."""
     from launcher import controller, ray_job
 
     best_cfg = trial_config(cfg, best["values"], str(out))
     if any(k.split(".")[0] in ("data", "model") for k in best["values"]):
         data_dir = _prepare(best_cfg, cache_dir)
     ctl = controller.Controller(best_cfg, out)
-    args = {"cache_dir": cache_dir, "data_dir": data_dir, "final_checkpoint": best["final_checkpoint"],
+    tested = best["final_checkpoint"]
+    if best_cfg.test.checkpoint == "best":  # the trial's best checkpoint by validation, as in a plain run
+        from trainer.early_stopping import selection
+
+        root = trial_dir(out, best["trial"]) / "checkpoints"
+        tested = str(checkpoints.best_checkpoint(root, root, *selection(best_cfg)) or tested)
+    args = {"cache_dir": cache_dir, "data_dir": data_dir, "final_checkpoint": tested,
             "export_dir": str(out / "final_model"), "predictions_path": str(out / "test_predictions.jsonl"),
             "verbose": verbose}
     ray_job.fit(best_cfg, ray_job.test_worker, args, out / "test_evaluation", "test", ctl.receive,

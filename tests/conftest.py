@@ -5,7 +5,7 @@ import socket
 import pytest
 
 from tests.e2e.common import launch
-from tests.helpers import make_tokenizer, tiny_config, tiny_llama, write_config
+from tests.helpers import DATA, make_tokenizer, shouted_copy, tiny_config, tiny_llama, write_config
 
 
 @pytest.fixture(scope="session")
@@ -85,9 +85,12 @@ def resumed(zero2, tmp_path_factory):
 @pytest.fixture(scope="session")
 def zero3(tmp_path_factory, tokenizer_dir):
     tmp = tmp_path_factory.mktemp("zero3")
+    # Also a training mix of two sources (3:1), tested on the best checkpoint by validation.
+    mix = [{"path": str(DATA), "weight": 3}, {"path": shouted_copy(tmp), "weight": 1}]
     raw = tiny_config(tmp, tokenizer_dir, model={"architecture": tiny_llama(3), "tokenizer": str(tokenizer_dir)},
                       finetune={"mode": "local", "train_last_layers": 2, "train_head": True},
-                      deepspeed={"zero_stage": 3}, train={"max_steps": 10, "eval_every": 5, "save_every": 5})
+                      deepspeed={"zero_stage": 3}, train={"max_steps": 10, "eval_every": 5, "save_every": 5},
+                      data={"train_file": mix}, test={"checkpoint": "best"})
     proc = launch(write_config(tmp / "tiny3.yaml", raw))
     assert proc.returncode == 0, proc.stderr[-2000:]
     return tmp / "run", proc

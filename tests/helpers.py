@@ -102,6 +102,15 @@ def tiny_config(tmp: Path, tokenizer: Path, **sections) -> dict:
     return raw
 
 
+def shouted_copy(tmp: Path, n: int = 80) -> str:
+    """A second training source for mixes: the shipped SFT rows' first n, upper-cased."""
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()[:n]]
+    path = tmp / "shouted.jsonl"
+    path.write_text("".join(json.dumps({"prompt": r["prompt"].upper(), "response": r["response"].upper()}) + "\n"
+                            for r in rows))
+    return str(path)
+
+
 def write_config(path: Path, raw: dict) -> Path:
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path

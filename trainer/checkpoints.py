@@ -17,6 +17,7 @@ import random
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
 
 TAG = "ds"
 UNIVERSAL_TAG = "ds_universal"  # DeepSpeed's universal format, made beside TAG to change world size
@@ -39,6 +40,11 @@ class TrainState:
     # Only the trainable parameters (and their optimizer state) are in the shards; the frozen ones
     # are rebuilt from the base model (or, for an inline architecture, from the seed) on load.
     lean: bool = False
+    # Early stopping (train.early_stopping): the best value of its metric so far, the evaluations
+    # since it last improved, and whether the run stopped at this step because of it.
+    best_metric: Optional[float] = None
+    bad_evaluations: int = 0
+    stopped_early: bool = False
 
 
 def is_lean(cfg) -> bool:
@@ -83,13 +89,14 @@ def read_state(path: Path) -> TrainState:
     return TrainState(**json.loads((Path(path) / STATE_FILE).read_text()))
 
 
-def is_complete(path: Path) -> bool:
+def is_complete(path: Path, marked: bool = True) -> bool:
+    """`marked=False`: every part is written, but the orchestrator may not have marked it yet."""
     path = Path(path)
     try:
         state = read_state(path)
     except (OSError, ValueError, TypeError):
         return False
-    return ((path / MARKER).is_file() and (path / TAG).is_dir()
+    return (((path / MARKER).is_file() or not marked) and (path / TAG).is_dir()
             and all((path / f"rng_rank{r}.pt").is_file() for r in range(state.world_size)))
 
 
@@ -104,14 +111,17 @@ def _attempt(path: Path) -> int:
     return int(name.split("-", 1)[1]) if name.startswith("attempt-") and name.split("-", 1)[1].isdigit() else 0
 
 
-def find_checkpoints(root: Path) -> list[tuple[int, Path]]:
+def find_checkpoints(root: Path, written_under: Optional[Path] = None) -> list[tuple[int, Path]]:
     """Complete checkpoints under `root` (any depth) as (step, path), oldest first: by launch attempt,
     then step, so a run resumed from an earlier step never mistakes an older attempt's later step
-    for its newest checkpoint."""
+    for its newest checkpoint. Under `written_under` (a worker's own launch, whose last checkpoint the
+    orchestrator may not have marked yet) every fully written one counts."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [(read_state(p).step, p) for p in root.rglob(f"{PREFIX}*") if p.is_dir() and is_complete(p)]
+    mine = Path(written_under) if written_under is not None else None
+    found = [(read_state(p).step, p) for p in root.rglob(f"{PREFIX}*")
+             if p.is_dir() and is_complete(p, marked=mine is None or p.parent != mine)]
     return sorted(found, key=lambda sp: (_attempt(sp[1]), sp[0], str(sp[1])))
 
 
@@ -180,11 +190,32 @@ def load(engine, directory: Path, rank: int, load_optimizer: bool = True, univer
 
 def retained(checkpoints: list[tuple[int, Path, float | None]], keep_last: int,
              protected: set[Path] = frozenset()) -> set[Path]:
-    """Which checkpoints to keep, given (step, path, val_loss) oldest first: the newest `keep_last`,
-    the best by validation loss, and any protected one (the checkpoint being resumed from). Pure; the
-    caller deletes the rest."""
+    """Which checkpoints to keep, given (step, path, score) oldest first: the newest `keep_last`, the
+    best by validation score (trainer/early_stopping.py: lower is better), and any protected one (the
+    checkpoint being resumed from). Pure; the caller deletes the rest."""
     keep = {p for _, p, _ in checkpoints[-keep_last:]}
-    scored = [c for c in checkpoints if c[2] is not None]
-    if scored:
-        keep.add(min(scored, key=lambda c: (c[2], -c[0]))[1])
+    if best(checkpoints) is not None:
+        keep.add(best(checkpoints))
     return keep | (set(protected) & {p for _, p, _ in checkpoints})
+
+
+def best(checkpoints: list[tuple[int, Path, float | None]]) -> Path | None:
+    """The best of (step, path, score) by score, lower is better (the later one on a tie); None when
+    none has a score. Retention keeps it; test.checkpoint: best tests it."""
+    scored = [c for c in checkpoints if c[2] is not None]
+    return min(scored, key=lambda c: (c[2], -c[0]))[1] if scored else None
+
+
+def best_checkpoint(root: Path, own: Path, metric: str, mode: str) -> Path | None:
+    """The run's best checkpoint by validation `metric` (every launch's under `root`, this launch's
+    `own` folder's too before the orchestrator marks them): the one retention keeps as best."""
+    from trainer.early_stopping import score
+
+    for attempt in range(3):  # the orchestrator may delete a checkpoint (never the best) while we look
+        try:
+            return best([(step, path, score(read_state(path).validation, metric, mode))
+                         for step, path in find_checkpoints(root, written_under=own)])
+        except (OSError, ValueError):
+            if attempt == 2:
+                raise
+    return None

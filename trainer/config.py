@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -66,8 +66,21 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class Source:
+    """One training file of a mix: examples are drawn from it in proportion to `weight`."""
+    SHORTHAND: typing.ClassVar[str] = "path"  # a bare string in the config is the path (weight 1)
+    path: str
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.weight > 0:
+            raise ValueError(f"weight must be > 0, got {self.weight}")
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    train_file: Optional[str] = None
+    # One file, or a training mix: a list of paths, or of {path, weight} mappings (see `sources`).
+    train_file: Union[str, tuple[Source, ...], None] = None
     validation_file: Optional[str] = None
     test_file: Optional[str] = None
     # A `datasets` name (hub or local script), used when no train_file is given.
@@ -114,6 +127,16 @@ class DataConfig:
         if (self.validation_file is None) != (self.test_file is None) and self.train_file is not None:
             raise ValueError("give both data.validation_file and data.test_file, or neither "
                              "(then data.fractions splits data.train_file)")
+        if isinstance(self.train_file, tuple) and not self.train_file:
+            raise ValueError("data.train_file is an empty list; give a file, or a list of files (with weights)")
+
+    @property
+    def sources(self) -> tuple[Source, ...]:
+        """The training files with their weights (one of weight 1 for a single train_file; none for
+        data.dataset)."""
+        if self.train_file is None:
+            return ()
+        return (Source(self.train_file),) if isinstance(self.train_file, str) else self.train_file
 
 
 @dataclass(frozen=True)
@@ -205,6 +228,21 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """Stop when the validation metric has not improved for `patience` evaluations in a row."""
+    metric: str = "loss"  # one the task reports at validation (loss always)
+    mode: Literal["min", "max"] = "min"  # min: lower is better (loss, perplexity); max: accuracy, f1
+    patience: int = 3  # evaluations without improvement (counted in evaluations, not steps)
+    min_delta: float = 0.0  # an improvement is a change by more than this
+
+    def __post_init__(self) -> None:
+        if self.patience < 1:
+            raise ValueError(f"train.early_stopping.patience must be >= 1, got {self.patience}")
+        if self.min_delta < 0:
+            raise ValueError(f"train.early_stopping.min_delta must be >= 0, got {self.min_delta}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: float = 1.0
     max_steps: Optional[int] = None  # optimizer steps; overrides epochs
@@ -220,6 +258,8 @@ class TrainConfig:
     max_failures: int = 3
     # After SIGTERM/SIGUSR1/Ctrl-C: seconds the workers get to finish the step and checkpoint.
     stop_grace_s: float = 300.0
+    # Stop when validation stops improving (None: train the whole schedule).
+    early_stopping: Optional[EarlyStoppingConfig] = None
 
     def __post_init__(self) -> None:
         if self.max_failures < 0 or self.stop_grace_s <= 0:
@@ -362,6 +402,14 @@ def checked_values(kind: str, args: list) -> list:
 
 
 @dataclass(frozen=True)
+class FinalEvalConfig:
+    """The test evaluation after training (the `test:` section)."""
+    # final: the last checkpoint; best: the best by validation (train.early_stopping.metric and mode
+    # when set, else validation loss), which retention keeps. The export uses the same one.
+    checkpoint: Literal["final", "best"] = "final"
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig
     data: DataConfig
@@ -372,6 +420,7 @@ class RunConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    test: FinalEvalConfig = field(default_factory=FinalEvalConfig)
     tune: Optional[TuneConfig] = None  # the search `sft-launch --tune` runs
     output_dir: Optional[str] = None  # default (set by the CLI): runs/<config file name>
     seed: int = 42
@@ -382,8 +431,16 @@ class RunConfig:
         if self.data.packing and not get_task(self.model.task).PACKS:
             raise ValueError(f"data.packing is set, but model.task {self.model.task!r} has no packing "
                              f"(only tasks that train on token sequences pack examples into rows)")
+        stopping = self.train.early_stopping
+        if stopping is not None and stopping.metric not in get_task(self.model.task).METRICS:
+            raise ValueError(f"train.early_stopping.metric is {stopping.metric!r}, but model.task "
+                             f"{self.model.task!r} reports {', '.join(get_task(self.model.task).METRICS)} at validation")
 
         if self.tune is not None:
+            metrics = get_task(self.model.task).METRICS
+            if self.tune.metric not in metrics:
+                raise ValueError(f"tune.metric is {self.tune.metric!r}, but model.task {self.model.task!r} reports "
+                                 f"{', '.join(metrics)} at validation")
             check_space(self)
 
     @property
@@ -404,6 +461,10 @@ def _type_name(tp: Any) -> str:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
     if tp is type(None):
         return "null"
+    if dataclasses.is_dataclass(tp):
+        shorthand = getattr(tp, "SHORTHAND", None)
+        keys = ", ".join(f.name for f in dataclasses.fields(tp))
+        return f"a {shorthand} or a mapping {{{keys}}}" if shorthand else f"a mapping {{{keys}}}"
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false", dict: "a mapping"}.get(
         tp, getattr(tp, "__name__", str(tp)))
 
@@ -413,12 +474,23 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     origin = typing.get_origin(tp)
     wrong = ConfigError(f"{where}: {key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
+        args = typing.get_args(tp)
+        listed = [a for a in args if typing.get_origin(a) is tuple]
+        if isinstance(value, (list, tuple)) and listed:  # its items' own errors say more than "wrong"
+            return _coerce(value, listed[0], key, where)
+        for arg in args:
             try:
                 return _coerce(value, arg, key, where)
             except ConfigError:
                 pass
         raise wrong
+    if dataclasses.is_dataclass(tp):
+        shorthand = getattr(tp, "SHORTHAND", None)
+        if shorthand and isinstance(value, str):
+            value = {shorthand: value}
+        if not isinstance(value, dict):
+            raise wrong
+        return _build(tp, value, where, f"{key}.", name=key)
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
@@ -461,7 +533,16 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     raise TypeError(f"unsupported annotation {tp!r} for {key}")
 
 
-def _build(cls: type, raw: Any, where: str, prefix: str = "") -> Any:
+def _optional_dataclass(tp: Any) -> Optional[type]:
+    """X for an `Optional[X]` annotation whose X is a config dataclass (an optional section)."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1 and dataclasses.is_dataclass(args[0]):
+        return args[0]
+    return None
+
+
+def _build(cls: type, raw: Any, where: str, prefix: str = "", name: str = "") -> Any:
+    """`name`: the key of a dataclass inside a list (data.train_file[1]), for its own checks' errors."""
     if not isinstance(raw, dict):
         name = prefix.rstrip(".") or "the top level"
         raise ConfigError(f"{where}: {name} must be a mapping of keys, got {raw!r}")
@@ -478,14 +559,12 @@ def _build(cls: type, raw: Any, where: str, prefix: str = "") -> Any:
                 raise ConfigError(f"{where}: missing required section '{prefix}{f.name}'")
             continue
         tp = hints[f.name]
-        optional = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(optional) == 1 and dataclasses.is_dataclass(optional[0]) and type(None) in typing.get_args(tp):
-            # An optional section: null (or absent) leaves it off; a mapping turns it on.
-            kwargs[f.name] = None if raw[f.name] is None else _build(optional[0], raw[f.name], where,
-                                                                     f"{prefix}{f.name}.")
-        elif dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(tp):
             kwargs[f.name] = _build(tp, raw[f.name] if raw[f.name] is not None else {}, where,
                                     f"{prefix}{f.name}.")
+        elif _optional_dataclass(tp) is not None:  # an optional section: null (or absent) turns it off
+            kwargs[f.name] = None if raw[f.name] is None else _build(_optional_dataclass(tp), raw[f.name], where,
+                                                                     f"{prefix}{f.name}.")
         else:
             kwargs[f.name] = _coerce(raw[f.name], tp, prefix + f.name, where)
     try:
@@ -493,7 +572,7 @@ def _build(cls: type, raw: Any, where: str, prefix: str = "") -> Any:
     except (TypeError, ValueError) as err:
         if isinstance(err, ConfigError):
             raise
-        raise ConfigError(f"{where}: {err}") from None
+        raise ConfigError(f"{where}: {name + ': ' if name else ''}{err}") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -585,8 +664,11 @@ def _resolve(value: Optional[str], base: Path) -> Optional[str]:
 
 
 def resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
-    data = dataclasses.replace(cfg.data, **{k: _resolve(getattr(cfg.data, k), base)
-                                            for k in ("train_file", "validation_file", "test_file")})
+    train = cfg.data.train_file
+    train = _resolve(train, base) if not isinstance(train, tuple) else \
+        tuple(dataclasses.replace(s, path=_resolve(s.path, base)) for s in train)
+    data = dataclasses.replace(cfg.data, train_file=train, **{k: _resolve(getattr(cfg.data, k), base)
+                                                              for k in ("validation_file", "test_file")})
     model = dataclasses.replace(cfg.model, name_or_path=_resolve(cfg.model.name_or_path, base),
                                 tokenizer=_resolve(cfg.model.tokenizer, base),
                                 image_processor=_resolve(cfg.model.image_processor, base))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from trainer.config import ConfigError, RunConfig
 from trainer.splits import split_indices
@@ -107,9 +107,11 @@ def _first_line(err: Exception) -> str:
     return text.splitlines()[0][:200] if text else type(err).__name__
 
 
-def load_splits(cfg: RunConfig) -> tuple[Split, Split, Split]:
-    """train / validation / test tables (read into `datasets`' own Arrow cache, memory-mapped); a lone
-    training set is split by data.fractions and the seed."""
+def load_splits(cfg: RunConfig) -> tuple[tuple[Split, ...], Split, Split]:
+    """The training sources (one split per data.train_file entry, in order; one for a single file or
+    a `datasets` name), validation and test: tables read into `datasets`' own Arrow cache,
+    memory-mapped. Without validation and test files the (first) training file is split by
+    data.fractions and the seed; the other sources of a mix are used whole for training."""
     import datasets
 
     datasets.disable_progress_bars()  # preparation shows one where the data is large
@@ -117,14 +119,16 @@ def load_splits(cfg: RunConfig) -> tuple[Split, Split, Split]:
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     d = cfg.data
     if d.train_file is not None:
-        train = _read_file(d.train_file, "train_file")
-        names = _class_names(train)
+        keys = ["train_file"] if isinstance(d.train_file, str) else [f"train_file[{i}]" for i in range(len(d.sources))]
+        tables = [_read_file(src.path, key) for src, key in zip(d.sources, keys)]
+        names = _class_names(tables[0])
+        others = tuple(Split("train", src.path, t, names) for src, t in zip(d.sources[1:], tables[1:]))
         if d.validation_file is not None:
-            return (Split("train", d.train_file, train, names),
+            return ((Split("train", d.sources[0].path, tables[0], names), *others),
                     Split("validation", d.validation_file, _read_file(d.validation_file, "validation_file"),
                           names),
                     Split("test", d.test_file, _read_file(d.test_file, "test_file"), names))
-        source = d.train_file
+        train, source = tables[0], d.sources[0].path
     else:
         try:
             loaded = datasets.load_dataset(d.dataset, d.dataset_config)
@@ -134,40 +138,48 @@ def load_splits(cfg: RunConfig) -> tuple[Split, Split, Split]:
             raise ConfigError(f"data.dataset {d.dataset!r} has no 'train' split (it has {', '.join(loaded)})")
         names = _class_names(loaded["train"])
         if "validation" in loaded and "test" in loaded:
-            return tuple(Split(k, f"{d.dataset}:{k}", loaded[k], names) for k in ("train", "validation", "test"))
-        train, source = loaded["train"], f"{d.dataset}:train"
+            return ((Split("train", f"{d.dataset}:train", loaded["train"], names),),
+                    *(Split(k, f"{d.dataset}:{k}", loaded[k], names) for k in ("validation", "test")))
+        train, source, others = loaded["train"], f"{d.dataset}:train", ()
     parts = split_indices(len(train), d.fractions, cfg.split_seed)
-    return tuple(Split(name, source, train.select(part), names, part)
-                 for name, part in zip(("train", "validation", "test"), parts))
+    first, validation, test = (Split(name, source, train.select(part), names, part)
+                               for name, part in zip(("train", "validation", "test"), parts))
+    return (first, *others), validation, test
 
 
 class MicroBatches:
     """Endless micro-batches for one rank, resumable at a global position, also on another world size.
 
     Epoch e shuffles the examples exactly as DistributedSampler(shuffle=True, seed=seed) does for
-    epoch e. `position` counts the places of that permutation already consumed by all ranks
-    together; the rest is padded (by repeating the permutation's head, as DistributedSampler does)
+    epoch e (a training mix: `order` gives the epoch's draws instead). `position` counts the places
+    of that permutation already consumed by all ranks together; the rest is padded (by repeating the permutation's head, as DistributedSampler does)
     to a multiple of the world size and dealt out rank by rank. On the same world size this is
     DistributedSampler's own order; on another, no example of the epoch is seen twice or skipped.
     Each item is the list of the micro-batch's examples (a task's count reads them before collation).
     """
 
     def __init__(self, examples, rank: int, world: int, micro_batch_size: int, seed: int,
-                 epoch: int = 0, position: int = 0):
-        """`examples`: anything with len() and examples(positions) -> list of dicts (a Prepared)."""
+                 epoch: int = 0, position: int = 0, order: Optional[Callable[[int], list[int]]] = None):
+        """`examples`: anything with len() and examples(positions) -> list of dicts (a Prepared).
+        `order(epoch)`: that epoch's permutation (a training mix's draws, trainer/mixing.py) in place
+        of the shuffle; the same on every rank."""
         self.examples, self.rank, self.world = examples, rank, world
         self.micro_batch_size, self.seed = micro_batch_size, seed
         self.epoch, self.position = epoch, position
+        self.order = order
         self._mine: list[int] | None = None
         self._next = 0
 
     def _deal(self) -> None:
         import torch
 
-        n = len(self.examples)
-        g = torch.Generator()
-        g.manual_seed(self.seed + self.epoch)
-        order = torch.randperm(n, generator=g).tolist()
+        if self.order is not None:
+            order = self.order(self.epoch)
+        else:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(len(self.examples), generator=g).tolist()
+        n = len(order)
         rest = order[self.position:]
         pad = -len(rest) % self.world
         rest += (order * (pad // n + 1))[:pad]

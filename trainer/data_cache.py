@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from trainer.config import RunConfig
+from trainer.config import ConfigError, RunConfig
 from trainer.tasks.common import Prepared
 from trainer.tasks.registry import TASKS, get_task
 
@@ -71,7 +71,7 @@ def cache_key(cfg: RunConfig, processor) -> str:
     shaping = {k: v for k, v in asdict(d).items() if k not in UNKEYED}
     h.update(json.dumps({"version": VERSION, "task": cfg.model.task, "data": shaping, "split_seed": cfg.split_seed},
                         sort_keys=True, default=str).encode())
-    for path in (d.train_file, d.validation_file, d.test_file):
+    for path in (*(src.path for src in d.sources), d.validation_file, d.test_file):
         if path is not None:
             h.update(_file_digest(path).encode())
     h.update(Hasher.hash(processor).encode())
@@ -102,7 +102,7 @@ def prepare(cfg: RunConfig, processor, root: Optional[Path], log: Callable[[str]
         for name, p in data.splits.items():
             p.table.save_to_disk(str(staging / name))
             meta["splits"][name] = {"inputs": list(p.inputs), "fmt": p.fmt, "rows_read": p.rows_read,
-                                    "dropped": p.dropped, "packed": p.packed}
+                                    "dropped": p.dropped, "packed": p.packed, "parts": list(p.parts)}
         shutil.rmtree(scratch)
         (staging / META).write_text(json.dumps(meta, indent=1))
         try:
@@ -127,7 +127,7 @@ def load(directory: Path) -> PreparedData:
 
     meta = json.loads((directory / META).read_text())
     splits = {name: Prepared(datasets.load_from_disk(str(directory / name)), tuple(m["inputs"]), m["fmt"],
-                             m["rows_read"], m["dropped"], m["packed"])
+                             m["rows_read"], m["dropped"], m["packed"], tuple(m.get("parts", ())))
               for name, m in meta["splits"].items()}
     return PreparedData(splits, meta["labels"], directory)
 
@@ -139,11 +139,45 @@ def _prepare(cfg: RunConfig, processor, scratch: Optional[Path]) -> PreparedData
 
     started = time.perf_counter()
     task = get_task(cfg.model.task)
-    raw = dict(zip(SPLITS, load_splits(cfg)))
-    labels = task.label_names(cfg, raw["train"])
-    big = any(len(s) >= 20_000 for s in raw.values())
+    sources, validation, test = load_splits(cfg)
+    labels = training_labels(cfg, task, sources)
+    big = any(len(s) >= 20_000 for s in (*sources, validation, test))
     (datasets.enable_progress_bars if big and scratch is not None else datasets.disable_progress_bars)()
-    splits = {name: task.prepare(raw[name], cfg, processor, labels, scratch) for name in SPLITS}
-    if cfg.data.packing:
-        splits["train"] = task.pack(splits["train"], cfg, scratch)
+    splits = {"train": prepare_training(cfg, task, sources, processor, labels, scratch)}
+    splits.update({s.name: task.prepare(s, cfg, processor, labels, scratch) for s in (validation, test)})
     return PreparedData(splits, labels, None, time.perf_counter() - started)
+
+
+def training_labels(cfg: RunConfig, task, sources: list) -> list[str]:
+    """The label set of the training split; a mix's sources must agree on it (or data.labels sets it)."""
+    found = [task.label_names(cfg, s) for s in sources]
+    for s, labels in zip(sources[1:], found[1:]):
+        if labels != found[0]:
+            raise ConfigError(f"data.train_file: the sources have different label sets ({sources[0].source}: "
+                              f"{found[0][:8]}, {s.source}: {labels[:8]}); list the labels of the whole mix in "
+                              f"data.labels")
+    return found[0]
+
+
+def prepare_training(cfg: RunConfig, task, sources: list, processor, labels: list[str],
+                     scratch: Optional[Path]) -> Prepared:
+    """The training split: each source prepared (and packed) on its own, so errors name its file and
+    no packed row mixes sources; a mix's tables are then concatenated in order (Prepared.parts)."""
+    import datasets
+
+    parts = []
+    for i, source in enumerate(sources):
+        where = scratch / f"source-{i}" if scratch is not None and len(sources) > 1 else scratch
+        if where is not None:
+            where.mkdir(exist_ok=True)
+        prepared = task.prepare(source, cfg, processor, labels, where)
+        parts.append(task.pack(prepared, cfg, where) if cfg.data.packing else prepared)
+    if len(parts) == 1:
+        return parts[0]
+    dropped: dict = {}
+    for p in parts:
+        for why, n in p.dropped.items():
+            dropped[why] = dropped.get(why, 0) + n
+    first = parts[0]
+    return Prepared(datasets.concatenate_datasets([p.table for p in parts]), first.inputs, first.fmt,
+                    sum(p.rows_read for p in parts), dropped, first.packed, tuple(len(p) for p in parts))

@@ -19,7 +19,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Optional
 
-from trainer import checkpoints, data_cache
+from trainer import checkpoints, data_cache, early_stopping, mixing
 from trainer.checkpoints import TrainState
 from trainer.config import ConfigError, RunConfig
 from trainer.data import MicroBatches
@@ -175,14 +175,32 @@ def fine_tune(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> None:
     gc.collect()  # the training engine (weights, gradients, optimizer states) goes before the test's
     written = Path(args.checkpoint_root) / checkpoints.dir_name(state.step)
     final = written if written.is_dir() else Path(args.restart_from or args.resume_from)
+    which = "final"
+    if cfg.test.checkpoint == "best":
+        # Rank 0 chooses and tells the others: the controller may be pruning while the ranks look.
+        root, chosen = Path(args.checkpoint_root), [None]
+        if dist.get_rank() == 0:
+            chosen = [str(checkpoints.best_checkpoint(root.parent, root, *early_stopping.selection(cfg)) or final)]
+        dist.broadcast_object_list(chosen, src=0)
+        final, which = Path(chosen[0]), "best"
     if dist.get_rank() == 0:
-        reporter.log(f"test evaluation on the final checkpoint {final} (and on the model before fine-tuning)")
+        reporter.log(f"test evaluation on the {which} checkpoint {final} (and on the model before fine-tuning)")
     run_test(cfg, reporter, replace(args, final_checkpoint=str(final)))
 
 
+def micro_batches(cfg: RunConfig, train: Prepared, rank: int, world: int, state: TrainState) -> MicroBatches:
+    """This rank's stream of training micro-batches from the saved data position; a training mix
+    draws from its sources by their weights (trainer/mixing.py)."""
+    parts, weights = train.parts, [source.weight for source in cfg.data.sources]
+    order = (lambda epoch: mixing.epoch_order(parts, weights, cfg.seed, epoch)) if len(parts) > 1 else None
+    return MicroBatches(train, rank, world, cfg.train.micro_batch_size, cfg.seed, epoch=state.epoch,
+                        position=state.position, order=order)
+
+
 def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainState, bool]:
-    """Train, validate every eval_every steps, checkpoint every save_every, report both. Returns the
-    state and whether the run stopped early on request."""
+    """Train, validate every eval_every steps, checkpoint every save_every, report both; stop early
+    when validation stops improving (train.early_stopping). Returns the state and whether the run
+    stopped on request (before its end: no test evaluation follows)."""
     import torch.distributed as dist
 
     s = setup(cfg, args, ("train", "validation"), reporter)
@@ -207,8 +225,7 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
         writer = SummaryWriter(args.tensorboard_dir, purge_step=state.step + 1)
 
     accumulation, unit = cfg.train.gradient_accumulation, s.task.UNIT
-    batches = MicroBatches(s.data["train"], rank, s.world, cfg.train.micro_batch_size, cfg.seed,
-                           epoch=state.epoch, position=state.position)
+    batches = micro_batches(cfg, s.data["train"], rank, s.world, state)
     rows = "packed rows" if s.data["train"].packed else "examples"
     log(f"training steps {state.step + 1}..{s.total_steps} on {s.world} worker(s), "
         f"{len(s.data['train']):,} training {rows}, {len(s.data['validation']):,} validation examples")
@@ -216,7 +233,9 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
     own_norm = cfg.deepspeed.zero_stage == 0
     params = [p for p in engine.module.parameters() if p.requires_grad] if own_norm else []
     engine.train()
-    for step in range(state.step + 1, s.total_steps + 1):
+    # A run that stopped early ended there: a restart from that checkpoint goes on to the test.
+    end = state.step if state.stopped_early else s.total_steps
+    for step in range(state.step + 1, end + 1):
         started, loss_sum, units, places, norm = time.perf_counter(), 0.0, 0, 0, float("nan")
         for examples in islice(batches, accumulation):
             units += s.task.count(examples)
@@ -260,23 +279,31 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
                 for k, v in validation.items():
                     writer.add_scalar(f"val/{k}", v, step)
                 writer.flush()
+        early = cfg.train.early_stopping
+        if early is not None and validation:
+            # The metrics are all-reduced: every rank counts the same and stops after the same step.
+            state.best_metric, state.bad_evaluations = early_stopping.advance(state.best_metric, state.bad_evaluations,
+                                                                              validation, early)
+            state.stopped_early = state.bad_evaluations >= early.patience and not is_last
+            stopping = stopping and not state.stopped_early  # the run ends here anyway, and goes on to the test
         if stopping:
             log(f"stop requested: checkpointing step {step} and stopping")
-        report = TrainReport(step, loss_mean, validation, final=is_last, stopped=stopping)
-        if step % cfg.train.save_interval == 0 or is_last or stopping:
+        report = TrainReport(step, loss_mean, validation, final=is_last or state.stopped_early, stopped=stopping,
+                             stopped_early=state.stopped_early)
+        if step % cfg.train.save_interval == 0 or is_last or stopping or state.stopped_early:
             state.validation = validation
             with tempfile.TemporaryDirectory(prefix="sft-shard-") as shard_dir:
                 checkpoints.save(engine, Path(shard_dir), state, rank)
                 reporter.report(report, Path(shard_dir))
         elif validation:
             reporter.report(report)
-        if stopping:
+        if stopping or state.stopped_early:
             break
     if writer:
         writer.close()
     dist.barrier()  # every rank's shard of the last checkpoint is persisted
     engine.destroy()  # ZeRO's gradient hooks would keep the engine (all its states) alive for the test
-    return state, state.step < s.total_steps
+    return state, state.step < s.total_steps and not state.stopped_early
 
 
 def run_test(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TestResult:
@@ -294,6 +321,6 @@ def run_test(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TestResult
         export_model(cfg, Path(args.final_checkpoint), Path(args.export_dir), s.processor, s.labels, args.cache_dir,
                      dtype)
         reporter.log(f"exported the consolidated model ({dtype}) to {args.export_dir}")
-    result = TestResult(state.step, before, after)
+    result = TestResult(state.step, before, after, str(args.final_checkpoint))
     reporter.report(result)
     return result

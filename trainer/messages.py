@@ -34,6 +34,9 @@ class TrainReport:
     validation: dict = field(default_factory=dict)  # this step's validation metrics, when it evaluated
     final: bool = False  # the last step of the schedule: the test evaluation comes next
     stopped: bool = False  # a stop was asked for: this launch ends after this step
+    # train.early_stopping's patience ran out at this step: the run ends here (final is set too) and
+    # the test evaluation comes next.
+    stopped_early: bool = False
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class TestResult:
     step: int
     before: dict
     after: dict
+    checkpoint: str = ""  # the checkpoint evaluated (and exported): test.checkpoint's final or best
 
 
 @dataclass(frozen=True)

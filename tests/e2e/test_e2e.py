@@ -117,6 +117,12 @@ def test_zero3_shards_per_rank_and_consolidated_export(zero3, tokenizer_dir):
     metrics = json.loads((out / "test_metrics.json").read_text())
     assert metrics["after"]["loss"] < metrics["before"]["loss"]
     assert "blocks [.TT]" in proc.stdout  # the freezing plan, printed before any worker started
+    # The training mix's plan line; the workers tested (and exported) the checkpoint the controller kept as best.
+    assert "training mix: shouted.jsonl 80 rows, weight 1: 24.9% of each epoch's draws" in proc.stdout
+    assert "test and export: the best checkpoint by validation (test.checkpoint: best)" in proc.stdout
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert metrics["checkpoint_choice"] == "best" and metrics["step"] == summary["best_validation"]["step"]
+    assert metrics["checkpoint"] == summary["best_validation"]["checkpoint"]
     assert _final_model_test_loss(out, out.parent / "tiny3.yaml") == pytest.approx(metrics["after"]["loss"], rel=1e-5)
 
 

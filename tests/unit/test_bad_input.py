@@ -3,6 +3,7 @@ nothing is started or written. Calls the command line in-process (errors come be
 tests/unit/test_cli.py runs it once as a real subprocess."""
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -65,6 +66,13 @@ def bert_cls(tmp, tok, **data):
 def topics(tmp, name="t.jsonl", n=20, drop=None):
     rows = [{"text": f"text number {i}", "label": "ab"[i % 2]} for i in range(n)]
     return jsonl(tmp / name, [{k: v for k, v in r.items() if k != drop} for r in rows])
+
+
+def checkpoint_that_stopped_early(tmp):
+    path = Path(checkpoint_of_another_model(tmp))
+    state = json.loads((path / "trainer_state.json").read_text())
+    (path / "trainer_state.json").write_text(json.dumps({**state, "stopped_early": True}))
+    return str(path)
 
 
 CASES = {
@@ -166,6 +174,19 @@ CASES = {
     "chat_without_assistant_turn": (lambda tmp, tok: tiny_config(tmp, tok, data={"train_file": jsonl(
         tmp / "chat.jsonl", [{"messages": [{"role": "user", "content": f"hi {i}"}]} for i in range(12)])}),
         r"chat.jsonl, \w+ split, line \d+, column 'messages': the conversation has no assistant message"),
+    "train_file_source_missing": (lambda tmp, tok: tiny_config(tmp, tok, data={"train_file": [
+        str(DATA), {"path": str(tmp / "gone.jsonl"), "weight": 2}]}), r"data.train_file\[1\]: file .*gone.jsonl not found"),
+    "train_file_weight_not_positive": (lambda tmp, tok: tiny_config(tmp, tok, data={"train_file": [
+        {"path": str(DATA), "weight": 0}]}), r"data.train_file\[0\]: weight must be > 0, got 0.0"),
+    "mix_of_different_label_sets": (lambda tmp, tok: bert_cls(tmp, tok, train_file=[topics(tmp), jsonl(
+        tmp / "cd.jsonl", [{"text": f"text {i}", "label": "cd"[i % 2]} for i in range(20)])]),
+        r"data.train_file: the sources have different label sets .*list the labels of the whole mix in data.labels"),
+    "early_stopping_on_a_metric_the_task_lacks": (lambda tmp, tok: tiny_config(tmp, tok, train={
+        "early_stopping": {"metric": "accuracy", "mode": "max"}}),
+        r"train.early_stopping.metric is 'accuracy', but model.task 'causal_lm' reports loss, perplexity"),
+    "resume_a_run_that_stopped_early": (lambda tmp, tok: (tiny_config(tmp, tok), ["--resume",
+                                                                                  checkpoint_that_stopped_early(tmp)]),
+                                        r"the run stopped early at step 4 \(train.early_stopping"),
     "global_mode_with_freezing_rules": (lambda tmp, tok: tiny_config(tmp, tok, finetune={"mode": "global",
                                                                                         "freeze": ["lm_head.*"]}),
                                         r"finetune.mode is 'global' \(every weight trains\) but finetune.freeze is set"),

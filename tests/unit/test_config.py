@@ -107,3 +107,46 @@ def test_round_trip_through_plain_dict():
 def test_shipped_configs_load(path):
     cfg = load_config(path)
     assert cfg.data.train_file is None or Path(cfg.data.train_file).is_file()
+
+
+def test_early_stopping_is_off_by_default_and_checked_against_the_tasks_metrics():
+    assert build().train.early_stopping is None and build().test.checkpoint == "final"
+    cfg = build(train={"early_stopping": {"metric": "token_accuracy", "mode": "max"}}, test={"checkpoint": "best"})
+    assert cfg.train.early_stopping.patience == 3 and cfg.test.checkpoint == "best"
+    assert build(train={"early_stopping": {}}).train.early_stopping.metric == "loss"
+    assert from_dict(to_dict(cfg)) == cfg
+    with pytest.raises(ConfigError, match=r"train.early_stopping.metric is 'accuracy', but model.task 'causal_lm' "
+                                          r"reports loss, perplexity, token_accuracy"):
+        build(train={"early_stopping": {"metric": "accuracy"}})
+    with pytest.raises(ConfigError, match=r"train.early_stopping.patience must be >= 1, got 0"):
+        build(train={"early_stopping": {"patience": 0}})
+    with pytest.raises(ConfigError, match=r"test.checkpoint must be one of 'final', 'best', got 'last'"):
+        build(test={"checkpoint": "last"})
+
+
+def test_train_file_takes_a_path_a_list_of_paths_or_weighted_sources():
+    from trainer.config import Source
+
+    assert build().data.sources == (Source("x.jsonl", 1.0),) and build().data.train_file == "x.jsonl"
+    listed = build(data={"train_file": ["a.jsonl", "b.jsonl"]})
+    assert listed.data.sources == (Source("a.jsonl"), Source("b.jsonl"))
+    weighted = build(data={"train_file": [{"path": "a.jsonl", "weight": 3}, "b.jsonl"]})
+    assert weighted.data.sources == (Source("a.jsonl", 3.0), Source("b.jsonl", 1.0))
+    assert from_dict(to_dict(weighted)) == weighted
+    with pytest.raises(ConfigError, match=r"cfg.yaml: data.train_file\[1\]: weight must be > 0, got -1.0"):
+        build(data={"train_file": ["a.jsonl", {"path": "b.jsonl", "weight": -1}]})
+    with pytest.raises(ConfigError, match=r"unknown key 'data.train_file\[0\].wieght'. Did you mean "
+                                          r"'data.train_file\[0\].weight'\?"):
+        build(data={"train_file": [{"path": "a.jsonl", "wieght": 3}]})
+    with pytest.raises(ConfigError, match=r"data.train_file\[1\] must be a path or a mapping \{path, weight\}, got 5"):
+        build(data={"train_file": ["a.jsonl", 5]})
+    with pytest.raises(ConfigError, match=r"data.train_file is an empty list"):
+        build(data={"train_file": []})
+
+
+def test_relative_source_paths_resolve_against_the_config_file(tmp_path):
+    (tmp_path / "a.jsonl").write_text("{}\n")
+    p = tmp_path / "c.yaml"
+    p.write_text("model: {name_or_path: gpt2}\ndata: {train_file: [{path: a.jsonl, weight: 2}, b.jsonl]}\n")
+    assert [(s.path, s.weight) for s in load_config(p).data.sources] == [(str((tmp_path / "a.jsonl").resolve()), 2.0),
+                                                                         ("b.jsonl", 1.0)]

@@ -16,6 +16,7 @@ AUTO_MODEL = "AutoModelForCausalLM"
 PROCESSOR = "tokenizer"
 UNIT = "tokens"
 PACKS = True  # data.packing applies: pack() below
+METRICS = ("loss", "perplexity", "token_accuracy")  # the validation scalars evaluate() reports
 
 
 def record_kind(split, d: DataConfig) -> str:

@@ -33,6 +33,8 @@ class Prepared:
     rows_read: int = 0  # rows of the split before any was left out
     dropped: dict = field(default_factory=dict)  # why -> rows left out
     packed: bool = False  # each row holds several examples (data.packing)
+    # A training mix: each source's rows, its sources' tables concatenated in this order (trainer/mixing.py).
+    parts: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         self._inputs = self.table.select_columns(list(self.inputs)).with_format(self.fmt)

@@ -16,6 +16,7 @@ AUTO_MODEL = "AutoModelForImageClassification"
 PROCESSOR = "image_processor"
 UNIT = "samples"
 PACKS = False  # data.packing is for causal_lm
+METRICS = ("loss", "accuracy", "macro_f1")  # the validation scalars evaluate() reports
 
 
 def check_columns(split, d: DataConfig) -> None:

@@ -33,6 +33,7 @@ class Task(Protocol):
     PROCESSOR: Literal["tokenizer", "image_processor"]  # what turns a row into inputs (model.<PROCESSOR>)
     UNIT: Literal["tokens", "samples"]  # what train/<UNIT>_per_s counts
     PACKS: bool  # data.packing applies; then the module also has pack(prepared, cfg, scratch) -> Prepared
+    METRICS: tuple[str, ...]  # the scalar metrics evaluate() reports (train.early_stopping.metric is one)
 
     def check_columns(self, split: Split, d: DataConfig) -> None:
         """A ConfigError naming the data.*_column key when a column the task reads is missing."""

@@ -14,6 +14,7 @@ AUTO_MODEL = "AutoModelForSequenceClassification"
 PROCESSOR = "tokenizer"
 UNIT = "tokens"
 PACKS = False  # data.packing is for causal_lm
+METRICS = ("loss", "accuracy", "macro_f1")  # the validation scalars evaluate() reports
 
 
 def check_columns(split, d: DataConfig) -> None:

@@ -17,6 +17,7 @@ AUTO_MODEL = "AutoModelForTokenClassification"
 PROCESSOR = "tokenizer"
 UNIT = "tokens"
 PACKS = False  # data.packing is for causal_lm
+METRICS = ("loss", "precision", "recall", "f1", "token_accuracy")  # the validation scalars evaluate() reports
 
 
 def check_columns(split, d: DataConfig) -> None:
