@@ -246,8 +246,8 @@ def search(cfg: RunConfig, address: Optional[str], resume: bool, cache_dir: str,
     out.mkdir(parents=True, exist_ok=True)
     stopper = controller.Stopper(out / ".stop-request", cfg.train.stop_grace_s)
     with stopper.installed():
-        plan, _ = controller.preflight(cfg, controller.Paths(out, "", None), cache_dir)
         _check_trial_plans(cfg, cache_dir)
+        plan, _ = controller.preflight(cfg, controller.Paths(out, "", None), cache_dir)
         describe_search(cfg.tune, resume)
         if stopper.requested:
             return {"status": "stopped"}

@@ -190,7 +190,38 @@ CASES = {
     "global_mode_with_freezing_rules": (lambda tmp, tok: tiny_config(tmp, tok, finetune={"mode": "global",
                                                                                         "freeze": ["lm_head.*"]}),
                                         r"finetune.mode is 'global' \(every weight trains\) but finetune.freeze is set"),
+    # sft-launch --tune: every mistake in tune: is refused before any trial starts
+    "tune_space_key_that_does_not_exist": (lambda tmp, tok: (tune(tmp, tok, {"optim.lrr": {"loguniform": [1e-5, 1e-3]}}),
+                                                             ["--tune"]), r"tune.space.optim.lrr: no such config key"),
+    "tune_unknown_distribution": (lambda tmp, tok: (tune(tmp, tok, {"optim.lr": {"normal": [0.1, 1]}}), ["--tune"]),
+                                  r"tune.space.optim.lr must be one distribution, one of \{uniform"),
+    "tune_range_the_key_refuses": (lambda tmp, tok: (tune(tmp, tok, {"train.micro_batch_size": {"uniform": [1, 8]}}),
+                                                     ["--tune"]),
+                                   r"tune.space.train.micro_batch_size: the search could give it 1.0, which the "
+                                   r"config refuses: train.micro_batch_size must be an integer"),
+    "tune_grid_value_the_key_refuses": (lambda tmp, tok: (tune(tmp, tok, {"optim.scheduler": {"grid": ["linear",
+                                                                                                      "sawtooth"]}}),
+                                                          ["--tune"]),
+                                        r"tune.space.optim.scheduler: the search could give it 'sawtooth'"),
+    "tune_value_the_model_refuses": (lambda tmp, tok: (tune(tmp, tok, {"finetune.train_last_layers": {"choice": [1, 9]}},
+                                                            finetune={"mode": "local", "train_last_layers": 1}),
+                                                       ["--tune"]),
+                                     r"tune.space.finetune.train_last_layers: the search could give it 9, which the "
+                                     r"model refuses"),
+    "tune_the_search_settings": (lambda tmp, tok: (tune(tmp, tok, {"scaling.nodes": {"choice": [1, 2]}}), ["--tune"]),
+                                 r"tune.space.scaling.nodes: tune, output_dir, scaling, slurm are the search's own"),
+    "tune_metric_the_task_lacks": (lambda tmp, tok: (tune(tmp, tok, {"optim.lr": {"choice": [1e-3]}}, metric="f1"),
+                                                     ["--tune"]),
+                                   r"tune.metric is 'f1', but model.task 'causal_lm' reports loss, perplexity"),
+    "tune_bad_range": (lambda tmp, tok: (tune(tmp, tok, {"optim.lr": {"loguniform": [1e-3, 1e-5]}}), ["--tune"]),
+                       r"tune.space.optim.lr: loguniform takes \[low, high\] \(low > 0\) with low < high"),
+    "tune_without_a_tune_section": (lambda tmp, tok: (tiny_config(tmp, tok), ["--tune"]),
+                                    r"--tune needs a tune: section in the config"),
 }
+
+
+def tune(tmp, tok, space, metric="loss", **sections):
+    return tiny_config(tmp, tok, tune={"metric": metric, "space": space}, **sections)
 
 
 @pytest.mark.parametrize("case", list(CASES))
