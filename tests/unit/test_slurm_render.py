@@ -26,3 +26,16 @@ def test_rendered_script_runs_the_launcher_with_the_passed_overrides():
     assert "CONFIG='/cfg/a b.yaml'" in text and "ARGS=(--set optim.lr=1e-4)" in text
     assert "--gpus-per-node" not in text and "--num-gpus" not in text  # a CPU job asks for no GPUs
     assert 'scontrol requeue "$SLURM_JOB_ID"' in text and "trap 'kill -USR1" in text
+
+
+def test_a_search_runs_in_the_batch_job_and_a_requeued_job_continues_it(tmp_path):
+    """`sft-launch CONFIG --tune --slurm`: the job runs the search; after a requeue, --resume continues it."""
+    from launcher.cli import main
+
+    config = tmp_path / "s.yaml"
+    config.write_text(f"model: {{name_or_path: gpt2}}\ndata: {{train_file: x}}\noutput_dir: {tmp_path / 'run'}\n"
+                      f"tune: {{space: {{optim.lr: {{loguniform: [1.0e-5, 1.0e-3]}}}}}}\n")
+    assert main([str(config), "--tune", "--slurm"]) == 0
+    text = (tmp_path / "run" / "sft.sbatch").read_text()
+    assert "ARGS=(--tune)" in text
+    assert '[ -d "$OUT/tune" ]' in text  # the requeued job passes --resume when a search was started
