@@ -166,6 +166,11 @@ CASES = {
     "chat_without_assistant_turn": (lambda tmp, tok: tiny_config(tmp, tok, data={"train_file": jsonl(
         tmp / "chat.jsonl", [{"messages": [{"role": "user", "content": f"hi {i}"}]} for i in range(12)])}),
         r"chat.jsonl, \w+ split, line \d+, column 'messages': the conversation has no assistant message"),
+    "generate_negative_examples": (lambda tmp, tok: tiny_config(tmp, tok, eval={"generate": {"num_examples": -1}}),
+                                   r"eval.generate.num_examples must be >= 0 \(0 turns it off\), got -1"),
+    "generate_for_a_classifier": (lambda tmp, tok: bert_cls(tmp, tok, train_file=topics(tmp)) | {
+        "eval": {"generate": {"num_examples": 4}}}, r"eval.generate.num_examples is 4, but model.task "
+                                                    r"'sequence_classification' does not generate text"),
     "global_mode_with_freezing_rules": (lambda tmp, tok: tiny_config(tmp, tok, finetune={"mode": "global",
                                                                                         "freeze": ["lm_head.*"]}),
                                         r"finetune.mode is 'global' \(every weight trains\) but finetune.freeze is set"),

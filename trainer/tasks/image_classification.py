@@ -16,6 +16,7 @@ AUTO_MODEL = "AutoModelForImageClassification"
 PROCESSOR = "image_processor"
 UNIT = "samples"
 PACKS = False  # data.packing is for causal_lm
+GENERATES = False  # eval.generate is for causal_lm
 
 
 def check_columns(split, d: DataConfig) -> None:

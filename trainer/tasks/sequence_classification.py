@@ -14,6 +14,7 @@ AUTO_MODEL = "AutoModelForSequenceClassification"
 PROCESSOR = "tokenizer"
 UNIT = "tokens"
 PACKS = False  # data.packing is for causal_lm
+GENERATES = False  # eval.generate is for causal_lm
 
 
 def check_columns(split, d: DataConfig) -> None:

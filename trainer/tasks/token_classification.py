@@ -17,6 +17,7 @@ AUTO_MODEL = "AutoModelForTokenClassification"
 PROCESSOR = "tokenizer"
 UNIT = "tokens"
 PACKS = False  # data.packing is for causal_lm
+GENERATES = False  # eval.generate is for causal_lm
 
 
 def check_columns(split, d: DataConfig) -> None:
