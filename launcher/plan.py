@@ -172,5 +172,16 @@ def describe(plan: Plan, cfg: RunConfig) -> str:
         f"deepspeed: ZeRO stage {cfg.deepspeed.zero_stage}, precision {cfg.deepspeed.precision}, "
         f"offload {cfg.deepspeed.offload}",
         memory_line(plan, cfg),
-    ] + ([f"task: {cfg.model.task}, {len(plan.labels)} labels: {', '.join(plan.labels[:12])}"
+    ] + generation_lines(cfg) + ([f"task: {cfg.model.task}, {len(plan.labels)} labels: {', '.join(plan.labels[:12])}"
           f"{' ...' if len(plan.labels) > 12 else ''}"] if plan.labels else []))
+
+
+def generation_lines(cfg: RunConfig) -> list[str]:
+    """What eval.generate will answer (it adds to every evaluation and to the test evaluation)."""
+    g, n = cfg.eval.generate, cfg.generate_examples
+    parts = ([f"{n} validation prompts at each evaluation"] if n else []) + \
+        (["every test prompt before and after fine-tuning"] if cfg.generates_test else [])
+    if not parts:
+        return []
+    return [f"generation: {' and '.join(parts)}; up to {g.max_new_tokens} new tokens, "
+            f"{'sampled' if g.do_sample else 'greedy'}"]
