@@ -218,6 +218,7 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
 
     writer = None
     if rank == 0 and args.tensorboard_dir:
+        from tensorboard.plugins.text.summary_v2 import text_pb
         from torch.utils.tensorboard import SummaryWriter
         # purge_step hides points a previous attempt logged past this checkpoint: no duplicates.
         writer = SummaryWriter(args.tensorboard_dir, purge_step=state.step + 1)
@@ -278,8 +279,8 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
             if writer:
                 for k, v in validation.items():
                     writer.add_scalar(f"val/{k}", v, step)
-                if answers:
-                    writer.add_text("val/generations", markdown_table(answers), step)
+                if answers:  # add_text would file the table under "val/generations/text_summary"
+                    writer.file_writer.add_summary(text_pb("val/generations", markdown_table(answers)), step)
                 writer.flush()
         if stopping:
             log(f"stop requested: checkpointing step {step} and stopping")
