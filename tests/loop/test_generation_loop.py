@@ -1,6 +1,9 @@
-"""Generated answers in one process on tiny real models: left-padded batches answer as single
-prompts do, and fine-tuning on the shipped data makes exact answers appear."""
+"""Generated answers on tiny real models: left-padded batches answer as single prompts do, two
+ZeRO-3 ranks whose answers end at different steps finish together, and fine-tuning on the shipped
+data makes exact answers appear (one process)."""
 import json
+import os
+import socket
 
 import pytest
 import torch
@@ -35,6 +38,49 @@ def test_left_padded_batches_answer_exactly_as_one_prompt_at_a_time(tmp_path, to
     lengths = {len(tokenizer(r["prompt"])["input_ids"]) for r in answers[6]}
     assert len(lengths) > 1  # the batch really was padded
     assert len({r["answer"] for r in answers[6]}) > 1 and all(r["reference"].startswith("Answer: ") for r in answers[6])
+
+
+def _answer_on_rank(rank: int, port: int, raws: list, out: str) -> None:
+    from datetime import timedelta
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    import torch.distributed as dist
+
+    from trainer import loop
+    from trainer.report import ListReporter
+
+    # A rank left waiting in a collective the other never joins fails after the timeout instead of hanging.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    cfg = from_dict(raws[rank])
+    s = loop.setup(cfg, WorkerArgs(cache_dir=os.path.join(out, "cache")), ("validation",), ListReporter())
+    answers = {n: loop.generate_split(s, cfg, "validation", n) for n in (3, 1)}  # 1: rank 1 joins on a stand-in
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(answers, f)
+    dist.destroy_process_group()
+
+
+def test_zero3_ranks_whose_answers_end_at_different_steps_finish_together(tmp_path, tokenizer_dir):
+    """Under ZeRO-3 every forward pass gathers weights from both ranks: rank 0 stops after 2 new
+    tokens, rank 1 after 6, and generation must keep rank 0 stepping (synced_gpus) until rank 1 is done."""
+    import torch.multiprocessing as mp
+
+    raws = [tiny_config(tmp_path, tokenizer_dir, model={"architecture": tiny_llama(), "tokenizer": str(tokenizer_dir)},
+                        deepspeed={"zero_stage": 3}, eval={"generate": {"max_new_tokens": n}}) for n in (2, 6)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_answer_on_rank, args=(port, raws, str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # every rank gets every answer
+    three, one = ranks[0]["3"], ranks[0]["1"]
+    assert len(three) == 3 and len(one) == 1 and one[0] in three
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    # rank 0 answered two examples with at most 2 new tokens each; rank 1's answer went on past that
+    assert max(len(tokenizer(r["answer"])["input_ids"]) for r in three) > 2
 
 
 def test_fine_tuning_makes_exact_answers_appear(tmp_path, tokenizer_dir, process_group):
