@@ -28,7 +28,6 @@ def test_console_is_quiet_by_default(zero2):
     assert "RayTrainWorker" not in proc.stdout + proc.stderr and "pid=" not in proc.stdout + proc.stderr
     assert [line.split()[2] for line in lines if line.startswith("[sft] step ")] == ["4/12", "8/12", "12/12"]
     assert proc.stderr.strip() == ""
-    assert "[sft] generation: 8 validation prompts at each evaluation and every test prompt" in proc.stdout
 
 
 def test_run_summary_records_the_run(zero2):
@@ -87,10 +86,6 @@ def test_tensorboard_has_train_val_and_test_scalars_by_step(zero2):
     assert list(scalars(tb, "test/loss")) == [12]
     after = json.loads((out / "test_metrics.json").read_text())["after"]["loss"]
     assert scalars(tb, "test/loss")[12] == pytest.approx(after, rel=1e-5)
-    # causal_lm answers validation prompts at each evaluation by default (8; the tests' answers are short)
-    assert sorted(texts(tb, "val/generations")) == [4, 8, 12]
-    assert sorted(p.name for p in (out / "generations").iterdir()) == [f"step_{s:07d}.jsonl" for s in (4, 8, 12)]
-    assert len((out / "generations" / "step_0000012.jsonl").read_text().splitlines()) == 8
 
 
 def test_resumed_run_starts_at_the_checkpoint_step_and_repeats_the_losses(zero2, resumed):
@@ -129,7 +124,9 @@ def test_zero3_answers_prompts_at_every_evaluation_and_every_test_prompt(zero3):
     """ZeRO-3 on 2 workers: every rank joins generate (synced), each example is answered once."""
     from trainer.generation import text_metrics
 
-    out, _ = zero3
+    out, proc = zero3
+    assert ("[sft] generation: 3 validation prompts at each evaluation and every test prompt before and after "
+            "fine-tuning; up to 8 new tokens, greedy") in proc.stdout  # the plan printed before launch
     tables = texts(out / "tensorboard", "val/generations")
     assert sorted(tables) == [5, 10]
     for step, table in tables.items():
