@@ -366,7 +366,9 @@ def train_and_test(cfg: RunConfig, paths: Paths, ctl: Controller, stopper: Stopp
             "stop_file": str(stopper.stop_file), "universal": universal, "verbose": verbose,
             "checkpoint_root": str(paths.checkpoints / paths.attempt),
             "export_dir": str(paths.out / "final_model"),
-            "predictions_path": str(paths.out / "test_predictions.jsonl")}
+            "predictions_path": str(paths.out / "test_predictions.jsonl"),
+            "generations_dir": str(paths.out / "generations"),
+            "test_generations_path": str(paths.out / "test_generations.jsonl")}
     try:
         ray_job.fit(cfg, ray_job.train_worker, args, paths.checkpoints, paths.attempt, ctl.receive, abort_reason,
                     finished=lambda: ctl.test is not None or ctl.stopped)

@@ -188,7 +188,8 @@ def describe(plan: Plan, cfg: RunConfig) -> str:
         f"deepspeed: ZeRO stage {cfg.deepspeed.zero_stage}, precision {cfg.deepspeed.precision}, "
         f"offload {cfg.deepspeed.offload}",
         memory_line(plan, cfg),
-    ] + [f"training mix: {Path(path).name} {n:,} rows, weight {w:g}: {share:.1%} of each epoch's draws"
+    ] + generation_lines(cfg) \
+      + [f"training mix: {Path(path).name} {n:,} rows, weight {w:g}: {share:.1%} of each epoch's draws"
          for path, w, n, share in plan.sources]
       + ([f"early stopping: validation {e.metric} ({e.mode}), patience {e.patience} evaluation(s), min_delta "
           f"{e.min_delta:g}"] if (e := t.early_stopping) else [])
@@ -196,3 +197,14 @@ def describe(plan: Plan, cfg: RunConfig) -> str:
          if cfg.test.checkpoint == "best" else [])
       + ([f"task: {cfg.model.task}, {len(plan.labels)} labels: {', '.join(plan.labels[:12])}"
           f"{' ...' if len(plan.labels) > 12 else ''}"] if plan.labels else []))
+
+
+def generation_lines(cfg: RunConfig) -> list[str]:
+    """What eval.generate will answer (it adds to every evaluation and to the test evaluation)."""
+    g, n = cfg.eval.generate, cfg.generate_examples
+    parts = ([f"{n} validation prompts at each evaluation"] if n else []) + \
+        (["every test prompt before and after fine-tuning"] if cfg.generates_test else [])
+    if not parts:
+        return []
+    return [f"generation: {' and '.join(parts)}; up to {g.max_new_tokens} new tokens, "
+            f"{'sampled' if g.do_sample else 'greedy'}"]

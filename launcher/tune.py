@@ -125,7 +125,7 @@ def run_trial(values: dict, setup: TrialSetup) -> None:
     args = {"cache_dir": setup.cache_dir, "data_dir": data_dir, "tensorboard_dir": str(out / "tensorboard"),
             "resume_from": str(resume_from) if resume_from else None, "stop_file": str(stop),
             "universal": False, "verbose": setup.verbose, "checkpoint_root": str(paths.checkpoints / paths.attempt),
-            "test_after": False}
+            "generations_dir": str(out / "generations"), "test_after": False}
     try:
         paths.checkpoints.mkdir(parents=True, exist_ok=True)
         ray_job.fit(cfg, ray_job.train_worker, args, paths.checkpoints, paths.attempt, on_report,
@@ -499,7 +499,7 @@ def test_best(cfg: RunConfig, best: dict, out: Path, cache_dir: str, data_dir: O
         tested = str(checkpoints.best_checkpoint(root, root, *selection(best_cfg)) or tested)
     args = {"cache_dir": cache_dir, "data_dir": data_dir, "final_checkpoint": tested,
             "export_dir": str(out / "final_model"), "predictions_path": str(out / "test_predictions.jsonl"),
-            "verbose": verbose}
+            "test_generations_path": str(out / "test_generations.jsonl"), "verbose": verbose}
     ray_job.fit(best_cfg, ray_job.test_worker, args, out / "test_evaluation", "test", ctl.receive,
                 stopper.abort_reason, finished=lambda: ctl.test is not None)
     if ctl.bad_input:

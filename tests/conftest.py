@@ -90,7 +90,8 @@ def zero3(tmp_path_factory, tokenizer_dir):
     raw = tiny_config(tmp, tokenizer_dir, model={"architecture": tiny_llama(3), "tokenizer": str(tokenizer_dir)},
                       finetune={"mode": "local", "train_last_layers": 2, "train_head": True},
                       deepspeed={"zero_stage": 3}, train={"max_steps": 10, "eval_every": 5, "save_every": 5},
-                      data={"train_file": mix}, test={"checkpoint": "best"})
+                      data={"train_file": mix}, test={"checkpoint": "best"},
+                      eval={"generate": {"num_examples": 3, "max_new_tokens": 8}})
     proc = launch(write_config(tmp / "tiny3.yaml", raw))
     assert proc.returncode == 0, proc.stderr[-2000:]
     return tmp / "run", proc

@@ -91,6 +91,8 @@ def tiny_config(tmp: Path, tokenizer: Path, **sections) -> dict:
                   "log_every": 4},
         "deepspeed": {"zero_stage": 2},
         "scaling": {"nodes": 1, "workers_per_node": 2, "cpus_per_worker": 1},
+        # Generation adds ~1 s per causal_lm launch: off here, on where a test is about it (the zero3 run).
+        "eval": {"generate": {"num_examples": 0, "test": False}},
         "output_dir": str(tmp / "run"),
         "seed": 7,
     }

@@ -227,6 +227,35 @@ class ExportConfig:
     lora: Literal["merged", "adapter", "both"] = "merged"
 
 
+# eval.generate.num_examples when it is not set, for tasks that generate text (causal_lm).
+GENERATE_EXAMPLES = 8
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Answers generated with the current weights: at every evaluation for the first validation
+    prompts, and for every test prompt before and after fine-tuning."""
+    # Validation prompts answered at each evaluation (TensorBoard val/generations and
+    # generations/step_XXXXXXX.jsonl); None: GENERATE_EXAMPLES for tasks that generate, 0 otherwise.
+    num_examples: Optional[int] = None
+    # Every test prompt answered before and after fine-tuning (test_generations.jsonl, exact match and
+    # ROUGE-L in test_metrics.json); None: on for tasks that generate.
+    test: Optional[bool] = None
+    max_new_tokens: int = 128
+    do_sample: bool = False  # False: greedy decoding
+
+    def __post_init__(self) -> None:
+        if self.num_examples is not None and self.num_examples < 0:
+            raise ValueError(f"eval.generate.num_examples must be >= 0 (0 turns it off), got {self.num_examples}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"eval.generate.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+
 @dataclass(frozen=True)
 class EarlyStoppingConfig:
     """Stop when the validation metric has not improved for `patience` evaluations in a row."""
@@ -422,6 +451,7 @@ class RunConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     test: FinalEvalConfig = field(default_factory=FinalEvalConfig)
     tune: Optional[TuneConfig] = None  # the search `sft-launch --tune` runs
+    eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: Optional[str] = None  # default (set by the CLI): runs/<config file name>
     seed: int = 42
 
@@ -442,6 +472,29 @@ class RunConfig:
                 raise ValueError(f"tune.metric is {self.tune.metric!r}, but model.task {self.model.task!r} reports "
                                  f"{', '.join(metrics)} at validation")
             check_space(self)
+        g = self.eval.generate
+        if not get_task(self.model.task).GENERATES and (g.num_examples or g.test):
+            key, value = ("num_examples", g.num_examples) if g.num_examples else ("test", "true")
+            raise ValueError(f"eval.generate.{key} is {value}, but model.task {self.model.task!r} does not "
+                             f"generate text (only causal_lm does); remove it or set it to 0 / false")
+
+    @property
+    def generate_examples(self) -> int:
+        """Validation prompts answered at each evaluation (eval.generate.num_examples or the task's default)."""
+        n = self.eval.generate.num_examples
+        return n if n is not None else (GENERATE_EXAMPLES if self._generates else 0)
+
+    @property
+    def generates_test(self) -> bool:
+        """Whether every test prompt is answered before and after fine-tuning."""
+        test = self.eval.generate.test
+        return test if test is not None else self._generates
+
+    @property
+    def _generates(self) -> bool:
+        from trainer.tasks.registry import get_task
+
+        return get_task(self.model.task).GENERATES
 
     @property
     def split_seed(self) -> int:

@@ -1,14 +1,14 @@
 """Sharded evaluation, exact across ranks: every example is counted once.
 
 `Shard` runs a rank's strided part of a split through the model (no DistributedSampler padding),
-every rank the same number of forward passes, and sums or gathers the results across ranks. What
-is measured (token sums for causal LMs, gathered predictions for classifiers) is the task's.
-Never imports ray.
+every rank the same number of forward passes (or `generate` calls), and sums or gathers the results
+across ranks. What is measured (token sums for causal LMs, gathered predictions for classifiers,
+generated answers) is the task's. Never imports ray.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 from trainer.splits import eval_batch_count, eval_shard
 
@@ -21,16 +21,21 @@ class Shard:
     world: int
     batch_size: int
     device: Any
+    generate: Optional[Callable[..., Any]] = None  # generator(model, ...): answers, every rank together
+
+    def chunks(self, n: int) -> Iterator[list[int]]:
+        """This rank's positions of 0..n-1, a batch at a time. Every rank gets the same number of
+        batches: one whose shard ran out gets empty ones, and still joins the collective work (ZeRO-3
+        gathers weights across ranks) on a stand-in example, whose result is dropped."""
+        shard = eval_shard(n, self.rank, self.world)
+        for b in range(eval_batch_count(n, self.world, self.batch_size)):
+            yield shard[b * self.batch_size:(b + 1) * self.batch_size]
 
     def batches(self, examples) -> Iterator[tuple[list[int], dict, Any]]:
-        """(positions, batch, logits) for this rank's examples (a Prepared), without gradients. A rank whose shard
-        ran out still joins the forward pass (ZeRO-3 gathers weights across ranks) on a stand-in
-        example, whose result is dropped."""
+        """(positions, batch, logits) for this rank's examples (a Prepared), without gradients; see `chunks`."""
         import torch
 
-        shard = eval_shard(len(examples), self.rank, self.world)
-        for b in range(eval_batch_count(len(examples), self.world, self.batch_size)):
-            chunk = shard[b * self.batch_size:(b + 1) * self.batch_size]
+        for chunk in self.chunks(len(examples)):
             batch = self.collate(examples.examples(chunk or [0]))
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with torch.no_grad():
@@ -57,3 +62,22 @@ class Shard:
         parts = [None] * self.world
         dist.all_gather_object(parts, obj)
         return parts
+
+
+def generator(model, synced: bool) -> Callable[..., Any]:
+    """`model.generate(input_ids, attention_mask, max_new_tokens, **settings)` as every rank calls it
+    together. `synced`: ZeRO-3 with several ranks gathers the weights in each forward pass, so a rank
+    whose answers ended keeps stepping until every rank's have (synced_gpus; without it the run hangs,
+    transformers#20130). The key/value cache, off for training, is on for generation. New tokens stop
+    at the model's position limit (GPT-2's learned positions would overflow)."""
+    def generate(input_ids, attention_mask, max_new_tokens: int, **settings):
+        import torch
+
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit:
+            max_new_tokens = max(1, min(max_new_tokens, limit - input_ids.shape[1]))
+        with torch.no_grad():
+            return model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                  use_cache=True, synced_gpus=synced, **settings)
+
+    return generate

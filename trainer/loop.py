@@ -24,7 +24,8 @@ from trainer.checkpoints import TrainState
 from trainer.config import ConfigError, RunConfig
 from trainer.data import MicroBatches
 from trainer.ds_config import deepspeed_config, resolve_precision
-from trainer.evaluation import Shard
+from trainer.evaluation import Shard, generator
+from trainer.generation import before_after, markdown_table, text_metrics, write_jsonl
 from trainer.lora import trainable_model
 from trainer.messages import TestResult, TrainReport
 from trainer.model import (build_model, full_shape, load_processor, model_config, partitioned_build, prepare_pretrained,
@@ -45,6 +46,8 @@ class WorkerArgs:
     restart_from: Optional[str] = None  # the orchestrator's latest checkpoint after a worker restart
     export_dir: Optional[str] = None  # run_test: where rank 0 writes the consolidated model
     predictions_path: Optional[str] = None  # run_test: where rank 0 writes the test predictions
+    generations_dir: Optional[str] = None  # run: where rank 0 writes each evaluation's generated answers
+    test_generations_path: Optional[str] = None  # run_test: where rank 0 writes the test answers
     stop_file: Optional[str] = None  # when it exists, every rank checkpoints after this step and stops
     universal: bool = False  # resume_from is read in DeepSpeed's universal format (world size changed)
     final_checkpoint: Optional[str] = None  # run_test: the checkpoint to evaluate
@@ -136,7 +139,8 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: R
                                       config=ds_config)
     share_fp32_partitions(engine)  # ZeRO-3 in fp32: no second copy of the weights' partition
     shard = Shard(lambda batch: engine(**batch).logits, task.collator(processor), rank, world,
-                  cfg.train.micro_batch_size, device)
+                  cfg.train.micro_batch_size, device,
+                  generator(engine.module, synced=cfg.deepspeed.zero_stage == 3 and world > 1))
     return Setup(task, engine, processor, shard, data, labels, steps, rank, world,
                  checkpoints.model_identity(cfg.model), checkpoints.trainable_digest(trainable), universal, precision)
 
@@ -147,6 +151,19 @@ def evaluate_split(s: Setup, split: str) -> tuple[dict, list[dict]]:
     s.engine.eval()
     try:
         return s.task.evaluate(s.shard, s.data[split], s.labels)
+    finally:
+        s.engine.train()
+
+
+def generate_split(s: Setup, cfg: RunConfig, split: str, count: int) -> list[dict]:
+    """Answers to the first `count` prompts of a split with the engine's current weights (every rank
+    together; each example once), by id; [] when count is 0."""
+    count = min(count, len(s.data[split]))
+    if not count:
+        return []
+    s.engine.eval()
+    try:
+        return s.task.generate(s.shard, s.data[split], s.processor, count, cfg.eval.generate)
     finally:
         s.engine.train()
 
@@ -220,6 +237,7 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
 
     writer = None
     if rank == 0 and args.tensorboard_dir:
+        from tensorboard.plugins.text.summary_v2 import text_pb
         from torch.utils.tensorboard import SummaryWriter
         # purge_step hides points a previous attempt logged past this checkpoint: no duplicates.
         writer = SummaryWriter(args.tensorboard_dir, purge_step=state.step + 1)
@@ -275,9 +293,14 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
         validation: dict[str, float] = {}
         if step % cfg.train.eval_every == 0 or is_last:
             validation = scalars(evaluate_split(s, "validation")[0])
+            answers = generate_split(s, cfg, "validation", cfg.generate_examples)
+            if rank == 0 and answers and args.generations_dir:
+                write_jsonl(Path(args.generations_dir) / f"{checkpoints.dir_name(step)}.jsonl", answers)
             if writer:
                 for k, v in validation.items():
                     writer.add_scalar(f"val/{k}", v, step)
+                if answers:  # add_text would file the table under "val/generations/text_summary"
+                    writer.file_writer.add_summary(text_pb("val/generations", markdown_table(answers)), step)
                 writer.flush()
         early = cfg.train.early_stopping
         if early is not None and validation:
@@ -307,14 +330,22 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
 
 
 def run_test(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TestResult:
-    """Test metrics before fine-tuning and from the final sharded checkpoint; rank 0 then exports."""
+    """Test metrics before fine-tuning and from the final sharded checkpoint (with the answers to every
+    test prompt, each time, for tasks that generate); rank 0 then exports."""
     s = setup(cfg, args, ("test",), reporter)
+    answering = len(s.data["test"]) if cfg.generates_test else 0  # every test prompt, or none
     before, _ = evaluate_split(s, "test")
+    answered_before = generate_split(s, cfg, "test", answering)
     # The weights come from the shards on disk, not from any model still in memory.
     state = checkpoints.load(s.engine, Path(args.final_checkpoint), s.rank, load_optimizer=False)
     after, rows = evaluate_split(s, "test")
+    answered_after = generate_split(s, cfg, "test", answering)
     if s.rank == 0 and args.predictions_path and rows:
         Path(args.predictions_path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if answering:
+        before, after = {**before, **text_metrics(answered_before)}, {**after, **text_metrics(answered_after)}
+        if s.rank == 0 and args.test_generations_path:
+            write_jsonl(Path(args.test_generations_path), before_after(answered_before, answered_after))
     if s.rank == 0 and args.export_dir:
         from trainer.export import export_dtype, export_model
         dtype = export_dtype(cfg, s.precision)

@@ -29,3 +29,14 @@ def scalars(logdir: Path, tag: str) -> dict[int, float]:
     acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
     acc.Reload()
     return {e.step: e.value for e in acc.Scalars(tag)} if tag in acc.Tags()["scalars"] else {}
+
+
+def texts(logdir: Path, tag: str) -> dict[int, str]:
+    """TensorBoard text summaries (SummaryWriter.add_text) of a tag, by step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"tensors": 0})
+    acc.Reload()
+    if tag not in acc.Tags()["tensors"]:
+        return {}
+    return {e.step: e.tensor_proto.string_val[0].decode() for e in acc.Tensors(tag)}

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.common import launch, scalars
+from tests.e2e.common import launch, scalars, texts
 from tests.helpers import run_cli, tiny_config, tiny_llama, write_config
 
 pytestmark = pytest.mark.e2e
@@ -124,6 +124,32 @@ def test_zero3_shards_per_rank_and_consolidated_export(zero3, tokenizer_dir):
     assert metrics["checkpoint_choice"] == "best" and metrics["step"] == summary["best_validation"]["step"]
     assert metrics["checkpoint"] == summary["best_validation"]["checkpoint"]
     assert _final_model_test_loss(out, out.parent / "tiny3.yaml") == pytest.approx(metrics["after"]["loss"], rel=1e-5)
+
+
+def test_zero3_answers_prompts_at_every_evaluation_and_every_test_prompt(zero3):
+    """ZeRO-3 on 2 workers: every rank joins generate (synced), each example is answered once."""
+    from trainer.generation import text_metrics
+
+    out, proc = zero3
+    assert ("[sft] generation: 3 validation prompts at each evaluation and every test prompt before and after "
+            "fine-tuning; up to 8 new tokens, greedy") in proc.stdout  # the plan printed before launch
+    tables = texts(out / "tensorboard", "val/generations")
+    assert sorted(tables) == [5, 10]
+    for step, table in tables.items():
+        rows = [json.loads(line) for line in (out / "generations" / f"step_{step:07d}.jsonl").read_text().splitlines()]
+        assert len(rows) == 3 and all(set(r) == {"id", "prompt", "reference", "answer"} for r in rows)
+        lines = table.splitlines()
+        assert lines[0] == "| id | prompt | reference | answer |" and len(lines) == 2 + 3
+        assert [line.split(" | ")[0] for line in lines[2:]] == [f"| {r['id']}" for r in rows]
+    metrics = json.loads((out / "test_metrics.json").read_text())
+    rows = [json.loads(line) for line in (out / "test_generations.jsonl").read_text().splitlines()]
+    assert len(rows) == metrics["after"]["examples"] == 35 and len({r["id"] for r in rows}) == 35
+    assert all(set(r) == {"id", "prompt", "reference", "before", "after"} for r in rows)
+    for phase in ("before", "after"):
+        again = text_metrics([{"reference": r["reference"], "answer": r[phase]} for r in rows])
+        assert metrics[phase]["exact_match"] == again["exact_match"]
+        assert metrics[phase]["rougeL_f1"] == pytest.approx(again["rougeL_f1"])
+    assert list(scalars(out / "tensorboard", "test/rougeL_f1")) == [10]
 
 
 def test_output_dir_of_a_finished_run_is_not_overwritten(zero2):

@@ -34,6 +34,7 @@ def test_task_trains_tests_and_exports(tmp_path, wordpiece, image_processor, pro
         cache_dir=str(tmp_path / "cache"), final_checkpoint=str(reporter.calls[-1][1]),
         export_dir=str(tmp_path / "final"), predictions_path=str(tmp_path / "pred.jsonl")))
     assert result.after["loss"] < result.before["loss"]
+    assert "exact_match" not in result.after  # classifiers generate no text
     rows = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
     assert len(rows) == result.after["examples"] and [r["id"] for r in rows] == sorted(r["id"] for r in rows)
     assert json.loads((tmp_path / "final" / "config.json").read_text())["id2label"]

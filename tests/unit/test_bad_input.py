@@ -187,6 +187,11 @@ CASES = {
     "resume_a_run_that_stopped_early": (lambda tmp, tok: (tiny_config(tmp, tok), ["--resume",
                                                                                   checkpoint_that_stopped_early(tmp)]),
                                         r"the run stopped early at step 4 \(train.early_stopping"),
+    "generate_negative_examples": (lambda tmp, tok: tiny_config(tmp, tok, eval={"generate": {"num_examples": -1}}),
+                                   r"eval.generate.num_examples must be >= 0 \(0 turns it off\), got -1"),
+    "generate_for_a_classifier": (lambda tmp, tok: bert_cls(tmp, tok, train_file=topics(tmp)) | {
+        "eval": {"generate": {"num_examples": 4}}}, r"eval.generate.num_examples is 4, but model.task "
+                                                    r"'sequence_classification' does not generate text"),
     "global_mode_with_freezing_rules": (lambda tmp, tok: tiny_config(tmp, tok, finetune={"mode": "global",
                                                                                         "freeze": ["lm_head.*"]}),
                                         r"finetune.mode is 'global' \(every weight trains\) but finetune.freeze is set"),

@@ -67,6 +67,24 @@ def test_fractions_must_sum_to_one():
         build(data={"train_file": "x", "fractions": [0.5, 0.1, 0.1]})
 
 
+def test_generation_defaults_come_from_the_task():
+    cfg = build()  # causal_lm
+    assert cfg.eval.generate.num_examples is None and cfg.generate_examples == 8 and cfg.generates_test
+    off = build(eval={"generate": {"num_examples": 0, "test": False}})
+    assert off.generate_examples == 0 and not off.generates_test
+    classifier = {"name_or_path": "bert", "task": "sequence_classification"}
+    cls = build(model=classifier)
+    assert cls.generate_examples == 0 and not cls.generates_test
+    assert build(model=classifier, eval={"generate": {"num_examples": 0}}).generate_examples == 0
+    with pytest.raises(ConfigError, match=r"eval.generate.num_examples is 4, but model.task 'sequence_classification' "
+                                          r"does not generate text \(only causal_lm does\)"):
+        build(model=classifier, eval={"generate": {"num_examples": 4}})
+    with pytest.raises(ConfigError, match=r"eval.generate.test is true, but model.task 'sequence_classification'"):
+        build(model=classifier, eval={"generate": {"test": True}})
+    with pytest.raises(ConfigError, match=r"eval.generate.max_new_tokens must be >= 1, got 0"):
+        build(eval={"generate": {"max_new_tokens": 0}})
+
+
 def test_yaml_syntax_error_names_the_line(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("model:\n  name_or_path: gpt2\ndata: [unclosed\n")

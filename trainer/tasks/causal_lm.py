@@ -2,7 +2,8 @@
 
 Rows are rendered with the tokenizer's chat template (or plainly: prompt + response + eos) and only
 the response tokens (with the end-of-turn marker) carry labels. Metrics: token-level loss,
-perplexity and next-token accuracy, summed over every rank's shard. Never imports ray.
+perplexity and next-token accuracy, summed over every rank's shard; generated answers to the
+prompts (eval.generate) for the loop to show and score. Never imports ray.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ PROCESSOR = "tokenizer"
 UNIT = "tokens"
 PACKS = True  # data.packing applies: pack() below
 METRICS = ("loss", "perplexity", "token_accuracy")  # the validation scalars evaluate() reports
+GENERATES = True  # answers prompts: generate() below (eval.generate)
 
 
 def record_kind(split, d: DataConfig) -> str:
@@ -228,3 +230,47 @@ def evaluate(shard, prepared: Prepared, labels: list[str]) -> tuple[dict, list[d
         loss_sum, tokens, correct = batch_sums(logits, batch["labels"])
         sums = [a + b for a, b in zip(sums, (loss_sum, tokens, correct, float(len(chunk))))]
     return metrics_from_sums(*shard.sum(sums)), []
+
+
+def prompt_and_reference(input_ids, labels) -> tuple[list[int], list[int]]:
+    """A prepared example's prompt (the tokens before the first labelled one) and its reference
+    answer (the first run of labelled tokens: the first response, with its end-of-turn marker)."""
+    labels = list(labels)
+    first = next(i for i, t in enumerate(labels) if t != IGNORE)  # preparation drops rows without one
+    end = next((i for i in range(first, len(labels)) if labels[i] == IGNORE), len(labels))
+    return list(input_ids[:first]), list(input_ids[first:end])
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(input_ids, attention_mask) of prompts padded on the left, so every answer starts at the end."""
+    width = max(len(p) for p in prompts)
+    return ([[pad_id] * (width - len(p)) + p for p in prompts],
+            [[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+
+
+def generate(shard, prepared: Prepared, tokenizer, count: int, settings) -> list[dict]:
+    """Answers to the first `count` prompts of a split with the model's current weights, each
+    example once across ranks, in batches of left-padded prompts; every rank gets every row, by id:
+    {"id", "prompt", "reference", "answer"} (text without special tokens). `settings`: the
+    eval.generate section. Every rank must call this together (see Shard.chunks)."""
+    import torch
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+    def text(ids) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    local = []
+    for chunk in shard.chunks(count):
+        pairs = [prompt_and_reference(e["input_ids"], e["labels"]) for e in prepared.examples(chunk or [0])]
+        ids, mask = left_pad([prompt or [start] for prompt, _ in pairs], pad_id)
+        out = shard.generate(torch.tensor(ids, device=shard.device), torch.tensor(mask, device=shard.device),
+                             max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id)
+        if not chunk:
+            continue  # a stand-in: this rank's shard ran out
+        answers = out[:, len(ids[0]):].tolist()
+        for row, (prompt, reference), answer in zip(prepared.column(ROW, chunk), pairs, answers):
+            local.append({"id": row, "prompt": text(prompt), "reference": text(reference), "answer": text(answer)})
+    return sorted((r for part in shard.gather(local) for r in part), key=lambda r: r["id"])

@@ -17,6 +17,7 @@ PROCESSOR = "image_processor"
 UNIT = "samples"
 PACKS = False  # data.packing is for causal_lm
 METRICS = ("loss", "accuracy", "macro_f1")  # the validation scalars evaluate() reports
+GENERATES = False  # eval.generate is for causal_lm
 
 
 def check_columns(split, d: DataConfig) -> None:

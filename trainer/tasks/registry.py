@@ -34,6 +34,9 @@ class Task(Protocol):
     UNIT: Literal["tokens", "samples"]  # what train/<UNIT>_per_s counts
     PACKS: bool  # data.packing applies; then the module also has pack(prepared, cfg, scratch) -> Prepared
     METRICS: tuple[str, ...]  # the scalar metrics evaluate() reports (train.early_stopping.metric is one)
+    # It answers prompts (eval.generate); then the module also has generate(shard, prepared, processor,
+    # count, settings) -> [{"id", "prompt", "reference", "answer"}] (trainer/tasks/causal_lm.py).
+    GENERATES: bool
 
     def check_columns(self, split: Split, d: DataConfig) -> None:
         """A ConfigError naming the data.*_column key when a column the task reads is missing."""

@@ -15,6 +15,7 @@ PROCESSOR = "tokenizer"
 UNIT = "tokens"
 PACKS = False  # data.packing is for causal_lm
 METRICS = ("loss", "accuracy", "macro_f1")  # the validation scalars evaluate() reports
+GENERATES = False  # eval.generate is for causal_lm
 
 
 def check_columns(split, d: DataConfig) -> None:

@@ -18,6 +18,7 @@ PROCESSOR = "tokenizer"
 UNIT = "tokens"
 PACKS = False  # data.packing is for causal_lm
 METRICS = ("loss", "precision", "recall", "f1", "token_accuracy")  # the validation scalars evaluate() reports
+GENERATES = False  # eval.generate is for causal_lm
 
 
 def check_columns(split, d: DataConfig) -> None:

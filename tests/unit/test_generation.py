@@ -1,0 +1,51 @@
+"""Generated answers as data: prompt / reference extraction, left padding, the TensorBoard table,
+the test rows and the text metrics (checked against rouge-score's own numbers on a known pair)."""
+import pytest
+
+from trainer.generation import before_after, markdown_table, text_metrics
+from trainer.masking import IGNORE
+from trainer.tasks.causal_lm import left_pad, prompt_and_reference
+
+
+def test_prompt_is_what_precedes_the_first_label_and_the_reference_is_the_first_labelled_run():
+    ids = [1, 10, 11, 12, 20, 21, 2, 13, 14, 30, 2]
+    labels = [IGNORE] * 4 + [20, 21, 2] + [IGNORE] * 2 + [30, 2]  # a chat with two assistant turns
+    assert prompt_and_reference(ids, labels) == ([1, 10, 11, 12], [20, 21, 2])
+    assert prompt_and_reference([5, 6, 7], [IGNORE, 6, 7]) == ([5], [6, 7])  # a response to the end
+
+
+def test_left_padding_puts_every_prompt_against_the_right_edge():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids == [[5, 6, 7], [0, 0, 8]]
+    assert mask == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_markdown_table_keeps_one_row_per_answer_whatever_the_text_holds():
+    rows = [{"id": 3, "prompt": "a | b", "reference": "line 1\nline 2", "answer": "ok"},
+            {"id": 9, "prompt": "p", "reference": "r", "answer": ""}]
+    table = markdown_table(rows).splitlines()
+    assert table[:2] == ["| id | prompt | reference | answer |", "|---|---|---|---|"]
+    assert table[2] == r"| 3 | a \| b | line 1<br>line 2 | ok |"
+    assert table[3] == "| 9 | p | r |  |" and len(table) == 4
+
+
+def test_text_metrics_are_exact_match_and_rouge_score_rouge_l():
+    from rouge_score import rouge_scorer
+
+    pair = ("Answer: 6. The word has 6 letters.", "Answer: 6. The word bridge has 6 letters.")
+    rows = [{"reference": pair[0], "answer": pair[1]}, {"reference": " Answer: PENCIL. ", "answer": "Answer: PENCIL."}]
+    metrics = text_metrics(rows)
+    assert metrics["exact_match"] == 0.5  # stripped strings compared
+    # LCS 7 of 7 reference and 8 answer tokens: F1 = 2 * (7/8) * 1 / (7/8 + 1) = 14/15
+    expected = rouge_scorer.RougeScorer(["rougeL"]).score(*pair)["rougeL"].fmeasure
+    assert expected == pytest.approx(14 / 15)
+    assert metrics["rougeL_f1"] == pytest.approx((14 / 15 + 1) / 2)
+
+
+def test_before_after_joins_the_two_passes_by_id():
+    before = [{"id": 1, "prompt": "p1", "reference": "r1", "answer": "b1"},
+              {"id": 4, "prompt": "p4", "reference": "r4", "answer": "b4"}]
+    after = [{**before[1], "answer": "a4"}, {**before[0], "answer": "a1"}]
+    assert before_after(before, after) == [
+        {"id": 1, "prompt": "p1", "reference": "r1", "before": "b1", "after": "a1"},
+        {"id": 4, "prompt": "p4", "reference": "r4", "before": "b4", "after": "a4"}]
