@@ -141,3 +141,14 @@ def test_a_lora_checkpoint_of_two_ranks_continues_on_one(tmp_path, tokenizer_dir
     s.engine.destroy()
     state, _ = loop.run(one, ListReporter(tmp_path / "one"), args)
     assert state.step == 4 and state.world_size == 1
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_lora_trains_and_checkpoints_adapters_only_on_zero_stages_0_and_1(tmp_path, tokenizer_dir, process_group,
+                                                                          stage):
+    cfg = _cfg(tmp_path, tokenizer_dir, stage=stage, train={"max_steps": 4, "eval_every": 2, "save_every": 4})
+    reporter = _run(cfg, tmp_path / "ckpt")
+    final = reporter.calls[-1][1]
+    saved = torch.load(final / TAG / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert saved and all(".lora_A." in n or ".lora_B." in n for n in saved)
+    assert reporter.calls[-1][0].validation["loss"] < reporter.calls[0][0].validation["loss"]

@@ -53,3 +53,22 @@ def test_task_trains_tests_and_exports(tmp_path, wordpiece, image_processor, pro
         image = load_dataset("parquet", data_files=str(REPO / "data" / "digits.parquet"), split="train")[0]["image"]
         labels = set(json.loads((tmp_path / "final" / "config.json").read_text())["id2label"].values())
         assert pipe(image)[0]["label"] in labels
+
+
+@pytest.mark.parametrize("task", ["token_classification", "image_classification"])
+def test_lora_trains_the_other_classifiers_and_exports_a_plain_model(tmp_path, wordpiece, image_processor,
+                                                                     process_group, task):
+    """finetune.mode: lora beyond the text classifier the e2e run covers: adapters on the BERT's linear
+    layers, and on the ConvNet's convolutions; the head trains fully; the export has no peft names."""
+    from safetensors import safe_open
+
+    raw = task_config(tmp_path, task, tokenizer=wordpiece, processor=image_processor, scaling={"workers_per_node": 1})
+    cfg = from_dict({**raw, "finetune": {"mode": "lora", "lora": {"r": 4, "dropout": 0.0}}})
+    reporter = ListReporter(tmp_path / "ckpt")
+    run(cfg, reporter, WorkerArgs(cache_dir=str(tmp_path / "cache")))
+    result = run_test(cfg, ListReporter(), WorkerArgs(cache_dir=str(tmp_path / "cache"), export_dir=str(tmp_path / "final"),
+                                                      final_checkpoint=str(reporter.calls[-1][1])))
+    assert result.after["loss"] < result.before["loss"]
+    with safe_open(str(tmp_path / "final" / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert names and not any("lora" in n or "base_model" in n for n in names)
