@@ -143,6 +143,8 @@ class Controller:
             self.bad_input = item.first.message
         elif isinstance(item.first, TestResult):
             self.test = item.first
+            if not self.ranks:  # a search's test group: where its ranks ran
+                self.ranks = dict(enumerate(item.where))
         else:
             self.on_train_report(item)
 

@@ -62,7 +62,7 @@ def test_the_best_trial_is_tested_once_and_exported(search):
     best = min(completed, key=lambda r: float(r["final_loss"]))
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["tune"]["best_trial"] == best["trial"]
-    assert summary["status"] == "completed"
+    assert summary["status"] == "completed" and [r["rank"] for r in summary["ranks"]] == [0]
     test = json.loads((out / "test_metrics.json").read_text())
     assert test["checkpoint"].startswith(str(out / "trials" / best["trial"] / "checkpoints"))
     assert test["after"]["loss"] < test["before"]["loss"]
