@@ -9,10 +9,7 @@ tune_results.csv, best_config.yaml and TensorBoard HParams. Never imports deepsp
 """
 from __future__ import annotations
 
-import csv
-import json
 import logging
-import math
 import os
 import threading
 import time
@@ -22,17 +19,15 @@ from typing import Optional
 
 import yaml
 
+from launcher.tune_results import (EXPERIMENT, TRIALS, collect, last, pick_best, read_record, top_lines,
+                                   trial_dir, trial_line, trial_status, values_text, write_hparams, write_record,
+                                   write_results)
 from trainer import checkpoints
 from trainer.config import (ConfigError, RunConfig, TuneConfig, checked_values, distribution, from_dict, to_dict,
                             trial_config)
 
-TRIALS = "trials"  # <output_dir>/trials/<trial id>/: one run each
-EXPERIMENT = "tune"  # <output_dir>/tune/: Ray Tune's own state (what --tune --resume restores)
-RECORD = "trial.json"  # a trial's status, searched values, validation history, steps and time
 STOP = ".stop-request"  # in a trial's folder: its workers checkpoint after the current step and stop
 ASHA_STOP = "asha"  # what the scheduler writes there
-EXIT_REASONS = {"completed": "ran its whole schedule", "stopped early": "stopped by ASHA",
-                "stopped": "stopped on request (continue with --tune --resume)", "failed": "failed"}
 
 
 def _say(text: str) -> None:
@@ -55,21 +50,6 @@ class TrialSetup:
     verbose: bool
 
 
-def trial_dir(out: Path, trial_id: str) -> Path:
-    return out / TRIALS / trial_id
-
-
-def read_record(directory: Path) -> Optional[dict]:
-    path = directory / RECORD
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def _write_record(directory: Path, record: dict) -> None:
-    tmp = directory / f".{RECORD}.tmp"
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    tmp.replace(directory / RECORD)
-
-
 # ---------------------------------------------------------------- one trial (in a Tune actor)
 
 
@@ -88,8 +68,8 @@ def run_trial(values: dict, setup: TrialSetup) -> None:
         raise RuntimeError(previous.get("error", "failed in an earlier launch"))
     out.mkdir(parents=True, exist_ok=True)
     if Path(setup.stop_file).exists():
-        _write_record(out, {"trial": trial_id, "values": values, "status": "stopped", "steps": previous.get("steps", 0),
-                            "wall_s": previous.get("wall_s", 0.0), "history": previous.get("history", [])})
+        write_record(out, {"trial": trial_id, "values": values, "status": "stopped", "steps": previous.get("steps", 0),
+                           "wall_s": previous.get("wall_s", 0.0), "history": previous.get("history", [])})
         raise TrialStopped("the search was asked to stop before this trial started")
     stop = out / STOP
     stop.unlink(missing_ok=True)  # a request of an earlier launch
@@ -114,7 +94,7 @@ def run_trial(values: dict, setup: TrialSetup) -> None:
                 raise ConfigError(f"tune.metric: {metric!r} is not a validation metric of model.task "
                                   f"{cfg.model.task!r}; its validation reports {', '.join(sorted(entry))}")
             record["history"] = [h for h in record["history"] if h["step"] != entry["step"]] + [entry]
-            _write_record(out, record)
+            write_record(out, record)
             ray.tune.report({**entry, "trial_step": entry["step"]})
 
     def pass_on_stop() -> None:
@@ -134,15 +114,15 @@ def run_trial(values: dict, setup: TrialSetup) -> None:
             raise ConfigError(ctl.bad_input)
     except BaseException as err:
         if not isinstance(err, KeyboardInterrupt):
-            _write_record(out, {**record, "status": "failed", "error": f"{type(err).__name__}: {err}",
-                                "bad_input": isinstance(err, ConfigError)})
+            write_record(out, {**record, "status": "failed", "error": f"{type(err).__name__}: {err}",
+                               "bad_input": isinstance(err, ConfigError)})
         raise
     final = checkpoints.find_checkpoints(paths.checkpoints)
     by_asha = ctl.stopped and stop.exists() and stop.read_text().startswith(ASHA_STOP)
     record.update(status="stopped early" if by_asha else "stopped" if ctl.stopped else "completed",
                   steps=ctl.last_step, final_checkpoint=str(final[-1][1]) if final else None,
                   wall_s=round(spent + time.time() - started, 1))
-    _write_record(out, record)
+    write_record(out, record)
     if ctl.stopped and not by_asha:
         raise TrialStopped(f"checkpointed at step {ctl.last_step} and stopped on request")
 
@@ -261,7 +241,8 @@ def search(cfg: RunConfig, address: Optional[str], resume: bool, cache_dir: str,
             bad = [r for r in records if r.get("bad_input")]
             if bad:
                 raise ConfigError(bad[0]["error"].removeprefix("ConfigError: "))
-            show_table(cfg.tune, records)
+            for line in top_lines(cfg.tune, records):
+                _say(line)
             if stopper.requested or any(r["status"] == "stopped" for r in records):
                 _say(f"search stopped: {sum(r['status'] == 'stopped' for r in records)} trial(s) to continue; "
                      f"continue with: sft-launch <config> --tune --output {out} --resume")
@@ -271,9 +252,9 @@ def search(cfg: RunConfig, address: Optional[str], resume: bool, cache_dir: str,
             (out / "best_config.yaml").write_text(
                 f"# The best trial of the search in {out} ({best['trial']}), as a plain run config:\n"
                 f"#   sft-launch {out / 'best_config.yaml'}\n" + yaml.safe_dump(to_dict(best_cfg), sort_keys=False))
-            _say(f"best trial {best['trial']}: {_values(best['values'])}; val {cfg.tune.metric} "
-                 f"{_last(best, cfg.tune.metric):.4g} (its final evaluation); testing its final checkpoint")
-            ctl = test_best(cfg, best, out, cache_dir, plan.data_dir, stopper, verbose)
+            _say(f"best trial {best['trial']}: {values_text(best['values'])}; val {cfg.tune.metric} "
+                 f"{last(best, cfg.tune.metric):.4g} (its final evaluation); testing its final checkpoint")
+            ctl = evaluate_best(cfg, best, out, cache_dir, plan.data_dir, stopper, verbose)
         finally:
             ray_job.stop_ray()
     # The summary of the best trial's run, as a plain run writes it, plus the search.
@@ -397,92 +378,7 @@ def _trial_lines(out: Path, tune: TuneConfig):
     return TrialLines()
 
 
-def trial_status(out: Path, trial_id: str, errored: bool) -> dict:
-    """A trial's record with its final status: ASHA ends a trial by stopping its actor, so a trial that
-    ended without saying it completed was stopped early."""
-    record = read_record(trial_dir(out, trial_id)) or {"trial": trial_id, "values": {}, "history": [], "steps": 0,
-                                                       "wall_s": 0.0}
-    status = record.get("status", "running")
-    if status == "running":
-        status = "failed" if errored else "stopped early"
-    return {**record, "status": status}
-
-
-def collect(out: Path) -> list[dict]:
-    """Every trial's record, in the order Tune created them."""
-    found = sorted((out / TRIALS).glob(f"*/{RECORD}")) if (out / TRIALS).is_dir() else []
-    return [trial_status(out, p.parent.name, errored=False) for p in found]
-
-
-def _last(record: dict, metric: str) -> float:
-    values = [h[metric] for h in sorted(record["history"], key=lambda h: h["step"]) if metric in h]
-    return values[-1] if values else math.nan
-
-
-def _values(values: dict) -> str:
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
-
-
-def trial_line(record: dict, tune: TuneConfig) -> str:
-    history = sorted(record["history"], key=lambda h: h["step"])
-    shown = (f"val {tune.metric} {history[-1][tune.metric]:.4g} at step {history[-1]['step']}"
-             if history and tune.metric in history[-1] else "no evaluation")
-    why = EXIT_REASONS[record["status"]]
-    error = f" ({record['error']})" if record["status"] == "failed" and record.get("error") else ""
-    return (f"trial {record['trial']} {record['status']} after step {record['steps']}: {_values(record['values'])}; "
-            f"{shown}; {why}{error}")
-
-
-def pick_best(tune: TuneConfig, records: list[dict]) -> dict:
-    """The best trial by its final validation value among the trials that ran their whole schedule
-    (their final checkpoint is the one the test evaluates)."""
-    done = [r for r in records if r["status"] == "completed" and not math.isnan(_last(r, tune.metric))]
-    if not done:
-        raise ConfigError("tune: no trial completed its schedule, so there is no trial to test; see "
-                          "tune_results.csv (a grace_period shorter than the schedule, or a wider space)")
-    sign = 1 if tune.mode == "min" else -1
-    return min(done, key=lambda r: sign * _last(r, tune.metric))
-
-
-def show_table(tune: TuneConfig, records: list[dict], top: int = 5) -> None:
-    sign = 1 if tune.mode == "min" else -1
-    ranked = sorted(records, key=lambda r: (math.isnan(_last(r, tune.metric)), sign * _last(r, tune.metric)))
-    _say(f"top trials by final val {tune.metric} ({tune.mode}):")
-    for i, r in enumerate(ranked[:top], 1):
-        _say(f"  {i}. {r['trial']}  {tune.metric} {_last(r, tune.metric):.4g}  {r['status']:<13} step {r['steps']:<5} "
-             f"{r['wall_s']:.0f} s  {_values(r['values'])}")
-
-
-def write_results(out: Path, tune: TuneConfig, records: list[dict]) -> Path:
-    """tune_results.csv: one row per trial; the metric at each evaluation step in its own column."""
-    steps = sorted({h["step"] for r in records for h in r["history"]})
-    keys = list(tune.space)
-    path = out / "tune_results.csv"
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["trial", "status", "steps", "wall_s", *keys, f"final_{tune.metric}",
-                         *[f"{tune.metric}@{s}" for s in steps]])
-        for r in records:
-            at = {h["step"]: h.get(tune.metric) for h in r["history"]}
-            writer.writerow([r["trial"], r["status"], r["steps"], r["wall_s"], *[r["values"].get(k) for k in keys],
-                             _last(r, tune.metric), *[at.get(s, "") for s in steps]])
-    return path
-
-
-def write_hparams(out: Path, tune: TuneConfig, records: list[dict]) -> None:
-    """TensorBoard HParams beside each trial's scalars: `tensorboard --logdir <output_dir>` compares them."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    for r in records:
-        values = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in r["values"].items()}
-        final = _last(r, tune.metric)
-        with SummaryWriter(str(trial_dir(out, r["trial"]) / "tensorboard")) as writer:
-            writer.add_hparams({**values, "status": r["status"]},
-                               {f"hparam/val_{tune.metric}": final if not math.isnan(final) else float("inf")},
-                               run_name="hparams")
-
-
-def test_best(cfg: RunConfig, best: dict, out: Path, cache_dir: str, data_dir: Optional[str], stopper, verbose: bool):
+def evaluate_best(cfg: RunConfig, best: dict, out: Path, cache_dir: str, data_dir: Optional[str], stopper, verbose: bool):
     """The test split, once: before fine-tuning and from the best trial's final sharded checkpoint (or its
     best, with test.checkpoint: best), in a fresh worker group; rank 0 exports it to <output_dir>/final_model."""
     from launcher import controller, ray_job
