@@ -23,8 +23,8 @@ from launcher.tune_results import (EXPERIMENT, TRIALS, collect, last, pick_best,
                                    trial_dir, trial_line, trial_status, values_text, write_hparams, write_record,
                                    write_results)
 from trainer import checkpoints
-from trainer.config import (ConfigError, RunConfig, TuneConfig, checked_values, distribution, from_dict, to_dict,
-                            trial_config)
+from trainer.config import (ConfigError, RunConfig, TuneConfig, checked_values, distribution, from_dict, resolve_paths,
+                            to_dict, trial_config)
 
 STOP = ".stop-request"  # in a trial's folder: its workers checkpoint after the current step and stop
 ASHA_STOP = "asha"  # what the scheduler writes there
@@ -62,7 +62,8 @@ def run_trial(values: dict, setup: TrialSetup) -> None:
 
     trial_id = ray.tune.get_context().get_trial_id()
     out = trial_dir(Path(setup.out), trial_id)
-    cfg = trial_config(from_dict(setup.base), values, str(out))
+    base = from_dict(setup.base)
+    cfg = trial_config(base, values, str(out))
     previous = read_record(out) or {}
     if previous.get("status") == "failed":  # a restored search keeps a failed trial failed
         raise RuntimeError(previous.get("error", "failed in an earlier launch"))
@@ -77,7 +78,7 @@ def run_trial(values: dict, setup: TrialSetup) -> None:
     resume_from = found[-1][1] if found else None
     data_dir = setup.data_dir
     if any(k.split(".")[0] in ("data", "model") for k in values):
-        data_dir = _prepare(cfg, setup.cache_dir)
+        data_dir = _prepare(cfg, setup.cache_dir, base)
     paths = controller.Paths(out, f"attempt-{controller._next_attempt(out / 'checkpoints')}", resume_from)
     ctl = controller.Controller(cfg, out, protected={resume_from} if resume_from else set())
     started, spent = time.time(), float(previous.get("wall_s", 0.0))
@@ -98,7 +99,8 @@ def run_trial(values: dict, setup: TrialSetup) -> None:
             ray.tune.report({**entry, "trial_step": entry["step"]})
 
     def pass_on_stop() -> None:
-        """The search's stop request (a signal to the launcher) reaches this trial's workers."""
+        """The search's stop request (a signal to the launcher) reaches this trial's workers (polled by
+        ray_job.fit as its abort_reason; a trial itself never abandons its workers)."""
         if Path(setup.stop_file).exists() and not stop.exists():
             stop.write_text("stop requested\n")
 
@@ -109,7 +111,7 @@ def run_trial(values: dict, setup: TrialSetup) -> None:
     try:
         paths.checkpoints.mkdir(parents=True, exist_ok=True)
         ray_job.fit(cfg, ray_job.train_worker, args, paths.checkpoints, paths.attempt, on_report,
-                    abort_reason=lambda: pass_on_stop())
+                    abort_reason=pass_on_stop)
         if ctl.bad_input:
             raise ConfigError(ctl.bad_input)
     except BaseException as err:
@@ -127,12 +129,13 @@ def run_trial(values: dict, setup: TrialSetup) -> None:
         raise TrialStopped(f"checkpointed at step {ctl.last_step} and stopped on request")
 
 
-def _prepare(cfg: RunConfig, cache_dir: str) -> str:
-    """A trial whose data or model keys differ from the base config's prepares (or finds) its own data."""
+def _prepare(cfg: RunConfig, cache_dir: str, base: RunConfig) -> str:
+    """A trial whose data or model keys differ from the base config's prepares its own data, or finds it
+    prepared by another trial with the same values: in the search's cache (the base config's)."""
     from launcher.plan import make_plan, with_prepared_data
     from trainer import data_cache
 
-    plan = with_prepared_data(make_plan(cfg, cache_dir), cfg, data_cache.cache_root(cfg), lambda text: None)
+    plan = with_prepared_data(make_plan(cfg, cache_dir), cfg, data_cache.cache_root(base), lambda text: None)
     return plan.data_dir
 
 
@@ -269,17 +272,12 @@ def search(cfg: RunConfig, address: Optional[str], resume: bool, cache_dir: str,
 
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:
-    """Trials run in other processes (and, on a cluster, other hosts): every path absolute."""
-    def absolute(value: Optional[str]) -> Optional[str]:
-        if value is None or value.startswith("pkg:") or Path(value).is_absolute() or not Path(value).exists():
-            return value
-        return str(Path(value).resolve())
-    d, m = cfg.data, cfg.model
-    data = replace(d, **{k: absolute(getattr(d, k)) for k in ("train_file", "validation_file", "test_file",
-                                                              "cache_dir")})
-    model = replace(m, name_or_path=absolute(m.name_or_path), tokenizer=absolute(m.tokenizer),
-                    image_processor=absolute(m.image_processor))
-    return replace(cfg, data=data, model=model, output_dir=str(Path(cfg.output_dir).resolve()))
+    """Trials run in other processes (and, on a cluster, other hosts): every path absolute (relative
+    ones that exist from here, as a plain run reads them; the output and cache folders always)."""
+    cfg = resolve_paths(cfg, Path.cwd())
+    cache = cfg.data.cache_dir
+    return replace(cfg, data=replace(cfg.data, cache_dir=str(Path(cache).resolve()) if cache else None),
+                   output_dir=str(Path(cfg.output_dir).resolve()))
 
 
 def _check_trial_plans(cfg: RunConfig, cache_dir: str) -> None:
@@ -385,7 +383,7 @@ def evaluate_best(cfg: RunConfig, best: dict, out: Path, cache_dir: str, data_di
 
     best_cfg = trial_config(cfg, best["values"], str(out))
     if any(k.split(".")[0] in ("data", "model") for k in best["values"]):
-        data_dir = _prepare(best_cfg, cache_dir)
+        data_dir = _prepare(best_cfg, cache_dir, cfg)
     ctl = controller.Controller(best_cfg, out)
     tested = best["final_checkpoint"]
     if best_cfg.test.checkpoint == "best":  # the trial's best checkpoint by validation, as in a plain run
