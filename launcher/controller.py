@@ -58,10 +58,11 @@ def guard_output(out: Path, resuming: bool) -> None:
         raise ConfigError(f"output_dir {out}: not writable ({err.strerror})") from None
 
 
-def check_resume(path: Path, cfg: RunConfig, plan) -> None:
-    """Refuse, before any worker starts, a checkpoint that cannot continue this config."""
+def check_resume(path: Path, cfg: RunConfig, plan, out: Path) -> None:
+    """Refuse, before any worker starts, a checkpoint that cannot continue this config. A run that
+    stopped early and was interrupted before its test results were written goes on to its test."""
     state = checkpoints.read_state(path)
-    if state.stopped_early:
+    if state.stopped_early and (out / "test_metrics.json").exists():
         raise ConfigError(f"--resume {path}: the run stopped early at step {state.step} (train.early_stopping: "
                           f"validation had not improved for the patience's evaluations), so there is nothing left to "
                           f"train; its test results are in the output directory. To train further, start a new run "
@@ -337,7 +338,7 @@ def preflight(cfg: RunConfig, paths: Paths, cache_dir: str):
     check_disk(paths.out, plan.checkpoint_bytes)
     universal, saved = False, None
     if paths.resume_from:
-        check_resume(paths.resume_from, cfg, plan)
+        check_resume(paths.resume_from, cfg, plan, paths.out)
         saved = checkpoints.read_state(paths.resume_from)
         universal = saved.world_size != cfg.scaling.world_size and saved.zero_stage > 0
     plan = plan_mod.with_prepared_data(plan, cfg, data_cache.cache_root(cfg), _say)

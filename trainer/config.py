@@ -466,6 +466,10 @@ class RunConfig:
             raise ValueError(f"train.early_stopping.metric is {stopping.metric!r}, but model.task "
                              f"{self.model.task!r} reports {', '.join(get_task(self.model.task).METRICS)} at validation")
 
+        if self.test.checkpoint == "best" and self.train.eval_every % self.train.save_interval:
+            raise ValueError(f"test.checkpoint: best tests the best evaluated checkpoint, so every evaluation must "
+                             f"write one: train.eval_every ({self.train.eval_every}) must be a multiple of "
+                             f"train.save_every ({self.train.save_interval})")
         if self.tune is not None:
             metrics = get_task(self.model.task).METRICS
             if self.tune.metric not in metrics:

@@ -69,6 +69,7 @@ def cache_key(cfg: RunConfig, processor) -> str:
     d = cfg.data
     h = hashlib.sha256()
     shaping = {k: v for k, v in asdict(d).items() if k not in UNKEYED}
+    shaping["train_file"] = [src.path for src in d.sources]  # a mix's weights only order the draws
     h.update(json.dumps({"version": VERSION, "task": cfg.model.task, "data": shaping, "split_seed": cfg.split_seed},
                         sort_keys=True, default=str).encode())
     for path in (*(src.path for src in d.sources), d.validation_file, d.test_file):

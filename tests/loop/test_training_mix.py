@@ -10,7 +10,7 @@ from launcher.plan import Plan, describe, mix_shares
 from tests.helpers import DATA, shouted_copy, tiny_config, tiny_llama
 from trainer import data_cache
 from trainer.checkpoints import TrainState, read_state
-from trainer.config import EarlyStoppingConfig, from_dict
+from trainer.config import EarlyStoppingConfig, from_dict, to_dict
 from trainer.loop import WorkerArgs, micro_batches, run
 from trainer.model import load_tokenizer
 from trainer.report import ListReporter
@@ -35,9 +35,11 @@ def test_a_mix_is_prepared_per_source_and_an_epoch_draws_by_weight(tmp_path, tok
     order = micro_batches(cfg, train, 0, 1, TrainState(0, 0, 1, 2, "m")).order(0)
     assert len(order) == len(train)
     assert sum(1 for i in order if i < train.parts[0]) / len(order) == pytest.approx(0.75, abs=0.05)
-    # the weights are in the cache key
-    assert data_cache.cache_key(mix_config(tmp_path, tokenizer_dir, (1, 1)), tokenizer) != \
+    # the sources are in the cache key, their weights not (they only order the draws)
+    assert data_cache.cache_key(mix_config(tmp_path, tokenizer_dir, (1, 1)), tokenizer) == \
         data_cache.cache_key(cfg, tokenizer)
+    single = from_dict({**to_dict(cfg), "data": {**to_dict(cfg)["data"], "train_file": str(DATA)}})
+    assert data_cache.cache_key(single, tokenizer) != data_cache.cache_key(cfg, tokenizer)
     # the startup summary: each source's rows and share
     shares = mix_shares(cfg, train.parts)
     assert [(Path(p).name, n) for p, _, n, _ in shares] == [("sft_tiny.jsonl", train.parts[0]), ("shouted.jsonl", 80)]

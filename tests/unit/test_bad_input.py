@@ -68,6 +68,13 @@ def topics(tmp, name="t.jsonl", n=20, drop=None):
     return jsonl(tmp / name, [{k: v for k, v in r.items() if k != drop} for r in rows])
 
 
+def run_already_tested(tmp):
+    """An output directory whose run already wrote its test results."""
+    (tmp / "tested").mkdir()
+    (tmp / "tested" / "test_metrics.json").write_text("{}")
+    return str(tmp / "tested")
+
+
 def checkpoint_that_stopped_early(tmp):
     path = Path(checkpoint_of_another_model(tmp))
     state = json.loads((path / "trainer_state.json").read_text())
@@ -185,8 +192,13 @@ CASES = {
         "early_stopping": {"metric": "accuracy", "mode": "max"}}),
         r"train.early_stopping.metric is 'accuracy', but model.task 'causal_lm' reports loss, perplexity"),
     "resume_a_run_that_stopped_early": (lambda tmp, tok: (tiny_config(tmp, tok), ["--resume",
-                                                                                  checkpoint_that_stopped_early(tmp)]),
+                                                                                  checkpoint_that_stopped_early(tmp),
+                                                                                  "--output", run_already_tested(tmp)]),
                                         r"the run stopped early at step 4 \(train.early_stopping"),
+    "best_checkpoint_of_an_evaluation_never_saved": (lambda tmp, tok: tiny_config(tmp, tok, test={"checkpoint": "best"},
+                                                                                   train={"eval_every": 4, "save_every": 8}),
+                                                     r"test.checkpoint: best .* train.eval_every \(4\) must be a "
+                                                     r"multiple of train.save_every \(8\)"),
     "generate_negative_examples": (lambda tmp, tok: tiny_config(tmp, tok, eval={"generate": {"num_examples": -1}}),
                                    r"eval.generate.num_examples must be >= 0 \(0 turns it off\), got -1"),
     "generate_for_a_classifier": (lambda tmp, tok: bert_cls(tmp, tok, train_file=topics(tmp)) | {

@@ -66,11 +66,16 @@ def test_the_controller_records_the_early_stop_and_tracks_the_best_by_the_metric
            "(best 0.6 at step 4); checkpointed, the test evaluation comes next" in capsys.readouterr().out
 
 
-def test_resume_of_a_run_that_stopped_early_is_refused(tmp_path):
+def test_resume_of_a_run_that_stopped_early_is_refused_once_it_was_tested(tmp_path):
     path = fake(tmp_path, 6)
     state = read_state(path).__dict__ | {"stopped_early": True}
     (path / "trainer_state.json").write_text(__import__("json").dumps(state))
     cfg = from_dict(tiny_config(tmp_path, tmp_path))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ConfigError, match="the checkpoint is of model 'm'"):  # past the early stop: its test is still to run
+        check_resume(path, cfg, plan=None, out=out)
+    (out / "test_metrics.json").write_text("{}")
     with pytest.raises(ConfigError, match=r"--resume .*step_0000006: the run stopped early at step 6 "
                                           r"\(train.early_stopping"):
-        check_resume(path, cfg, plan=None)
+        check_resume(path, cfg, plan=None, out=out)
