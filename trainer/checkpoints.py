@@ -211,11 +211,13 @@ def best_checkpoint(root: Path, own: Path, metric: str, mode: str) -> Path | Non
     `own` folder's too before the orchestrator marks them): the one retention keeps as best."""
     from trainer.early_stopping import score
 
-    for attempt in range(3):  # the orchestrator may delete a checkpoint (never the best) while we look
+    def look() -> Path | None:
+        return best([(step, path, score(read_state(path).validation, metric, mode))
+                     for step, path in find_checkpoints(root, written_under=own)])
+
+    for _ in range(2):  # the orchestrator may delete a checkpoint (never the best) while we look
         try:
-            return best([(step, path, score(read_state(path).validation, metric, mode))
-                         for step, path in find_checkpoints(root, written_under=own)])
+            return look()
         except (OSError, ValueError):
-            if attempt == 2:
-                raise
-    return None
+            pass
+    return look()
