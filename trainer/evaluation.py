@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
+from trainer.generation import stop_ids
 from trainer.splits import eval_batch_count, eval_shard
 
 
@@ -69,13 +70,16 @@ def generator(model, synced: bool) -> Callable[..., Any]:
     together. `synced`: ZeRO-3 with several ranks gathers the weights in each forward pass, so a rank
     whose answers ended keeps stepping until every rank's have (synced_gpus; without it the run hangs,
     transformers#20130). The key/value cache, off for training, is on for generation. New tokens stop
-    at the model's position limit (GPT-2's learned positions would overflow)."""
+    at the model's position limit (GPT-2's learned positions would overflow), and at any end-of-sequence
+    id of the caller's or of the model's generation config (a chat model's end of turn)."""
     def generate(input_ids, attention_mask, max_new_tokens: int, **settings):
         import torch
 
         limit = getattr(model.config, "max_position_embeddings", None)
         if limit:
             max_new_tokens = max(1, min(max_new_tokens, limit - input_ids.shape[1]))
+        config = getattr(model, "generation_config", None)
+        settings["eos_token_id"] = stop_ids(settings.get("eos_token_id"), getattr(config, "eos_token_id", None))
         with torch.no_grad():
             return model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                                   use_cache=True, synced_gpus=synced, **settings)

@@ -25,6 +25,18 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] = TABLE_COLUMNS)
     return "\n".join(lines)
 
 
+def stop_ids(*sources) -> list[int]:
+    """Every end-of-sequence token id the sources name (each an id, a list of ids or None), once, in
+    order: the tokenizer's eos and the model's generation config, whose list holds a chat model's
+    end-of-turn token where it differs from eos (Llama 3's <|eot_id|>); generation stops at any of them."""
+    ids: list[int] = []
+    for source in sources:
+        for i in source if isinstance(source, (list, tuple)) else [source]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    return ids
+
+
 def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -2,7 +2,7 @@
 the test rows and the text metrics (checked against rouge-score's own numbers on a known pair)."""
 import pytest
 
-from trainer.generation import before_after, markdown_table, text_metrics
+from trainer.generation import before_after, markdown_table, stop_ids, text_metrics
 from trainer.masking import IGNORE
 from trainer.tasks.causal_lm import left_pad, prompt_and_reference
 
@@ -49,3 +49,9 @@ def test_before_after_joins_the_two_passes_by_id():
     assert before_after(before, after) == [
         {"id": 1, "prompt": "p1", "reference": "r1", "before": "b1", "after": "a1"},
         {"id": 4, "prompt": "p4", "reference": "r4", "before": "b4", "after": "a4"}]
+
+
+def test_stop_ids_join_the_tokenizers_eos_and_the_generation_configs_list_once_each():
+    assert stop_ids(2, [128001, 128009]) == [2, 128001, 128009]
+    assert stop_ids(128009, [128001, 128009]) == [128009, 128001]
+    assert stop_ids(None, 7) == [7] and stop_ids(None, None) == []
