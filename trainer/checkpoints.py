@@ -44,6 +44,7 @@ class TrainState:
     # since it last improved, and whether the run stopped at this step because of it.
     best_metric: Optional[float] = None
     bad_evaluations: int = 0
+    best_of: Optional[str] = None  # "metric/mode" that best_metric counts (a resume may change them)
     stopped_early: bool = False
 
 

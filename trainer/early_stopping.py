@@ -25,6 +25,21 @@ def score(validation: Mapping[str, float], metric: str, mode: str) -> Optional[f
     return float(value) if mode == "min" else -float(value)
 
 
+def counted(cfg: EarlyStoppingConfig) -> str:
+    """What a saved best value measures: "metric/mode"."""
+    return f"{cfg.metric}/{cfg.mode}"
+
+
+def carry_over(best: Optional[float], bad_evaluations: int, best_of: Optional[str],
+               cfg: EarlyStoppingConfig) -> tuple[Optional[float], int]:
+    """The saved best and patience count when a resume keeps the metric and mode; counting starts
+    again when it changes them (a best loss is no bar for an accuracy). A checkpoint from before
+    best_of was saved keeps its values."""
+    if best_of is None or best_of == counted(cfg):
+        return best, bad_evaluations
+    return None, 0
+
+
 def advance(best: Optional[float], bad_evaluations: int, validation: Mapping[str, float],
             cfg: EarlyStoppingConfig) -> tuple[float, int]:
     """After one evaluation: the best value so far and the evaluations in a row without an

@@ -234,6 +234,12 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
         state = checkpoints.load(engine, Path(start_from), rank, universal=s.universal)
         state.trainable, state.world_size, state.lean = s.trainable_digest, s.world, checkpoints.is_lean(cfg)
         log(f"resumed from {start_from} at step {state.step}")
+    if cfg.train.early_stopping is not None:
+        early = cfg.train.early_stopping
+        kept = early_stopping.carry_over(state.best_metric, state.bad_evaluations, state.best_of, early)
+        if state.best_metric is not None and kept[0] is None:
+            log(f"early stopping now counts {early_stopping.counted(early)}, not {state.best_of}: patience starts again")
+        (state.best_metric, state.bad_evaluations), state.best_of = kept, early_stopping.counted(early)
 
     writer = None
     if rank == 0 and args.tensorboard_dir:

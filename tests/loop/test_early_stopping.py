@@ -5,7 +5,7 @@ from pathlib import Path
 
 from tests.helpers import tiny_config
 from trainer.checkpoints import dir_name, read_state
-from trainer.config import from_dict
+from trainer.config import from_dict, to_dict
 from trainer.loop import WorkerArgs, fine_tune, run
 from trainer.messages import TestResult
 from trainer.report import ListReporter
@@ -45,6 +45,19 @@ def test_a_diverging_run_stops_early_checkpoints_tests_the_best_and_a_resume_kee
     state, stopped_on_request = run(cfg, resumed, WorkerArgs(cache_dir=str(tmp_path / "cache"), resume_from=str(at4)))
     assert state.step == 6 and state.stopped_early and not stopped_on_request
     assert [(m.step, m.stopped_early) for m, _ in resumed.calls] == [(6, True)]
+
+    # Resumed from step 4 with another metric: the saved best loss is no bar for perplexity, so
+    # patience starts again: step 6 (where the loss's count ran out) is the new metric's first best.
+    assert read_state(at4).best_of == "loss/min"
+    other = from_dict({**to_dict(cfg), "train": {**to_dict(cfg)["train"], "early_stopping": {
+        "metric": "perplexity", "mode": "min", "patience": 2}}})
+    recounted = ListReporter(tmp_path / "recounted")
+    run(other, recounted, WorkerArgs(cache_dir=str(tmp_path / "cache"), resume_from=str(at4)))
+    assert any("early stopping now counts perplexity/min, not loss/min" in line for line in recounted.lines)
+    assert recounted.calls[0][0].step == 6 and not recounted.calls[0][0].stopped_early
+    at6 = read_state(tmp_path / "recounted" / dir_name(6))
+    assert at6.best_of == "perplexity/min" and at6.bad_evaluations == 0
+    assert at6.best_metric == recounted.calls[0][0].validation["perplexity"]
 
 
 def test_an_improving_run_is_not_stopped(tmp_path, tokenizer_dir, process_group):

@@ -10,7 +10,7 @@ from tests.unit.test_checkpoints import fake
 from tests.unit.test_controller import report
 from trainer.checkpoints import best, find_checkpoints, read_state
 from trainer.config import ConfigError, EarlyStoppingConfig, from_dict
-from trainer.early_stopping import advance, score, selection
+from trainer.early_stopping import advance, carry_over, counted, score, selection
 
 
 def counts(values, **kw):
@@ -26,6 +26,17 @@ def test_the_counter_counts_evaluations_without_improvement_and_resets_on_one():
     # min_delta: an improvement must be larger than it; an equal value is no improvement.
     assert counts([3.0, 2.95, 2.0, 2.0], min_delta=0.1) == (2.0, [0, 1, 0, 1])
     assert counts([0.5, 0.6, 0.55, 0.7], metric="accuracy", mode="max") == (0.7, [0, 0, 1, 0])
+
+
+def test_a_resume_that_changes_metric_or_mode_counts_again():
+    loss, accuracy = EarlyStoppingConfig(), EarlyStoppingConfig(metric="accuracy", mode="max")
+    assert counted(loss) == "loss/min" and counted(accuracy) == "accuracy/max"
+    assert carry_over(0.4, 2, "loss/min", loss) == (0.4, 2)
+    assert carry_over(0.4, 2, None, accuracy) == (0.4, 2)  # a checkpoint from before best_of existed
+    assert carry_over(0.4, 2, "loss/min", accuracy) == (None, 0)  # a best loss is no bar for an accuracy
+    assert carry_over(0.4, 2, "loss/max", loss) == (None, 0)
+    # Counting again: the first evaluation after the resume sets the new metric's best.
+    assert advance(*carry_over(0.4, 2, "loss/min", accuracy), {"accuracy": 0.3}, accuracy) == (0.3, 0)
 
 
 def test_a_metric_the_validation_lacks_is_a_clear_error():
