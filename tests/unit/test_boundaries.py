@@ -37,9 +37,10 @@ def test_the_boundary_check_sees_imports_inside_functions(tmp_path, monkeypatch)
 
 
 def test_ray_is_used_by_the_launcher_only():
+    # bench/startup.py times Ray Train on its own (the floor of any Ray Train launcher): not product code.
     users = {f.relative_to(REPO).parts[0] for f in REPO.rglob("*.py") if ".venv" not in f.parts
              and "tests" not in f.parts and any(n == "ray" or n.startswith("ray.") for _, n in imports(f))}
-    assert users == {"launcher"}
+    assert users - {"bench"} == {"launcher"}
 
 
 def task_names() -> set[str]:
