@@ -4,7 +4,8 @@ Generates prompt/response rows whose rendered length (SmolLM2's chat template) s
 20-400 tokens the way instruction sets do (log-normal, median ~110 tokens, clipped), and runs the
 shipped SmolLM2-135M config on them with data.max_length 512: packing off / on, alternating, for
 `--rounds` rounds, and the same job (model, prepared examples, batch, optimizer, schedule and
-DeepSpeed config) run by Hugging Face Trainer under torchrun (bench/hf_trainer.py), unpacked. Each
+DeepSpeed config) run by Hugging Face Trainer under torchrun (bench/hf_trainer.py), unpacked, once as
+torchrun starts it and once with the C allocator setting sft gives its workers (WORKER_ENV). Each
 launch trains `--steps` steps; the figure is the median over its steps (the first left out) of
 real tokens/s (sft: TensorBoard's train/tokens_per_s; Trainer: its non-padding
 num_input_tokens_seen). Prints min / median / max per setting and the ratios. Not a test.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import statistics
 import subprocess
@@ -26,6 +28,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from launcher.ray_job import WORKER_ENV  # noqa: E402  (the allocator setting sft gives its workers)
+
+SAME_ALLOCATOR = "HF Trainer + DeepSpeed (torchrun), sft's allocator setting"
 
 WORDS = ("the of and to in is you that it he was for on are as with his they at be this have from or one had by "
          "word but not what all were we when your can said there use an each which she do how their if will up "
@@ -73,10 +78,11 @@ def launch(args: list[str]) -> float:
         return tokens_per_s(Path(out) / "tensorboard")
 
 
-def hf_trainer(args: list[str], workers: int, port: int) -> float:
+def hf_trainer(args: list[str], workers: int, port: int, env: dict | None = None) -> float:
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(workers),
                            "--master_port", str(port), str(REPO / "bench" / "hf_trainer.py"),
-                           str(REPO / "configs" / "gpt_ft.yaml"), *args], capture_output=True, text=True, cwd=REPO)
+                           str(REPO / "configs" / "gpt_ft.yaml"), *args], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         raise SystemExit(f"HF Trainer failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])["tokens_per_s"]
@@ -94,12 +100,15 @@ def main() -> None:
         data = Path(tmp) / "dolly_like.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in dolly_like_rows(a.rows)))
         results: dict[str, list[float]] = {"sft-launch, packing off": [], "sft-launch, packing on": [],
-                                           "HF Trainer + DeepSpeed (torchrun)": []}
+                                           "HF Trainer + DeepSpeed (torchrun)": [], SAME_ALLOCATOR: []}
         for r in range(a.rounds):
             for name in results:  # alternating
                 packing = name.endswith("packing on")
                 args = overrides(data, packing, a.steps, a.workers, a.micro_batch, Path(tmp) / "cache")
-                value = launch(args) if name.startswith("sft") else hf_trainer(args, a.workers, 29650 + r)
+                if name.startswith("sft"):
+                    value = launch(args)
+                else:  # the second: with the C allocator setting sft gives its workers (launcher.ray_job)
+                    value = hf_trainer(args, a.workers, 29650 + r, WORKER_ENV if name == SAME_ALLOCATOR else None)
                 results[name].append(value)
                 print(f"round {r + 1}: {name}: {value:,.0f} tokens/s", flush=True)
     print(f"\nSmolLM2-135M ({'config: last 2 blocks train'}), {a.workers} worker(s), micro-batch {a.micro_batch}, "
@@ -111,7 +120,8 @@ def main() -> None:
     print(f"\npacked / unpacked (medians): {med['sft-launch, packing on'] / med['sft-launch, packing off']:.2f}x "
           f"(target >= 1.8x)")
     print(f"sft-launch unpacked / HF Trainer (medians): "
-          f"{med['sft-launch, packing off'] / med['HF Trainer + DeepSpeed (torchrun)']:.2f}x (target >= 1.0x)")
+          f"{med['sft-launch, packing off'] / med['HF Trainer + DeepSpeed (torchrun)']:.2f}x (target >= 1.0x); "
+          f"with the same allocator setting: {med['sft-launch, packing off'] / med[SAME_ALLOCATOR]:.2f}x")
 
 
 if __name__ == "__main__":
