@@ -79,7 +79,7 @@ def generator(model, synced: bool) -> Callable[..., Any]:
         if limit:
             max_new_tokens = max(1, min(max_new_tokens, limit - input_ids.shape[1]))
         config = getattr(model, "generation_config", None)
-        settings["eos_token_id"] = stop_ids(settings.get("eos_token_id"), getattr(config, "eos_token_id", None))
+        settings["eos_token_id"] = stop_ids(settings.get("eos_token_id"), getattr(config, "eos_token_id", None)) or None
         with torch.no_grad():
             return model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                                   use_cache=True, synced_gpus=synced, **settings)

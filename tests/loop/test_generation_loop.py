@@ -40,15 +40,13 @@ def test_left_padded_batches_answer_exactly_as_one_prompt_at_a_time(tmp_path, to
     assert len({r["answer"] for r in answers[6]}) > 1 and all(r["reference"].startswith("Answer: ") for r in answers[6])
 
 
-
 def test_answers_stop_at_the_model_configs_end_of_turn_token(tmp_path, tokenizer_dir):
     """A chat model whose end of turn is not the tokenizer's eos (Llama 3's <|eot_id|>) lists it in its
     generation config; answers must stop there too, not run on to max_new_tokens."""
     from trainer.evaluation import generator
-
-    cfg = from_dict(tiny_config(tmp_path, tokenizer_dir, model={"architecture": tiny_llama(), "tokenizer": str(tokenizer_dir)}))
     from trainer.model import build_model
 
+    cfg = from_dict(tiny_config(tmp_path, tokenizer_dir, model={"architecture": tiny_llama(), "tokenizer": str(tokenizer_dir)}))
     torch.manual_seed(0)
     model = build_model(cfg.model, None).eval()
     generate = generator(model, synced=False)
@@ -61,6 +59,7 @@ def test_answers_stop_at_the_model_configs_end_of_turn_token(tmp_path, tokenizer
     model.generation_config.eos_token_id = [0, end_of_turn]
     stopped = generate(prompt, mask, 12, eos_token_id=0, pad_token_id=0)[0, 4:].tolist()
     assert stopped == free[:4]
+
 
 def _answer_on_rank(rank: int, port: int, raws: list, out: str) -> None:
     import faulthandler
