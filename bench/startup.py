@@ -52,7 +52,7 @@ def worker(config: str) -> None:
         def report(self, message, checkpoint=None):
             pass
 
-        def log(self, text):
+        def log(self, text, after_training=False):
             if dist.get_rank() == 0:
                 print(text, flush=True)
 

@@ -102,8 +102,9 @@ def is_complete(path: Path, marked: bool = True) -> bool:
 
 
 def mark_complete(path: Path) -> None:
-    """Called by the orchestrator once every rank's part of the checkpoint is persisted."""
-    (Path(path) / MARKER).write_text("ok\n")
+    """Called by the orchestrator once every rank's part of the checkpoint is persisted. An empty file:
+    it exists whole or not at all, and a full disk still takes it (no data blocks)."""
+    (Path(path) / MARKER).touch()
 
 
 def _attempt(path: Path) -> int:

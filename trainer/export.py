@@ -5,6 +5,7 @@ module in one file. Never imports ray.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from trainer.config import RunConfig
@@ -53,9 +54,19 @@ def export_model(cfg: RunConfig, checkpoint: Path, target: Path, processor, labe
         if cfg.export.lora == "adapter":
             return
         model = model.merge_and_unload()  # a plain transformers model, no peft needed to load it
-    target.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(target, safe_serialization=True)
-    processor.save_pretrained(target)
+    # Staged, then renamed into place: an export cut short (a full disk, a kill) never leaves a
+    # final_model/ that looks whole.
+    staging = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+        model.save_pretrained(staging, safe_serialization=True)
+        processor.save_pretrained(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # give back what it took of a full disk
+        raise
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
 
 
 def adapter_dir(final_model: Path) -> Path:

@@ -32,6 +32,7 @@ from trainer.model import (build_model, full_shape, load_processor, model_config
                            share_fp32_partitions)
 from trainer.report import Reporter
 from trainer.splits import total_steps
+from trainer.storage import writing
 from trainer.tasks.common import Prepared
 from trainer.tasks.registry import Task, get_task
 
@@ -201,7 +202,8 @@ def fine_tune(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> None:
         dist.broadcast_object_list(chosen, src=0)
         final, which = Path(chosen[0]), "best"
     if dist.get_rank() == 0:
-        reporter.log(f"test evaluation on the {which} checkpoint {final} (and on the model before fine-tuning)")
+        reporter.log(f"test evaluation on the {which} checkpoint {final} (and on the model before fine-tuning)",
+                     after_training=True)
     run_test(cfg, reporter, replace(args, final_checkpoint=str(final)))
 
 
@@ -283,13 +285,14 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
             norm = engine.get_global_grad_norm()
             norm = float(norm) if norm is not None else float("nan")
         lr = engine.get_lr()[0]
-        if writer:
-            writer.add_scalar("train/loss", loss_mean, step)
-            writer.add_scalar("train/lr", lr, step)
-            writer.add_scalar("train/grad_norm", norm, step)
-            writer.add_scalar(f"train/{unit}_per_s", units_total / elapsed, step)
-            if places_total:  # token batches: the share of padding among the positions computed
-                writer.add_scalar("train/padding_fraction", 1 - units_total / places_total, step)
+        if writer:  # its thread writes; a refused write surfaces at the next call
+            with writing("the TensorBoard events", args.tensorboard_dir):
+                writer.add_scalar("train/loss", loss_mean, step)
+                writer.add_scalar("train/lr", lr, step)
+                writer.add_scalar("train/grad_norm", norm, step)
+                writer.add_scalar(f"train/{unit}_per_s", units_total / elapsed, step)
+                if places_total:  # token batches: the share of padding among the positions computed
+                    writer.add_scalar("train/padding_fraction", 1 - units_total / places_total, step)
         if step % cfg.train.log_every == 0 or step == s.total_steps:
             log(f"step {step}/{s.total_steps}  loss {loss_mean:.4f}  lr {lr:.3g}  grad_norm {norm:.3g}  "
                 f"{units_total / elapsed:,.0f} {unit}/s  {elapsed:.2f} s/step")
@@ -301,13 +304,16 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
             validation = scalars(evaluate_split(s, "validation")[0])
             answers = generate_split(s, cfg, "validation", cfg.generate_examples)
             if rank == 0 and answers and args.generations_dir:
-                write_jsonl(Path(args.generations_dir) / f"{checkpoints.dir_name(step)}.jsonl", answers)
+                target = Path(args.generations_dir) / f"{checkpoints.dir_name(step)}.jsonl"
+                with writing(f"the generated answers of step {step}", target):
+                    write_jsonl(target, answers)
             if writer:
-                for k, v in validation.items():
-                    writer.add_scalar(f"val/{k}", v, step)
-                if answers:  # add_text would file the table under "val/generations/text_summary"
-                    writer.file_writer.add_summary(text_pb("val/generations", markdown_table(answers)), step)
-                writer.flush()
+                with writing("the TensorBoard events", args.tensorboard_dir):
+                    for k, v in validation.items():
+                        writer.add_scalar(f"val/{k}", v, step)
+                    if answers:  # add_text would file the table under "val/generations/text_summary"
+                        writer.file_writer.add_summary(text_pb("val/generations", markdown_table(answers)), step)
+                    writer.flush()
         early = cfg.train.early_stopping
         if early is not None and validation:
             # The metrics are all-reduced: every rank counts the same and stops after the same step.
@@ -322,14 +328,16 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
         if step % cfg.train.save_interval == 0 or is_last or stopping or state.stopped_early:
             state.validation = validation
             with tempfile.TemporaryDirectory(prefix="sft-shard-") as shard_dir:
-                checkpoints.save(engine, Path(shard_dir), state, rank)
+                with writing(f"rank {rank}'s part of the checkpoint of step {step}", shard_dir):
+                    checkpoints.save(engine, Path(shard_dir), state, rank)
                 reporter.report(report, Path(shard_dir))
         elif validation:
             reporter.report(report)
         if stopping or state.stopped_early:
             break
     if writer:
-        writer.close()
+        with writing("the TensorBoard events", args.tensorboard_dir):
+            writer.close()
     dist.barrier()  # every rank's shard of the last checkpoint is persisted
     engine.destroy()  # ZeRO's gradient hooks would keep the engine (all its states) alive for the test
     return state, state.step < s.total_steps and not state.stopped_early
@@ -347,16 +355,19 @@ def run_test(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TestResult
     after, rows = evaluate_split(s, "test")
     answered_after = generate_split(s, cfg, "test", answering)
     if s.rank == 0 and args.predictions_path and rows:
-        Path(args.predictions_path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with writing("the test predictions", args.predictions_path):
+            Path(args.predictions_path).write_text("".join(json.dumps(r) + "\n" for r in rows))
     if answering:
         before, after = {**before, **text_metrics(answered_before)}, {**after, **text_metrics(answered_after)}
         if s.rank == 0 and args.test_generations_path:
-            write_jsonl(Path(args.test_generations_path), before_after(answered_before, answered_after))
+            with writing("the generated test answers", args.test_generations_path):
+                write_jsonl(Path(args.test_generations_path), before_after(answered_before, answered_after))
     if s.rank == 0 and args.export_dir:
         from trainer.export import export_dtype, export_model
         dtype = export_dtype(cfg, s.precision)
-        export_model(cfg, Path(args.final_checkpoint), Path(args.export_dir), s.processor, s.labels, args.cache_dir,
-                     dtype)
+        with writing("the exported model", args.export_dir):
+            export_model(cfg, Path(args.final_checkpoint), Path(args.export_dir), s.processor, s.labels,
+                         args.cache_dir, dtype)
         reporter.log(f"exported the consolidated model ({dtype}) to {args.export_dir}")
     result = TestResult(state.step, before, after, str(args.final_checkpoint))
     reporter.report(result)

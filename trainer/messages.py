@@ -24,6 +24,9 @@ class Where:
 class LogLine:
     """A console line from rank 0 (progress, data notes); delivered as it happens, not throttled."""
     text: str
+    # Shown only once the last training report is in (the test phase's opening line): this line
+    # travels faster than the report, whose evaluation line must come first.
+    after_training: bool = False
 
 
 @dataclass(frozen=True)
@@ -55,14 +58,23 @@ class BadInput:
 
 
 @dataclass(frozen=True)
+class StorageFailure:
+    """A rank, when a write it made was refused by the OS (trainer/storage.py): the run ends, with no
+    restart (a restart would fail the same way). Delivered at once, like a LogLine."""
+    what: str
+    path: str  # where it was being written ("where" is the rank's place in encoded messages)
+    error: str
+
+
+@dataclass(frozen=True)
 class WorkerFailure:
     """Made on the driver when worker processes died or raised: rank -> the error."""
     errors: dict  # one line each
     details: dict = field(default_factory=dict)  # the whole traceback each
 
 
-Message = Union[LogLine, TrainReport, TestResult, BadInput]
-KINDS = {cls.__name__: cls for cls in (LogLine, TrainReport, TestResult, BadInput)}
+Message = Union[LogLine, TrainReport, TestResult, BadInput, StorageFailure]
+KINDS = {cls.__name__: cls for cls in (LogLine, TrainReport, TestResult, BadInput, StorageFailure)}
 
 
 @dataclass(frozen=True)

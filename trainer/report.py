@@ -19,8 +19,8 @@ class Reporter(Protocol):
     def report(self, message: Message, checkpoint: Optional[Path] = None) -> None:
         """Hand over a message and, optionally, this rank's checkpoint folder (persisted by step)."""
 
-    def log(self, text: str) -> None:
-        """A console line (rank 0 only)."""
+    def log(self, text: str, after_training: bool = False) -> None:
+        """A console line (rank 0 only); `after_training`: shown after the last training report's lines."""
 
 
 class ListReporter:
@@ -41,6 +41,6 @@ class ListReporter:
             mark_complete(kept)
         self.calls.append((message, kept))
 
-    def log(self, text):
+    def log(self, text, after_training=False):
         print(f"[sft] {text}", flush=True)
         self.lines.append(text)
