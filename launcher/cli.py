@@ -124,9 +124,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("sft-launch: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:
+        from launcher.controller import StorageFailed
         from launcher.ray_job import LaunchError
 
-        if isinstance(err, LaunchError):
+        if isinstance(err, (LaunchError, StorageFailed)):
             print(f"sft-launch: the run failed: {err}", file=sys.stderr)
             return EXIT_FAILED
         raise

@@ -20,7 +20,8 @@ from typing import Optional
 
 from trainer import checkpoints, early_stopping
 from trainer.config import ConfigError, RunConfig, to_dict
-from trainer.messages import BadInput, LogLine, Received, TestResult, TrainReport, WorkerFailure
+from trainer.messages import BadInput, LogLine, Received, StorageFailure, TestResult, TrainReport, WorkerFailure
+from trainer.storage import StorageError, writing
 
 def _say(text: str) -> None:
     print(f"[sft] {text}", flush=True)
@@ -44,9 +45,21 @@ def resolve_resume(out: Path, resume: Optional[str]) -> Optional[Path]:
     return found[-1][1].resolve()
 
 
+def _summary_of_a_run(out: Path) -> bool:
+    """A run_summary.json of something to keep: not that of a launch stopped before its first checkpoint
+    (it left nothing to resume, so starting again is the only way on)."""
+    try:
+        summary = json.loads((out / "run_summary.json").read_text())
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        return True
+    return not (summary.get("status") == "stopped" and not summary.get("final_checkpoint"))
+
+
 def guard_output(out: Path, resuming: bool) -> None:
     """A new run never overwrites what an earlier run left in its output directory."""
-    if not resuming and (checkpoints.find_checkpoints(out / "checkpoints") or (out / "run_summary.json").exists()):
+    if not resuming and (checkpoints.find_checkpoints(out / "checkpoints") or _summary_of_a_run(out)):
         raise ConfigError(f"output_dir {out} already holds a run; pass --resume to continue it, or choose "
                           f"another directory with --output")
     try:
@@ -78,8 +91,12 @@ def check_resume(path: Path, cfg: RunConfig, plan, out: Path) -> None:
                           f"that wrote the checkpoint; keep finetune.* as it was")
     bad = checkpoints.corrupted_files(path)
     if bad:
+        earlier = [p for step, p in checkpoints.find_checkpoints(out / "checkpoints")
+                   if step < state.step and not checkpoints.corrupted_files(p)]
+        hint = (f"resume from the previous complete checkpoint with --resume {earlier[-1]}" if earlier
+                else "no earlier complete checkpoint is left in the output directory: start the run again")
         raise ConfigError(f"--resume {path}: corrupted checkpoint file(s): {', '.join(str(b) for b in bad[:3])}; "
-                          f"resume from an earlier checkpoint with --resume PATH")
+                          f"{hint}")
 
 
 def ensure_universal(path: Path) -> None:
@@ -100,6 +117,14 @@ def ensure_universal(path: Path) -> None:
     if proc.returncode != 0:
         shutil.rmtree(staging, ignore_errors=True)
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        # A conversion that ran out of space is a storage fault, not a bad checkpoint: a probe of the
+        # same size class (1 MiB) beside it tells, without reading the converter's message.
+        with writing("the universal conversion of the checkpoint", staging.parent):
+            probe = staging.parent / f".{checkpoints.UNIVERSAL_TAG}-probe"
+            try:
+                probe.write_bytes(bytes(2**20))
+            finally:
+                probe.unlink(missing_ok=True)
         raise ConfigError(f"--resume {path}: converting the checkpoint to the universal format failed ({tail})")
     shutil.rmtree(target, ignore_errors=True)  # a conversion left half-done by an earlier launch
     staging.rename(target)
@@ -130,6 +155,7 @@ class Controller:
     stopped_early_at: Optional[int] = None  # the step where train.early_stopping ended the training
     last_step: int = 0  # the last step the workers reported
     failed_at: Optional[int] = None  # last_step when the last failure came
+    held: list = field(default_factory=list)  # LogLines waiting for the last training report
 
     @property
     def failure_log(self) -> Path:
@@ -137,9 +163,14 @@ class Controller:
 
     def receive(self, item) -> None:
         if isinstance(item, LogLine):
-            _say(item.text)
+            if item.after_training and not self.trained:
+                self.held.append(item.text)
+            else:
+                _say(item.text)
         elif isinstance(item, WorkerFailure):
             self.on_failure(item)
+        elif isinstance(item, StorageFailure):
+            raise StorageError(item.what, item.path, item.error)
         elif isinstance(item.first, BadInput):
             self.bad_input = item.first.message
         elif isinstance(item.first, TestResult):
@@ -175,10 +206,15 @@ class Controller:
                  f"{e.min_delta:g} for {e.patience} evaluation(s){best}; checkpointed, the test evaluation comes next")
         if item.checkpoint:
             path = Path(item.checkpoint)
-            checkpoints.mark_complete(path)  # every rank's part is persisted now
+            with writing(f"the completion marker of checkpoint {path.name}", path):
+                checkpoints.mark_complete(path)  # every rank's part is persisted now
             if self.best is not None and self.best["step"] == report.step:
                 self.best["checkpoint"] = str(path)
             self.prune(keep=path)
+        if self.trained:
+            for text in self.held:
+                _say(text)
+            self.held.clear()
 
     def on_failure(self, failure: WorkerFailure) -> None:
         """A restart, or the end: when the same errors come back with no step reported in between, the
@@ -191,10 +227,15 @@ class Controller:
         latest = checkpoints.find_checkpoints(self.out / "checkpoints")
         resume_at = f"step {latest[-1][0]}" if latest else "the start"
         detail = "; ".join(f"rank {r}: {msg}" for r, msg in sorted(failure.errors.items()))
-        self.failure_log.parent.mkdir(parents=True, exist_ok=True)
-        with self.failure_log.open("a") as log:
+        try:  # the error path must not depend on the disk: a full one only loses the log
+            self.failure_log.parent.mkdir(parents=True, exist_ok=True)
+            with self.failure_log.open("a") as log:
+                for rank, text in sorted(failure.details.items()):
+                    log.write(f"=== failure {self.restarts}, rank {rank}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n{text}\n")
+        except OSError as err:
+            _say(f"could not write {self.failure_log} ({err.strerror}); the traceback follows on the console")
             for rank, text in sorted(failure.details.items()):
-                log.write(f"=== failure {self.restarts}, rank {rank}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n{text}\n")
+                print(text.rstrip(), file=sys.stderr, flush=True)
         self.last_failure = failure
         if repeated:
             _say(f"worker failure ({detail}) again, with no progress since the last restart: not restarting")
@@ -230,6 +271,7 @@ class Stopper:
     def __init__(self, stop_file: Path, grace_s: float):
         self.stop_file, self.grace_s = stop_file, grace_s
         self.deadline: Optional[float] = None
+        self.unwritable = False  # the stop request could not be written: the workers cannot see it
 
     def _handle(self, signum, frame) -> None:
         if self.deadline is not None:
@@ -237,7 +279,14 @@ class Stopper:
                 raise KeyboardInterrupt
             return
         self.deadline = time.monotonic() + self.grace_s
-        self.stop_file.write_text(f"{signal.Signals(signum).name}\n")
+        try:
+            # The workers look for the file, not its text: an empty file takes no data blocks and is
+            # made on a full disk too.
+            self.stop_file.touch()
+            self.stop_file.write_text(f"{signal.Signals(signum).name}\n")
+        except OSError:
+            if not self.stop_file.exists():
+                self.unwritable = True
         _say(f"{signal.Signals(signum).name}: the workers checkpoint after the current step and stop "
              f"(grace {self.grace_s:g} s; Ctrl-C again aborts at once)")
 
@@ -246,6 +295,8 @@ class Stopper:
         return self.deadline is not None
 
     def abort_reason(self) -> Optional[str]:
+        if self.unwritable:
+            return f"the stop request could not be written to {self.stop_file}, so the workers cannot see it"
         if self.deadline is not None and time.monotonic() > self.deadline:
             return f"the workers did not stop within train.stop_grace_s = {self.grace_s:g} s"
         return None
@@ -270,15 +321,20 @@ def _next_attempt(root: Path) -> int:
 
 def write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
+    with writing(path.name, path):
+        try:
+            tmp.write_text(json.dumps(data, indent=2, default=str))
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+        tmp.replace(path)
 
 
 def _tensorboard_test(out: Path, step: int, before: dict, after: dict) -> None:
     """test/<metric> at the final step; test_before/<metric> beside it for comparison."""
     from torch.utils.tensorboard import SummaryWriter
 
-    with SummaryWriter(str(out / "tensorboard")) as writer:
+    with writing("the TensorBoard test scalars", out / "tensorboard"), SummaryWriter(str(out / "tensorboard")) as writer:
         for prefix, metrics in (("test", after), ("test_before", before)):
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and k not in ("tokens", "examples"):
@@ -301,30 +357,51 @@ class Paths:
 def launch(cfg: RunConfig, address: Optional[str], resume: Optional[str], cache_dir: str,
            verbose: bool = False) -> dict:
     """Preflight, train and test (one worker group), summarise. Returns the run summary."""
-    from launcher import ray_job
+    from launcher import ray_job, run_lock
 
     started_at = time.time()
     out = Path(cfg.output_dir).resolve()
-    resume_from = resolve_resume(out, resume)
-    guard_output(out, resuming=resume is not None)
-    paths = Paths(out, f"attempt-{_next_attempt(out / 'checkpoints')}", resume_from)
-    ctl = Controller(cfg, out, protected={resume_from} if resume_from else set())
     stopper = Stopper(out / ".stop-request", cfg.train.stop_grace_s)
-
-    # Signals are taken from here on: before training starts, a stop just ends the launch; during
-    # training the workers checkpoint first; during the test evaluation the final checkpoint exists
-    # already: the workers are abandoned, and --resume goes straight back to the test.
-    with stopper.installed():
+    # Signals are taken from here on, the same way in every phase: before training starts, a stop just
+    # ends the launch; during training the workers checkpoint first; during the test evaluation the
+    # final checkpoint exists already: the workers are abandoned, and --resume goes straight back to
+    # the test. One launch at a time writes into an output directory (launcher/run_lock.py).
+    with run_lock.held(out, _say), stopper.installed(), storage_faults(out):
+        resume_from = resolve_resume(out, resume)
+        guard_output(out, resuming=resume is not None)
+        paths = Paths(out, f"attempt-{_next_attempt(out / 'checkpoints')}", resume_from)
+        ctl = Controller(cfg, out, protected={resume_from} if resume_from else set())
         plan, universal = preflight(cfg, paths, cache_dir)
         if not stopper.requested:
-            ray_job.start_ray(address, verbose)
             try:
-                train_and_test(cfg, paths, ctl, stopper, cache_dir, plan.data_dir, universal, verbose)
+                ray_job.start_ray(address, verbose)  # keeps the launcher's signal handlers
+                if not stopper.requested:
+                    train_and_test(cfg, paths, ctl, stopper, cache_dir, plan.data_dir, universal, verbose)
             finally:
                 ray_job.stop_ray()
             if ctl.test is None and not stopper.requested:
                 raise ray_job.LaunchError("the worker group ended without a test result")
-    return summarise(cfg, paths, ctl, plan, final_checkpoint(paths), time.time() - started_at)
+        return summarise(cfg, paths, ctl, plan, final_checkpoint(paths), time.time() - started_at)
+
+
+class StorageFailed(Exception):
+    """The run ended on a refused write; the message is the whole paragraph for the user."""
+
+
+@contextlib.contextmanager
+def storage_faults(out: Path):
+    """A StorageError anywhere in the launch (the driver's writes, or a worker's) ends it with one
+    paragraph: what, where, the OS error, the checkpoint to continue from, and what to do. Nothing in
+    it needs the disk."""
+    try:
+        yield
+    except StorageError as err:
+        latest = checkpoints.find_checkpoints(out / "checkpoints")
+        then = (f"the latest complete checkpoint is {latest[-1][1]} (step {latest[-1][0]}). Free space (or fix "
+                f"the storage) and continue with: sft-launch <config> --output {out} --resume" if latest else
+                "no checkpoint was completed yet. Free space (or fix the storage) and start the run again")
+        raise StorageFailed(f"{err}. The storage refused the write, so the run stopped without restarting the "
+                            f"workers; {then}") from None
 
 
 def preflight(cfg: RunConfig, paths: Paths, cache_dir: str):
@@ -341,7 +418,8 @@ def preflight(cfg: RunConfig, paths: Paths, cache_dir: str):
         check_resume(paths.resume_from, cfg, plan, paths.out)
         saved = checkpoints.read_state(paths.resume_from)
         universal = saved.world_size != cfg.scaling.world_size and saved.zero_stage > 0
-    plan = plan_mod.with_prepared_data(plan, cfg, data_cache.cache_root(cfg), _say)
+    with writing("the prepared data", data_cache.cache_root(cfg), refusals_only=True):
+        plan = plan_mod.with_prepared_data(plan, cfg, data_cache.cache_root(cfg), _say)
     for line in plan_mod.describe(plan, cfg).splitlines():
         _say(line)
     if saved is not None:
@@ -436,6 +514,9 @@ def summarise(cfg: RunConfig, paths: Paths, ctl: Controller, plan, final: Option
                             if isinstance(v, float) and k not in ("tokens", "examples", "perplexity"))
         _say(f"test (step {step}): {changes}; results in {paths.out}")
     else:
-        where = f"checkpoint {final}" if final else "no checkpoint yet"
-        _say(f"stopped at step {step}; {where}. Continue with: sft-launch <config> --output {paths.out} --resume")
+        if final:
+            _say(f"stopped at step {step}; checkpoint {final}. Continue with: sft-launch <config> --output "
+                 f"{paths.out} --resume")
+        else:
+            _say(f"stopped before the first checkpoint: nothing to resume; start the run again the same way")
     return summary

@@ -6,6 +6,7 @@ Imports ray inside functions (and never deepspeed) so `sft-launch --help` stays 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -15,7 +16,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from trainer.config import ConfigError, RunConfig, from_dict, to_dict
-from trainer.messages import BadInput, LogLine, Received, Where, WorkerFailure, decode, encode
+from trainer.messages import BadInput, LogLine, Received, StorageFailure, Where, WorkerFailure, decode, encode
+from trainer.storage import as_storage_error, writing
 
 # Environment for the driver, the raylet and every worker: quiet, and no Ray features we do not use.
 RAY_ENV = {
@@ -87,7 +89,8 @@ def start_ray(address: Optional[str], verbose: bool = False) -> None:
         # SFT_NODE_IP: this host's address in the cluster, where Ray would guess another one (the
         # Slurm script sets it; on emulated nodes the loopback route hides the node's own address).
         node_ip = {"_node_ip_address": os.environ["SFT_NODE_IP"]} if os.environ.get("SFT_NODE_IP") else {}
-        ray.init(address=address, **node_ip, **common)
+        with _keeping_signal_handlers():
+            ray.init(address=address, **node_ip, **common)
         _SESSION["joined"] = True
         return
     # The embedded default: a fresh instance for this run only (never attach to whatever runs on the
@@ -96,19 +99,39 @@ def start_ray(address: Optional[str], verbose: bool = False) -> None:
     # ours: started with SIGINT ignored (inherited across exec), they outlive the first Ctrl-C, which
     # the launcher turns into a checkpoint-and-stop.
     _SESSION["joined"] = False
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
+    with _keeping_signal_handlers():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **common)
+
+
+@contextlib.contextmanager
+def _keeping_signal_handlers():
+    """ray.init replaces the SIGTERM handler twice: with its own Python one (sys.exit), then, when the
+    core worker starts, with the C++ failure handler (it prints "*** SIGTERM received" and aborts, exit
+    134). The launcher's handlers (checkpoint and stop) are put back once Ray has started, and a SIGTERM
+    that Ray's Python handler took meanwhile (SystemExit) is handed to the launcher's as if it had come
+    a moment later. (A SIGTERM in the last moments of ray.init, after the core worker starts, still
+    meets the C++ handler: Ray offers no way to start without it.)"""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    late = False
+    try:
+        yield
+    except SystemExit as exc:
+        if exc.code != signal.SIGTERM or not callable(saved[signal.SIGTERM]):
+            raise
+        late = True
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+    if late:
+        saved[signal.SIGTERM](signal.SIGTERM, None)
 
 
 def stop_ray() -> None:
-    """Stop the private instance, or disconnect from a cluster."""
+    """Stop the private instance, or disconnect from a cluster (also after a start cut short)."""
     import ray
 
-    if ray.is_initialized():
-        ray.shutdown()
+    ray.shutdown()  # kills what this process started; harmless when nothing was
 
 
 def cluster_gpus_per_node() -> list[float]:
@@ -185,10 +208,10 @@ class RayReporter:
     runs. Console lines go through the driver's queue at once (ray.train.report would block until
     the controller polls)."""
 
-    def __init__(self, queue):
+    def __init__(self, queue, checkpoint_root: Optional[str] = None):
         import ray
 
-        self._queue = queue
+        self._queue, self._checkpoint_root = queue, checkpoint_root or "the run's checkpoint folder"
         self._where = Where(ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(),
                             socket.gethostname(), os.getpid())
 
@@ -197,12 +220,22 @@ class RayReporter:
 
         from trainer.checkpoints import dir_name
 
-        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint is not None else None
-        ray.train.report(encode(message, self._where), checkpoint=ckpt,
-                         checkpoint_dir_name=dir_name(message.step) if ckpt else None)
+        if checkpoint is None:
+            ray.train.report(encode(message, self._where))
+            return
+        # Ray copies this rank's folder into the run's storage (the output directory) inside report().
+        with writing(f"the checkpoint of step {message.step}", self._checkpoint_root):
+            ray.train.report(encode(message, self._where), checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint)),
+                             checkpoint_dir_name=dir_name(message.step))
 
-    def log(self, text):
-        self._queue.actor.put_nowait.remote(encode(LogLine(text)))
+    def log(self, text, after_training=False):
+        self._queue.actor.put_nowait.remote(encode(LogLine(text, after_training)))
+
+    def storage_failure(self, failure: StorageFailure) -> None:
+        """At once, through the queue: not through report(), whose calls every rank must pair."""
+        import ray
+
+        ray.get(self._queue.actor.put_nowait.remote(encode(failure)))
 
 
 def _worker_args(loop_config: dict):
@@ -211,7 +244,7 @@ def _worker_args(loop_config: dict):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would probe for GPUs and warn
     from trainer.loop import WorkerArgs
 
-    return from_dict(loop_config["cfg"]), WorkerArgs(**args), RayReporter(loop_config["queue"])
+    return from_dict(loop_config["cfg"]), WorkerArgs(**args), RayReporter(loop_config["queue"], args.get("checkpoint_root"))
 
 
 def _reporting_bad_input(reporter: RayReporter, body: Callable[[], object]) -> None:
@@ -226,6 +259,12 @@ def _reporting_bad_input(reporter: RayReporter, body: Callable[[], object]) -> N
     except ConfigError as err:
         reporter.report(BadInput(str(err)))
     except Exception as err:
+        refused = as_storage_error(err)
+        if refused is not None:
+            # A refused write (full disk, quota, read-only or failing storage) fails again after any
+            # restart: the driver ends the run (stopping the other ranks) and says what to free.
+            reporter.storage_failure(StorageFailure(refused.what, refused.where, refused.error))
+            return
         err.add_note(traceback.format_exc().rstrip())
         raise
 

@@ -220,55 +220,57 @@ def check_search(cfg: RunConfig, resume: bool, out: Path) -> None:
 
 def search(cfg: RunConfig, address: Optional[str], resume: bool, cache_dir: str, verbose: bool = False) -> dict:
     """Preflight, the trials, the test of the best trial, the results. Returns the run summary."""
-    from launcher import controller, ray_job
+    from launcher import controller, ray_job, run_lock
 
     started_at = time.time()
     cfg = absolute_paths(cfg)
     out = Path(cfg.output_dir)
     check_search(cfg, resume, out)
     out.mkdir(parents=True, exist_ok=True)
-    stopper = controller.Stopper(out / ".stop-request", cfg.train.stop_grace_s)
-    with stopper.installed():
-        _check_trial_plans(cfg, cache_dir)
-        plan, _ = controller.preflight(cfg, controller.Paths(out, "", None), cache_dir)
-        describe_search(cfg.tune, resume)
-        if stopper.requested:
-            return {"status": "stopped"}
-        ray_job.start_ray(address, verbose)
-        try:
-            setup = TrialSetup(to_dict(cfg), str(out), cache_dir, plan.data_dir, str(stopper.stop_file), verbose)
-            run_search(cfg, setup, resume, stopper)
-            records = collect(out)
-            write_results(out, cfg.tune, records)
-            write_hparams(out, cfg.tune, records)
-            bad = [r for r in records if r.get("bad_input")]
-            if bad:
-                raise ConfigError(bad[0]["error"].removeprefix("ConfigError: "))
-            for line in top_lines(cfg.tune, records):
-                _say(line)
-            if stopper.requested or any(r["status"] == "stopped" for r in records):
-                _say(f"search stopped: {sum(r['status'] == 'stopped' for r in records)} trial(s) to continue; "
-                     f"continue with: sft-launch <config> --tune --output {out} --resume")
+    # One launch per output directory; a refused write ends the search in one paragraph.
+    with run_lock.held(out, _say), controller.storage_faults(out):
+        stopper = controller.Stopper(out / ".stop-request", cfg.train.stop_grace_s)
+        with stopper.installed():
+            _check_trial_plans(cfg, cache_dir)
+            plan, _ = controller.preflight(cfg, controller.Paths(out, "", None), cache_dir)
+            describe_search(cfg.tune, resume)
+            if stopper.requested:
                 return {"status": "stopped"}
-            best = pick_best(cfg.tune, records)
-            best_cfg = trial_config(cfg, best["values"], str(out / "best_run"))
-            (out / "best_config.yaml").write_text(
-                f"# The best trial of the search in {out} ({best['trial']}), as a plain run config:\n"
-                f"#   sft-launch {out / 'best_config.yaml'}\n" + yaml.safe_dump(to_dict(best_cfg), sort_keys=False))
-            _say(f"best trial {best['trial']}: {values_text(best['values'])}; val {cfg.tune.metric} "
-                 f"{last(best, cfg.tune.metric):.4g} (its final evaluation); testing its final checkpoint")
-            ctl = evaluate_best(cfg, best, out, cache_dir, plan.data_dir, stopper, verbose)
-        finally:
-            ray_job.stop_ray()
-    # The summary of the best trial's run, as a plain run writes it, plus the search.
-    paths = controller.Paths(out, "", None, checkpoint_dir=trial_dir(out, best["trial"]) / "checkpoints")
-    search_summary = {"best_trial": best["trial"], "best_values": best["values"], "metric": cfg.tune.metric,
-                      "mode": cfg.tune.mode, "chosen_by": "final validation value",
-                      "trials": {r["trial"]: r["status"] for r in records},
-                      "results": str(out / "tune_results.csv"), "best_config": str(out / "best_config.yaml")}
-    trained = trial_config(cfg, best["values"], str(trial_dir(out, best["trial"])))
-    return controller.summarise(trained, paths, ctl, plan, Path(best["final_checkpoint"]), time.time() - started_at,
-                                extra={"tune": search_summary})
+            ray_job.start_ray(address, verbose)
+            try:
+                setup = TrialSetup(to_dict(cfg), str(out), cache_dir, plan.data_dir, str(stopper.stop_file), verbose)
+                run_search(cfg, setup, resume, stopper)
+                records = collect(out)
+                write_results(out, cfg.tune, records)
+                write_hparams(out, cfg.tune, records)
+                bad = [r for r in records if r.get("bad_input")]
+                if bad:
+                    raise ConfigError(bad[0]["error"].removeprefix("ConfigError: "))
+                for line in top_lines(cfg.tune, records):
+                    _say(line)
+                if stopper.requested or any(r["status"] == "stopped" for r in records):
+                    _say(f"search stopped: {sum(r['status'] == 'stopped' for r in records)} trial(s) to continue; "
+                         f"continue with: sft-launch <config> --tune --output {out} --resume")
+                    return {"status": "stopped"}
+                best = pick_best(cfg.tune, records)
+                best_cfg = trial_config(cfg, best["values"], str(out / "best_run"))
+                (out / "best_config.yaml").write_text(
+                    f"# The best trial of the search in {out} ({best['trial']}), as a plain run config:\n"
+                    f"#   sft-launch {out / 'best_config.yaml'}\n" + yaml.safe_dump(to_dict(best_cfg), sort_keys=False))
+                _say(f"best trial {best['trial']}: {values_text(best['values'])}; val {cfg.tune.metric} "
+                     f"{last(best, cfg.tune.metric):.4g} (its final evaluation); testing its final checkpoint")
+                ctl = evaluate_best(cfg, best, out, cache_dir, plan.data_dir, stopper, verbose)
+            finally:
+                ray_job.stop_ray()
+        # The summary of the best trial's run, as a plain run writes it, plus the search.
+        paths = controller.Paths(out, "", None, checkpoint_dir=trial_dir(out, best["trial"]) / "checkpoints")
+        search_summary = {"best_trial": best["trial"], "best_values": best["values"], "metric": cfg.tune.metric,
+                          "mode": cfg.tune.mode, "chosen_by": "final validation value",
+                          "trials": {r["trial"]: r["status"] for r in records},
+                          "results": str(out / "tune_results.csv"), "best_config": str(out / "best_config.yaml")}
+        trained = trial_config(cfg, best["values"], str(trial_dir(out, best["trial"])))
+        return controller.summarise(trained, paths, ctl, plan, Path(best["final_checkpoint"]), time.time() - started_at,
+                                    extra={"tune": search_summary})
 
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:

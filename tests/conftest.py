@@ -57,9 +57,13 @@ def zero2(tmp_path_factory, tokenizer_dir):
 
 @pytest.fixture(scope="session")
 def resumed(zero2, tmp_path_factory):
-    """The ZeRO-2 run again, stopped by SIGUSR1 before its first step completes (the launcher as a
-    real process, as Slurm signals it), then continued with --resume. Returns the output directory,
-    the stopped launch's console and exit code, and the resumed launch."""
+    """The ZeRO-2 run again, stopped by SIGTERM before its first step completes (the launcher as a real
+    process, as `kill`, Kubernetes or a batch system's preemption signal it; Slurm's USR1 is sent in
+    tests/slurm), then continued with --resume. While it trains, a second launch into the same output
+    directory is refused. Returns the output directory, the stopped launch's console, exit code, summary,
+    whether it tested, and the refused launch, then the resumed launch."""
+    from tests.helpers import run_cli
+
     import signal
     import subprocess
     import sys
@@ -73,10 +77,12 @@ def resumed(zero2, tmp_path_factory):
     for line in proc.stdout:
         lines.append(line)
         if "[sft] training: 2 worker(s)" in line:
-            proc.send_signal(signal.SIGUSR1)  # before step 1: the stop lands on a known step
+            # Ray has started (ray.init replaced the SIGTERM handler once); the workers are starting.
+            refused = run_cli(config, "--output", str(target))  # a second launch, same directory
+            proc.send_signal(signal.SIGTERM)  # before step 1: the stop lands on a known step
     stopped = ("".join(lines), proc.wait(timeout=600),
                json.loads((target / "run_summary.json").read_text()) if (target / "run_summary.json").exists() else {},
-               (target / "test_metrics.json").exists())
+               (target / "test_metrics.json").exists(), refused, proc.pid)
     again = launch(config, "--output", str(target), "--resume")
     assert again.returncode == 0, again.stderr[-2000:]
     return target, stopped, again

@@ -28,6 +28,9 @@ def test_console_is_quiet_by_default(zero2):
     assert "RayTrainWorker" not in proc.stdout + proc.stderr and "pid=" not in proc.stdout + proc.stderr
     assert [line.split()[2] for line in lines if line.startswith("[sft] step ")] == ["4/12", "8/12", "12/12"]
     assert proc.stderr.strip() == ""
+    # The test phase opens after the last evaluation's line (its line travels faster than the report).
+    opening = next(i for i, line in enumerate(lines) if line.startswith("[sft] test evaluation on the final"))
+    assert opening > max(i for i, line in enumerate(lines) if line.startswith("[sft] eval  step 12:"))
 
 
 def test_run_summary_records_the_run(zero2):
@@ -189,6 +192,21 @@ def test_resume_refuses_an_incompatible_or_corrupted_checkpoint(zero2, tmp_path,
     proc = run_cli(write_config(tmp_path / "c.yaml", raw), "--resume", str(ckpt))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_truncated_latest_checkpoint_names_the_previous_complete_one(zero2, tmp_path):
+    import shutil
+
+    out, config, _ = zero2
+    target = tmp_path / "copy"
+    shutil.copytree(out / "checkpoints", target / "checkpoints")
+    steps = sorted(target.rglob("step_*"))
+    assert len(steps) >= 2, steps
+    shard = steps[-1] / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[:1000])  # the latest checkpoint's write was cut short
+    proc = run_cli(config, "--output", str(target), "--resume")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"resume from the previous complete checkpoint with --resume {steps[-2]}" in proc.stderr, proc.stderr
 
 
 def _resume_elsewhere(config: Path, source: Path, target: Path, *extra: str):

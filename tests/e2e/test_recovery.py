@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -77,12 +78,107 @@ def test_killed_worker_is_replaced_and_the_run_ends_like_an_uninterrupted_one(ba
     assert [new[s] for s in range(110, 151)] == pytest.approx([old[s] for s in range(110, 151)], abs=1e-6)
 
 
-def test_sigusr1_checkpoints_and_stops_with_exit_75(resumed):
+def test_sigterm_checkpoints_and_stops_with_exit_75(resumed):
     """The stop half of the shared `resumed` run (conftest.py); tests/e2e/test_e2e.py checks that its
-    --resume finishes with the uninterrupted run's losses."""
-    _, (text, code, summary, tested), _ = resumed
+    --resume finishes with the uninterrupted run's losses. SIGTERM once aborted the launcher (exit 134:
+    ray.init had put its own handlers in place of the launcher's)."""
+    _, (text, code, summary, tested, _, _), _ = resumed
     assert code == 75, text[-3000:]
-    assert "SIGUSR1: the workers checkpoint after the current step and stop" in text
+    assert "SIGTERM: the workers checkpoint after the current step and stop" in text
+    assert "SIGTERM received" not in text  # Ray's C++ handler
     assert "stopped at step 1" in text
     assert summary["status"] == "stopped" and summary["global_step"] == 1
     assert not tested  # no test evaluation for a stopped run
+
+
+def test_a_second_launch_into_a_running_output_directory_is_refused(resumed):
+    target, (text, _, _, _, refused, pid), _ = resumed
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert refused.stderr.startswith(f"sft-launch: error: output_dir {target} is in use by another sft-launch "
+                                     f"(host {socket.gethostname()}, pid {pid}, started "), refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in text  # the running launch went on, untouched
+    assert not (target / ".sft-launch.lock").exists()  # released by the launch that held it
+
+
+def test_ctrl_c_in_preflight_stops_the_launch_with_exit_75(tmp_path, tokenizer_dir):
+    """Ctrl-C as a terminal sends it: to the launcher's whole process group, here during preflight.
+    No cluster starts, and the output directory holds nothing to resume yet."""
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, tokenizer_dir))
+    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", str(config)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            start_new_session=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "[sft] preflight:" in line:
+            os.killpg(proc.pid, signal.SIGINT)
+    text = "".join(lines)
+    assert proc.wait(timeout=300) == 75, text[-3000:]
+    assert "SIGINT: the workers checkpoint after the current step and stop" in text
+    assert "[sft] training: " not in text and "Traceback" not in text
+    assert json.loads((tmp_path / "run" / "run_summary.json").read_text())["status"] == "stopped"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs: a filesystem the test can fill (mounting needs root)."""
+    where = tmp_path / "small"
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(where)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root): the full-disk test needs a filesystem it can fill")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def fill(directory: Path) -> Path:
+    """Write a ballast file until the filesystem refuses (ENOSPC)."""
+    ballast = directory / "ballast"
+    with open(ballast, "wb") as f:
+        try:
+            while True:
+                f.write(bytes(2**16))
+                f.flush()
+        except OSError:
+            pass
+    return ballast
+
+
+def test_a_disk_that_fills_mid_run_ends_in_one_paragraph_and_resume_continues(small_disk, tmp_path, tokenizer_dir):
+    """The output directory's filesystem fills after the first checkpoint: the run ends at the next
+    refused write with one paragraph (what, where, the OS error, the checkpoint to resume from), exit 1,
+    no worker restart, nothing half-written marked complete; freed, --resume completes the run."""
+    from trainer import checkpoints
+
+    out = small_disk / "run"
+    raw = tiny_config(tmp_path, tokenizer_dir, train={"max_steps": 12, "eval_every": 2, "save_every": 2,
+                                                      "log_every": 2, "keep_last": 20},
+                      data={"cache_dir": str(tmp_path / "cache")}, output_dir=str(out))
+    config = write_config(tmp_path / "c.yaml", raw)
+    proc = popen(config)
+    lines, ballast = [], None
+    for line in proc.stdout:
+        lines.append(line)
+        if "[sft] eval  step 2:" in line and ballast is None:
+            ballast = fill(small_disk)  # the first checkpoint is complete: the controller marked it
+    text = "".join(lines)
+    assert proc.wait(timeout=600) == 1, text[-3000:]
+    failed = [line for line in lines if line.startswith("sft-launch: the run failed: ")]
+    assert len(failed) == 1 and "Traceback" not in text, text[-3000:]
+    assert "[Errno 28] No space left on device" in failed[0] and "could not write " in failed[0]
+    assert "the run stopped without restarting the workers; the latest complete checkpoint is " in failed[0]
+    assert f"--output {out} --resume" in failed[0]
+    assert "worker failure" not in text and "restart 1/" not in text  # a full disk costs no restart
+    complete = checkpoints.find_checkpoints(out / "checkpoints")
+    assert complete and all(not checkpoints.corrupted_files(p) for _, p in complete)
+    assert f"{complete[-1][1]} (step {complete[-1][0]})" in failed[0]
+    assert complete[-1][0] < 12 and not (out / "final_model").exists()
+
+    ballast.unlink()
+    again = launch(config, "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["global_step"] == 12 and summary["resumed_from"] == str(complete[-1][1])
+    assert (out / "final_model" / "model.safetensors").exists()

@@ -45,6 +45,28 @@ def tokenizer_without_template(tmp, tok):
     return str(tmp / "plain-tok")
 
 
+# Renders the last turn first: appending a turn changes what came before it.
+SHUFFLING_TEMPLATE = ("{% for m in messages|reverse %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                      "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tokenizer_with_template(tmp, tok, template):
+    from transformers import AutoTokenizer
+
+    t = AutoTokenizer.from_pretrained(tok)
+    t.chat_template = template
+    t.save_pretrained(tmp / "odd-tok")
+    return str(tmp / "odd-tok")
+
+
+def chats(tmp):
+    return jsonl(tmp / "chats.jsonl", [{"messages": [{"role": "user", "content": r["prompt"]},
+                                                     {"role": "assistant", "content": r["response"]},
+                                                     {"role": "user", "content": "again"},
+                                                     {"role": "assistant", "content": r["response"]}]}
+                                       for r in sft_rows()])
+
+
 def checkpoint_of_another_model(tmp):
     path = tmp / "other" / "step_0000004"
     (path / "ds").mkdir(parents=True)
@@ -232,6 +254,14 @@ CASES = {
                                    r"tune.metric is 'f1', but model.task 'causal_lm' reports loss, perplexity"),
     "tune_bad_range": (lambda tmp, tok: (tune(tmp, tok, {"optim.lr": {"loguniform": [1e-3, 1e-5]}}), ["--tune"]),
                        r"tune.space.optim.lr: loguniform takes \[low, high\] \(low > 0\) with low < high"),
+    # A chat column with a tokenizer that cannot render chats, and a template that re-renders earlier
+    # turns: the settings' fault, said once (not a row error per row, which once raised a TypeError).
+    "messages_without_a_chat_template": (lambda tmp, tok: tiny_config(tmp, tok, model={
+        "tokenizer": tokenizer_without_template(tmp, tok)}, data={"train_file": chats(tmp)}),
+        r"the tokenizer has no chat template \(data.template: auto\), but the data has a 'messages' chat column"),
+    "chat_template_that_is_not_a_growing_prefix": (lambda tmp, tok: tiny_config(tmp, tok, model={
+        "tokenizer": tokenizer_with_template(tmp, tok, SHUFFLING_TEMPLATE)}, data={"train_file": chats(tmp)}),
+        r"data.template: the chat template does not render a conversation as a growing prefix"),
     "tune_without_a_tune_section": (lambda tmp, tok: (tiny_config(tmp, tok), ["--tune"]),
                                     r"--tune needs a tune: section in the config"),
 }

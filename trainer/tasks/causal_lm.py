@@ -58,8 +58,10 @@ def render(record: dict, kind: str, d: DataConfig, tokenizer, chat: bool) -> tup
         if not any(m.get("role") == "assistant" for m in messages):
             raise ValueError(d.messages_column, "the conversation has no assistant message to learn")
         if not chat:
-            raise ConfigError(f"data.template is 'plain' but the data has a '{d.messages_column}' chat column; "
-                              f"chats need a tokenizer with a chat template (data.template: auto or chat)")
+            why = ("data.template is 'plain'" if d.template == "plain" else
+                   "the tokenizer has no chat template (data.template: auto)")
+            raise ConfigError(f"{why}, but the data has a '{d.messages_column}' chat column: chats need a tokenizer "
+                              f"with a chat template (model.tokenizer, and data.template: auto or chat)")
     else:
         prompt, response = record[d.prompt_column], record[d.response_column]
         for col, value in ((d.prompt_column, prompt), (d.response_column, response)):
@@ -98,6 +100,8 @@ def prepare(split, cfg: RunConfig, tokenizer, labels: list[str], scratch=None) -
             try:
                 text, found = render({k: v[i] for k, v in batch.items()}, kind, d, tokenizer, chat)
                 drop = ""
+            except ConfigError:
+                raise  # the settings, not this row (a ConfigError is a ValueError too)
             except ValueError as err:
                 text, found, drop = "", [], bad(*err.args)
             texts.append(text)
