@@ -37,4 +37,4 @@ for missing in ray deepspeed datasets gguf; do
 done
 [ -d bench/gpu/carry/wheels ] || bash bench/gpu/fetch.sh
 PY="$VENV/bin/python" SITE="$VENV/carried" bash bench/gpu/run.sh --device cpu --steps 2 --layers 2 \
-  --micro-batch 2 --max-length 128 --rows 300 --threads 2 "$@"
+  --micro-batch 2 --max-length 128 --rows 300 --threads 2 --budget 1500 --case-timeout 300 "$@"

@@ -15,5 +15,6 @@ if [ ! -d "$CARRY/wheels" ]; then
   echo "no $CARRY/wheels: run bench/gpu/fetch.sh on a machine with PyPI, and carry $CARRY" >&2; exit 2
 fi
 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$CARRY"/wheels/*.whl
-export PYTHONPATH="$SITE:$PWD" PYTHONUNBUFFERED=1
+# Nothing can be fetched there: no library should try (a lookup that waits on the network costs minutes).
+export PYTHONPATH="$SITE:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 exec $PY bench/gpu/check.py --carry "$CARRY" "$@"
