@@ -247,11 +247,13 @@ def _worker_args(loop_config: dict):
     return from_dict(loop_config["cfg"]), WorkerArgs(**args), RayReporter(loop_config["queue"], args.get("checkpoint_root"))
 
 
-def _reporting_bad_input(reporter: RayReporter, body: Callable[[], object]) -> None:
+def _reporting_user_faults(reporter: RayReporter, body: Callable[[], object]) -> None:
     """Bad input found in a worker (a bad row past the preflight sample, say) is the user's to fix:
     report it and end normally, rather than raise and have Ray restart the group for nothing. Every
-    rank prepares the same data, so every rank reports it at the same point. Any other error goes to
-    Ray with its traceback as a note: Ray Train 2.60 hands its callbacks the bare exception."""
+    rank prepares the same data, so every rank reports it at the same point. A write the storage
+    refused is the user's too (trainer/storage.py): the rank that met it says so through the queue at
+    once, and the driver ends the run. Any other error goes to Ray with its traceback as a note: Ray
+    Train 2.60 hands its callbacks the bare exception."""
     import traceback
 
     try:
@@ -280,9 +282,9 @@ def train_worker(loop_config: dict) -> None:
     latest = ray.train.get_checkpoint()  # set when Ray restarted the worker group mid-run
     if latest is not None:
         with latest.as_directory() as d:
-            _reporting_bad_input(reporter, lambda: loop.fine_tune(cfg, reporter, dataclasses.replace(args, restart_from=d)))
+            _reporting_user_faults(reporter, lambda: loop.fine_tune(cfg, reporter, dataclasses.replace(args, restart_from=d)))
     else:
-        _reporting_bad_input(reporter, lambda: loop.fine_tune(cfg, reporter, args))
+        _reporting_user_faults(reporter, lambda: loop.fine_tune(cfg, reporter, args))
 
 
 def test_worker(loop_config: dict) -> None:
@@ -290,7 +292,7 @@ def test_worker(loop_config: dict) -> None:
     from trainer import loop
 
     cfg, args, reporter = _worker_args(loop_config)
-    _reporting_bad_input(reporter, lambda: loop.run_test(cfg, reporter, args))
+    _reporting_user_faults(reporter, lambda: loop.run_test(cfg, reporter, args))
 
 
 # ---------------------------------------------------------------- driver side
