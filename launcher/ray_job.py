@@ -41,8 +41,6 @@ RAY_ENV = {
 WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-# Whether this process joined a cluster it did not start (--address, RAY_ADDRESS): see fit().
-_SESSION = {"joined": False}
 TEARDOWN_WAIT_S = 60.0
 
 
@@ -91,14 +89,12 @@ def start_ray(address: Optional[str], verbose: bool = False) -> None:
         node_ip = {"_node_ip_address": os.environ["SFT_NODE_IP"]} if os.environ.get("SFT_NODE_IP") else {}
         with _keeping_signal_handlers():
             ray.init(address=address, **node_ip, **common)
-        _SESSION["joined"] = True
         return
     # The embedded default: a fresh instance for this run only (never attach to whatever runs on the
     # host), token authentication on, nodes addressed on 127.0.0.1, no dashboard.
     # Ctrl-C in a terminal reaches the whole process group, and Ray's daemons (GCS, raylet) are in
     # ours: started with SIGINT ignored (inherited across exec), they outlive the first Ctrl-C, which
     # the launcher turns into a checkpoint-and-stop.
-    _SESSION["joined"] = False
     with _keeping_signal_handlers():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **common)
@@ -417,12 +413,12 @@ def fit(cfg: RunConfig, worker: Callable, args: dict, storage: Path, name: str,
             raise Aborted(reason)
         thread.join(timeout=0.01)
     drain(0)
-    if thread.is_alive() and _SESSION["joined"]:
-        # On a cluster this process only joined, stop_ray() disconnects while Ray Train's fit() may still
-        # be blocked in Ray calls in this daemon thread; the freed core worker then crashed the process at
-        # exit (SIGSEGV after the results were printed, once in the two-node test; ray#31145). Let Ray
-        # Train's own teardown of the worker group end first (~1 s on the two-node test). A private
-        # instance is stopped whole, and the launcher does not wait there.
+    if thread.is_alive():
+        # stop_ray() frees the driver's core worker while Ray Train's fit() may still be blocked in Ray
+        # calls in this daemon thread; the process then crashed: SIGSEGV at exit on a joined cluster
+        # (the two-node test), SIGABRT seconds later in a process that goes on after an in-process
+        # launch (a CI run of the test suite); ray#31145. Let Ray Train's own teardown of the worker
+        # group end first (~1 s).
         thread.join(timeout=TEARDOWN_WAIT_S)
     if "error" in outcome:
         inner = _unwrap(outcome["error"])
