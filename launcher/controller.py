@@ -1,9 +1,10 @@
 """The controller: runs a job from preflight to the final summary, on the driver.
 
 It receives validation metrics while training runs (one printed line per evaluation), tracks the
-best, prunes checkpoints (last keep_last + best), then runs the test evaluation on the final sharded
-checkpoint in a fresh worker group and writes test_metrics.json, run_summary.json, TensorBoard test
-scalars and the exported model. Never imports deepspeed.
+best, prunes checkpoints (last keep_last + best) and writes every metric of the run to its tracker
+(launcher/tracking.py); the same workers then run the test evaluation on the final sharded checkpoint
+(trainer/loop.py fine_tune) and export the model, and it writes test_metrics.json and run_summary.json.
+Never imports deepspeed.
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from typing import Optional
 
 from trainer import checkpoints, early_stopping
 from trainer.config import ConfigError, RunConfig, to_dict
-from trainer.messages import BadInput, LogLine, Received, StorageFailure, TestResult, TrainReport, WorkerFailure
+from launcher.tracking import Tracker
+from trainer.messages import (BadInput, LogLine, Received, StepMetrics, StorageFailure, TestResult, TrainReport,
+                              WorkerFailure)
 from trainer.storage import StorageError, writing
 
 def _say(text: str) -> None:
@@ -156,13 +159,37 @@ class Controller:
     last_step: int = 0  # the last step the workers reported
     failed_at: Optional[int] = None  # last_step when the last failure came
     held: list = field(default_factory=list)  # LogLines waiting for the last training report
+    tracker: Optional[Tracker] = None  # the run's one writer of metrics (launcher/tracking.py)
+    tracked_step: int = 0  # the last step whose metrics went to the tracker
 
     @property
     def failure_log(self) -> Path:
         return self.out / "logs" / "worker_failures.log"
 
+    def start_from(self, step: int) -> None:
+        """The launch goes on from a checkpoint of `step`: what an earlier launch tracked past it goes."""
+        self.tracked_step = step
+        if self.tracker is not None and step:
+            self.tracker.rewind(step)
+
+    def track(self, metrics: StepMetrics) -> None:
+        if self.tracker is None:
+            return
+        if metrics.step <= self.tracked_step:  # a restarted group replays the steps after its checkpoint
+            self.tracker.rewind(metrics.step - 1)
+        self.tracked_step = metrics.step
+        self.tracker.scalars(metrics.scalars, metrics.step)
+        for tag, markdown in metrics.texts.items():
+            self.tracker.text(tag, markdown, metrics.step)
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+
     def receive(self, item) -> None:
-        if isinstance(item, LogLine):
+        if isinstance(item, StepMetrics):
+            self.track(item)
+        elif isinstance(item, LogLine):
             if item.after_training and not self.trained:
                 self.held.append(item.text)
             else:
@@ -191,6 +218,8 @@ class Controller:
             entry = {"step": report.step, **report.validation}
             # After a restart the steps past the checkpoint run again: keep one entry per step.
             self.history = [h for h in self.history if h["step"] != entry["step"]] + [entry]
+            if self.tracker is not None:
+                self.tracker.scalars({f"val/{k}": v for k, v in report.validation.items()}, report.step)
             metric, mode = early_stopping.selection(self.cfg)
             score = early_stopping.score(entry, metric, mode)
             if score is not None and (self.best is None or score < early_stopping.score(self.best, metric, mode)):
@@ -330,15 +359,10 @@ def write_json(path: Path, data: dict) -> None:
         tmp.replace(path)
 
 
-def _tensorboard_test(out: Path, step: int, before: dict, after: dict) -> None:
-    """test/<metric> at the final step; test_before/<metric> beside it for comparison."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    with writing("the TensorBoard test scalars", out / "tensorboard"), SummaryWriter(str(out / "tensorboard")) as writer:
-        for prefix, metrics in (("test", after), ("test_before", before)):
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and k not in ("tokens", "examples"):
-                    writer.add_scalar(f"{prefix}/{k}", v, step)
+def test_scalars(before: dict, after: dict) -> dict[str, float]:
+    """test/<metric> (from the tested checkpoint) and test_before/<metric> beside it, for comparison."""
+    return {f"{prefix}/{k}": v for prefix, metrics in (("test", after), ("test_before", before))
+            for k, v in metrics.items() if isinstance(v, (int, float)) and k not in ("tokens", "examples")}
 
 
 @dataclass(frozen=True)
@@ -358,6 +382,7 @@ def launch(cfg: RunConfig, address: Optional[str], resume: Optional[str], cache_
            verbose: bool = False) -> dict:
     """Preflight, train and test (one worker group), summarise. Returns the run summary."""
     from launcher import ray_job, run_lock
+    from launcher.tracking import open_tracker
 
     started_at = time.time()
     out = Path(cfg.output_dir).resolve()
@@ -370,18 +395,24 @@ def launch(cfg: RunConfig, address: Optional[str], resume: Optional[str], cache_
         resume_from = resolve_resume(out, resume)
         guard_output(out, resuming=resume is not None)
         paths = Paths(out, f"attempt-{_next_attempt(out / 'checkpoints')}", resume_from)
-        ctl = Controller(cfg, out, protected={resume_from} if resume_from else set())
-        plan, universal = preflight(cfg, paths, cache_dir)
-        if not stopper.requested:
-            try:
-                ray_job.start_ray(address, verbose)  # keeps the launcher's signal handlers
-                if not stopper.requested:
-                    train_and_test(cfg, paths, ctl, stopper, cache_dir, plan.data_dir, universal, verbose)
-            finally:
-                ray_job.stop_ray()
-            if ctl.test is None and not stopper.requested:
-                raise ray_job.LaunchError("the worker group ended without a test result")
-        return summarise(cfg, paths, ctl, plan, final_checkpoint(paths), time.time() - started_at)
+        ctl = Controller(cfg, out, protected={resume_from} if resume_from else set(),
+                         tracker=open_tracker(out / "tensorboard"))
+        try:
+            plan, universal = preflight(cfg, paths, cache_dir)
+            if resume_from:
+                ctl.start_from(checkpoints.read_state(resume_from).step)
+            if not stopper.requested:
+                try:
+                    ray_job.start_ray(address, verbose)  # keeps the launcher's signal handlers
+                    if not stopper.requested:
+                        train_and_test(cfg, paths, ctl, stopper, cache_dir, plan.data_dir, universal, verbose)
+                finally:
+                    ray_job.stop_ray()
+                if ctl.test is None and not stopper.requested:
+                    raise ray_job.LaunchError("the worker group ended without a test result")
+            return summarise(cfg, paths, ctl, plan, final_checkpoint(paths), time.time() - started_at)
+        finally:
+            ctl.close()
 
 
 class StorageFailed(Exception):
@@ -442,7 +473,7 @@ def train_and_test(cfg: RunConfig, paths: Paths, ctl: Controller, stopper: Stopp
 
     paths.checkpoints.mkdir(parents=True, exist_ok=True)
     _say(f"training: {cfg.scaling.world_size} worker(s), checkpoints in {paths.checkpoints / paths.attempt}")
-    args = {"cache_dir": cache_dir, "data_dir": data_dir, "tensorboard_dir": str(paths.out / "tensorboard"),
+    args = {"cache_dir": cache_dir, "data_dir": data_dir,
             "resume_from": str(paths.resume_from) if paths.resume_from else None,
             "stop_file": str(stopper.stop_file), "universal": universal, "verbose": verbose,
             "checkpoint_root": str(paths.checkpoints / paths.attempt),
@@ -505,7 +536,8 @@ def summarise(cfg: RunConfig, paths: Paths, ctl: Controller, plan, final: Option
         tested, step = ctl.test.checkpoint or str(final), ctl.test.step
         write_json(paths.out / "test_metrics.json", {"before": before, "after": after, "step": step,
                                                       "checkpoint": tested, "checkpoint_choice": cfg.test.checkpoint})
-        _tensorboard_test(paths.out, step, before, after)
+        if ctl.tracker is not None:
+            ctl.tracker.scalars(test_scalars(before, after), step)
         summary.update(test={"before": before, "after": after}, final_model=str(paths.out / "final_model"),
                        tensorboard=str(paths.out / "tensorboard"))
     write_json(paths.out / "run_summary.json", summary)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from trainer.config import ConfigError, RunConfig
+from trainer.zero3_generation import HEADROOM
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,7 @@ def describe(plan: Plan, cfg: RunConfig) -> str:
         f"deepspeed: ZeRO stage {cfg.deepspeed.zero_stage}, precision {cfg.deepspeed.precision}, "
         f"offload {cfg.deepspeed.offload}",
         memory_line(plan, cfg),
-    ] + generation_lines(cfg) \
+    ] + generation_lines(cfg, plan.total) \
       + [f"training mix: {Path(path).name} {n:,} rows, weight {w:g}: {share:.1%} of each epoch's draws"
          for path, w, n, share in plan.sources]
       + ([f"early stopping: validation {e.metric} ({e.mode}), patience {e.patience} evaluation(s), min_delta "
@@ -199,12 +200,25 @@ def describe(plan: Plan, cfg: RunConfig) -> str:
           f"{' ...' if len(plan.labels) > 12 else ''}"] if plan.labels else []))
 
 
-def generation_lines(cfg: RunConfig) -> list[str]:
-    """What eval.generate will answer (it adds to every evaluation and to the test evaluation)."""
+def generation_lines(cfg: RunConfig, total_params: int = 0) -> list[str]:
+    """What eval.generate will answer (it adds to every evaluation and to the test evaluation), and,
+    under ZeRO-3, how: the whole model gathered per pass, or synced per token (trainer/zero3_generation.py)."""
     g, n = cfg.eval.generate, cfg.generate_examples
     parts = ([f"{n} validation prompts at each evaluation"] if n else []) + \
         (["every test prompt before and after fine-tuning"] if cfg.generates_test else [])
     if not parts:
         return []
-    return [f"generation: {' and '.join(parts)}; up to {g.max_new_tokens} new tokens, "
-            f"{'sampled' if g.do_sample else 'greedy'}"]
+    lines = [f"generation: {' and '.join(parts)}; up to {g.max_new_tokens} new tokens, "
+             f"{'sampled' if g.do_sample else 'greedy'}"]
+    if cfg.deepspeed.zero_stage == 3:
+        precision = cfg.deepspeed.precision
+        width = 2 if precision in ("bf16", "fp16") else 4
+        size = f"{width * total_params / 2**30:.2f} GiB in {'fp32' if width == 4 else precision}" + \
+            (" on CPU workers, half that in bf16 on GPUs" if precision == "auto" else "")
+        ways = {"gathered": f"the whole model ({size}) gathered on each worker for each pass",
+                "synced": "synced: every new token all-gathers every weight (no extra memory, slow)",
+                "auto": f"the whole model ({size}) gathered on each worker for each pass where "
+                        f"{HEADROOM:g}x that fits every worker's free memory, else synced (every new token "
+                        f"all-gathers every weight: slow)"}
+        lines.append(f"generation under ZeRO-3 (eval.generate.zero3: {g.zero3}): {ways[g.zero3]}")
+    return lines

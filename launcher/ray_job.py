@@ -201,8 +201,8 @@ def placement(cfg: RunConfig, node_ids: list[str]) -> dict:
 
 class RayReporter:
     """trainer.report.Reporter over ray.train.report; messages travel as dicts with where the rank
-    runs. Console lines go through the driver's queue at once (ray.train.report would block until
-    the controller polls)."""
+    runs. Console lines and step metrics go through the driver's queue at once (ray.train.report
+    would block until the controller polls)."""
 
     def __init__(self, queue, checkpoint_root: Optional[str] = None):
         import ray
@@ -226,6 +226,9 @@ class RayReporter:
 
     def log(self, text, after_training=False):
         self._queue.actor.put_nowait.remote(encode(LogLine(text, after_training)))
+
+    def track(self, metrics):
+        self._queue.actor.put_nowait.remote(encode(metrics))
 
     def storage_failure(self, failure: StorageFailure) -> None:
         """At once, through the queue: not through report(), whose calls every rank must pair."""

@@ -19,6 +19,7 @@ from typing import Optional
 
 import yaml
 
+from launcher.tracking import open_tracker
 from launcher.tune_results import (EXPERIMENT, TRIALS, collect, last, pick_best, read_record, top_lines,
                                    trial_dir, trial_line, trial_status, values_text, write_hparams, write_record,
                                    write_results)
@@ -80,7 +81,11 @@ def run_trial(values: dict, setup: TrialSetup) -> None:
     if any(k.split(".")[0] in ("data", "model") for k in values):
         data_dir = _prepare(cfg, setup.cache_dir, base)
     paths = controller.Paths(out, f"attempt-{controller._next_attempt(out / 'checkpoints')}", resume_from)
-    ctl = controller.Controller(cfg, out, protected={resume_from} if resume_from else set())
+    # The trial's own run (a child of the search), written by this trial's controller.
+    ctl = controller.Controller(cfg, out, protected={resume_from} if resume_from else set(),
+                                tracker=open_tracker(out / "tensorboard"))
+    if resume_from:
+        ctl.start_from(checkpoints.read_state(resume_from).step)
     started, spent = time.time(), float(previous.get("wall_s", 0.0))
     record = {"trial": trial_id, "values": values, "status": "running", "steps": 0, "wall_s": spent,
               "history": previous.get("history", [])}
@@ -104,7 +109,7 @@ def run_trial(values: dict, setup: TrialSetup) -> None:
         if Path(setup.stop_file).exists() and not stop.exists():
             stop.write_text("stop requested\n")
 
-    args = {"cache_dir": setup.cache_dir, "data_dir": data_dir, "tensorboard_dir": str(out / "tensorboard"),
+    args = {"cache_dir": setup.cache_dir, "data_dir": data_dir,
             "resume_from": str(resume_from) if resume_from else None, "stop_file": str(stop),
             "universal": False, "verbose": setup.verbose, "checkpoint_root": str(paths.checkpoints / paths.attempt),
             "generations_dir": str(out / "generations"), "test_after": False}
@@ -119,6 +124,8 @@ def run_trial(values: dict, setup: TrialSetup) -> None:
             write_record(out, {**record, "status": "failed", "error": f"{type(err).__name__}: {err}",
                                "bad_input": isinstance(err, ConfigError)})
         raise
+    finally:
+        ctl.close()
     final = checkpoints.find_checkpoints(paths.checkpoints)
     by_asha = ctl.stopped and stop.exists() and stop.read_text().startswith(ASHA_STOP)
     record.update(status="stopped early" if by_asha else "stopped" if ctl.stopped else "completed",
@@ -269,8 +276,11 @@ def search(cfg: RunConfig, address: Optional[str], resume: bool, cache_dir: str,
                           "trials": {r["trial"]: r["status"] for r in records},
                           "results": str(out / "tune_results.csv"), "best_config": str(out / "best_config.yaml")}
         trained = trial_config(cfg, best["values"], str(trial_dir(out, best["trial"])))
-        return controller.summarise(trained, paths, ctl, plan, Path(best["final_checkpoint"]), time.time() - started_at,
-                                    extra={"tune": search_summary})
+        try:
+            return controller.summarise(trained, paths, ctl, plan, Path(best["final_checkpoint"]),
+                                        time.time() - started_at, extra={"tune": search_summary})
+        finally:
+            ctl.close()
 
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:
@@ -325,7 +335,7 @@ def run_search(cfg: RunConfig, setup: TrialSetup, resume: bool, stopper) -> None
     limit = tune.max_concurrent_trials or concurrency(cfg, ray.cluster_resources(), gpus)
     # The trial function needs no CPU of its own (its workers hold the CPUs, through ScalingConfig), but
     # Tune places nothing that asks for nothing: it asks for one byte of Ray's memory resource.
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(_trial_fn, setup=setup), {"CPU": 0, "memory": 1})
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, setup=setup), {"CPU": 0, "memory": 1})
     experiment = Path(setup.out) / EXPERIMENT
     callbacks = [_trial_lines(Path(setup.out), tune)]
     if resume:
@@ -360,10 +370,6 @@ def run_search(cfg: RunConfig, setup: TrialSetup, resume: bool, stopper) -> None
         raise ray_job.LaunchError(f"the search failed: {ray_job._describe(outcome['error'])}") from outcome["error"]
 
 
-def _trial_fn(config: dict, setup: TrialSetup) -> None:
-    run_trial(config, setup)
-
-
 def _trial_lines(out: Path, tune: TuneConfig):
     """A Tune callback on the driver: one console line per trial that ended."""
     from ray.tune import Callback
@@ -386,7 +392,7 @@ def evaluate_best(cfg: RunConfig, best: dict, out: Path, cache_dir: str, data_di
     best_cfg = trial_config(cfg, best["values"], str(out))
     if any(k.split(".")[0] in ("data", "model") for k in best["values"]):
         data_dir = _prepare(best_cfg, cache_dir, cfg)
-    ctl = controller.Controller(best_cfg, out)
+    ctl = controller.Controller(best_cfg, out, tracker=open_tracker(out / "tensorboard"))  # the search's run
     tested = best["final_checkpoint"]
     if best_cfg.test.checkpoint == "best":  # the trial's best checkpoint by validation, as in a plain run
         from trainer.early_stopping import selection

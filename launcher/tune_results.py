@@ -109,13 +109,16 @@ def write_results(out: Path, tune: TuneConfig, records: list[dict]) -> Path:
 
 
 def write_hparams(out: Path, tune: TuneConfig, records: list[dict]) -> None:
-    """TensorBoard HParams beside each trial's scalars: `tensorboard --logdir <output_dir>` compares them."""
-    from torch.utils.tensorboard import SummaryWriter
+    """Each trial's searched values beside its final metric, in the trial's run (TensorBoard HParams:
+    `tensorboard --logdir <output_dir>` compares them)."""
+    from launcher.tracking import open_tracker
 
     for r in records:
         values = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in r["values"].items()}
         final = last(r, tune.metric)
-        with SummaryWriter(str(trial_dir(out, r["trial"]) / "tensorboard")) as writer:
-            writer.add_hparams({**values, "status": r["status"]},
-                               {f"hparam/val_{tune.metric}": final if not math.isnan(final) else float("inf")},
-                               run_name="hparams")
+        tracker = open_tracker(trial_dir(out, r["trial"]) / "tensorboard")
+        try:
+            tracker.hparams({**values, "status": r["status"]},
+                            {f"hparam/val_{tune.metric}": final if not math.isnan(final) else float("inf")})
+        finally:
+            tracker.close()

@@ -231,6 +231,9 @@ class ExportConfig:
 GENERATE_EXAMPLES = 8
 
 
+ZERO3_GENERATION = ("auto", "gathered", "synced")
+
+
 @dataclass(frozen=True)
 class GenerateConfig:
     """Answers generated with the current weights: at every evaluation for the first validation
@@ -243,8 +246,14 @@ class GenerateConfig:
     test: Optional[bool] = None
     max_new_tokens: int = 128
     do_sample: bool = False  # False: greedy decoding
+    # ZeRO-3 only (trainer/zero3_generation.py): "gathered" lifts ZeRO-3's hooks and generates on the
+    # whole model (once more in memory per worker, for the pass); "synced" all-gathers every weight for
+    # every new token (no extra memory, slow); "auto": gathered where it fits every worker's free memory.
+    zero3: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.zero3 not in ZERO3_GENERATION:
+            raise ValueError(f"eval.generate.zero3 must be one of {', '.join(ZERO3_GENERATION)}, got {self.zero3!r}")
         if self.num_examples is not None and self.num_examples < 0:
             raise ValueError(f"eval.generate.num_examples must be >= 0 (0 turns it off), got {self.num_examples}")
         if self.max_new_tokens < 1:

@@ -51,13 +51,6 @@ class Split:
     def columns(self) -> list[str]:
         return list(self.table.column_names)
 
-    def row(self, i: int) -> int:
-        """The source row (0-based) of record i."""
-        return int(self.rows[i]) if self.rows is not None else i
-
-    def where(self, i: int) -> str:
-        return describe_row(self.source, self.row(i))
-
     def values(self, column: str, batch_size: int = 10_000) -> Iterator[Any]:
         """Every value of one column, read a batch at a time."""
         for batch in self.table.select_columns([column]).iter(batch_size=batch_size):

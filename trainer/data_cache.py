@@ -25,7 +25,6 @@ from trainer.config import ConfigError, RunConfig
 from trainer.tasks.common import Prepared
 from trainer.tasks.registry import TASKS, get_task
 
-SPLITS = ("train", "validation", "test")
 META = "prepared.json"  # written last: a folder without it is not a cache
 VERSION = 1
 # data.* keys that do not change a prepared example.

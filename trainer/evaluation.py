@@ -23,6 +23,7 @@ class Shard:
     batch_size: int
     device: Any
     generate: Optional[Callable[..., Any]] = None  # generator(model, ...): answers, every rank together
+    model: Any = None  # the engine, for a task's own evaluation (see Task.evaluate)
 
     def chunks(self, n: int) -> Iterator[list[int]]:
         """This rank's positions of 0..n-1, a batch at a time. Every rank gets the same number of
@@ -67,17 +68,25 @@ class Shard:
 
 def generator(model, synced: bool) -> Callable[..., Any]:
     """`model.generate(input_ids, attention_mask, max_new_tokens, **settings)` as every rank calls it
-    together. `synced`: ZeRO-3 with several ranks gathers the weights in each forward pass, so a rank
-    whose answers ended keeps stepping until every rank's have (synced_gpus; without it the run hangs,
-    transformers#20130). The key/value cache, off for training, is on for generation. New tokens stop
-    at the model's position limit (GPT-2's learned positions would overflow), and at any end-of-sequence
-    id of the caller's or of the model's generation config (a chat model's end of turn)."""
+    together. `synced`: ZeRO-3 with several ranks gathers the weights in each forward pass (unless
+    trainer/zero3_generation.py gathered them for the pass), so a rank whose answers ended keeps
+    stepping until every rank's have (synced_gpus; without it the run hangs, transformers#20130). The
+    key/value cache, off for training, is on for generation. New tokens stop at the model's position
+    limit (GPT-2's learned positions would overflow), and at any end-of-sequence id of the caller's or
+    of the model's generation config (a chat model's end of turn). Synced ranks share one budget, set
+    by the widest prompt batch of any rank: a rank that keeps stepping for the others never passes
+    the limit (each rank's batch has its own width)."""
     def generate(input_ids, attention_mask, max_new_tokens: int, **settings):
         import torch
 
         limit = getattr(model.config, "max_position_embeddings", None)
         if limit:
-            max_new_tokens = max(1, min(max_new_tokens, limit - input_ids.shape[1]))
+            width = torch.tensor([input_ids.shape[1]], dtype=torch.int64, device=input_ids.device)
+            if synced:
+                import torch.distributed as dist
+
+                dist.all_reduce(width, op=dist.ReduceOp.MAX)
+            max_new_tokens = max(1, min(max_new_tokens, limit - int(width.item())))
         config = getattr(model, "generation_config", None)
         settings["eos_token_id"] = stop_ids(settings.get("eos_token_id"), getattr(config, "eos_token_id", None)) or None
         with torch.no_grad():

@@ -15,9 +15,10 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 from trainer import checkpoints, data_cache, early_stopping, mixing
 from trainer.checkpoints import TrainState
@@ -27,14 +28,15 @@ from trainer.ds_config import deepspeed_config, resolve_precision
 from trainer.evaluation import Shard, generator
 from trainer.generation import before_after, markdown_table, text_metrics, write_jsonl
 from trainer.lora import trainable_model
-from trainer.messages import TestResult, TrainReport
+from trainer.messages import StepMetrics, TestResult, TrainReport
 from trainer.model import (build_model, full_shape, load_processor, model_config, partitioned_build, prepare_pretrained,
                            share_fp32_partitions)
-from trainer.report import Reporter
+from trainer.report import Phases, Reporter
 from trainer.splits import total_steps
 from trainer.storage import writing
 from trainer.tasks.common import Prepared
 from trainer.tasks.registry import Task, get_task
+from trainer.zero3_generation import GenerationWeights, generation_weights
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,6 @@ class WorkerArgs:
     """What a worker needs beyond the config: where things are, and where to start from."""
     cache_dir: str
     data_dir: Optional[str] = None  # the prepared data (trainer/data_cache.py); None: prepare in memory
-    tensorboard_dir: Optional[str] = None
     resume_from: Optional[str] = None  # a checkpoint folder chosen by --resume
     restart_from: Optional[str] = None  # the orchestrator's latest checkpoint after a worker restart
     export_dir: Optional[str] = None  # run_test: where rank 0 writes the consolidated model
@@ -73,6 +74,10 @@ class Setup:
     trainable_digest: str
     universal: bool  # the resume checkpoint is read in DeepSpeed's universal format
     precision: str  # fp32, bf16 or fp16: what the engine trains in
+    # () -> a context around an evaluation or generation pass: under ZeRO-3 the whole model gathered
+    # for it, or synced (trainer/zero3_generation.py); other stages hold the whole model already.
+    whole_model: Callable[[], ContextManager[GenerationWeights]]
+    generation: Optional[GenerationWeights] = None  # how the last generation pass ran
 
 
 def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: Reporter) -> Setup:
@@ -140,31 +145,40 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: R
                                       config=ds_config)
     share_fp32_partitions(engine)  # ZeRO-3 in fp32: no second copy of the weights' partition
     shard = Shard(lambda batch: engine(**batch).logits, task.collator(processor), rank, world,
-                  cfg.train.micro_batch_size, device,
-                  generator(engine.module, synced=cfg.deepspeed.zero_stage == 3 and world > 1))
+                  cfg.train.micro_batch_size, device, model=engine)
+    whole_model = partial(generation_weights, engine, cfg.eval.generate.zero3, cfg.deepspeed.zero_stage, world, device)
     return Setup(task, engine, processor, shard, data, labels, steps, rank, world,
-                 checkpoints.model_identity(cfg.model), checkpoints.trainable_digest(trainable), universal, precision)
+                 checkpoints.model_identity(cfg.model), checkpoints.trainable_digest(trainable), universal, precision,
+                 whole_model)
 
 
 def evaluate_split(s: Setup, split: str) -> tuple[dict, list[dict]]:
     """Metrics of the engine's current weights on a split (each example counted once across ranks),
-    and the per-example predictions of tasks that have them."""
+    and the per-example predictions of tasks that have them. Under ZeRO-3 on the whole model gathered
+    where eval.generate.zero3 allows (no all-gather per forward pass)."""
     s.engine.eval()
     try:
-        return s.task.evaluate(s.shard, s.data[split], s.labels)
+        with s.whole_model():
+            return s.task.evaluate(s.shard, s.data[split], s.labels)
     finally:
         s.engine.train()
 
 
-def generate_split(s: Setup, cfg: RunConfig, split: str, count: int) -> list[dict]:
+def generate_split(s: Setup, cfg: RunConfig, split: str, count: int, reporter: Reporter) -> list[dict]:
     """Answers to the first `count` prompts of a split with the engine's current weights (every rank
-    together; each example once), by id; [] when count is 0."""
+    together; each example once), by id; [] when count is 0. Under ZeRO-3 the pass runs on the whole
+    model gathered, or synced (trainer/zero3_generation.py); rank 0 says which when it changes."""
     count = min(count, len(s.data[split]))
     if not count:
         return []
     s.engine.eval()
     try:
-        return s.task.generate(s.shard, s.data[split], s.processor, count, cfg.eval.generate)
+        with s.whole_model() as way:
+            if s.rank == 0 and cfg.deepspeed.zero_stage == 3 and way.gathered != getattr(s.generation, "gathered", None):
+                reporter.log(way.describe())
+            s.generation = way
+            shard = replace(s.shard, generate=generator(s.engine.module, synced=way.synced))
+            return s.task.generate(shard, s.data[split], s.processor, count, cfg.eval.generate)
     finally:
         s.engine.train()
 
@@ -243,13 +257,7 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
             log(f"early stopping now counts {early_stopping.counted(early)}, not {state.best_of}: patience starts again")
         (state.best_metric, state.bad_evaluations), state.best_of = kept, early_stopping.counted(early)
 
-    writer = None
-    if rank == 0 and args.tensorboard_dir:
-        from tensorboard.plugins.text.summary_v2 import text_pb
-        from torch.utils.tensorboard import SummaryWriter
-        # purge_step hides points a previous attempt logged past this checkpoint: no duplicates.
-        writer = SummaryWriter(args.tensorboard_dir, purge_step=state.step + 1)
-
+    track = reporter.track if rank == 0 else (lambda metrics: None)  # the controller writes the tracker
     accumulation, unit = cfg.train.gradient_accumulation, s.task.UNIT
     batches = micro_batches(cfg, s.data["train"], rank, s.world, state)
     rows = "packed rows" if s.data["train"].packed else "examples"
@@ -267,7 +275,7 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
             units += s.task.count(examples)
             batch = {k: v.to(s.shard.device) for k, v in s.shard.collate(examples).items()}
             places += batch["input_ids"].numel() if "input_ids" in batch else 0
-            loss = engine(**batch).loss
+            loss = s.task.loss(engine, batch)  # the task's objective
             engine.backward(loss)
             if own_norm and engine.is_gradient_accumulation_boundary():
                 norm = grad_norm(params)  # the gradients are averaged across ranks by now
@@ -285,14 +293,11 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
             norm = engine.get_global_grad_norm()
             norm = float(norm) if norm is not None else float("nan")
         lr = engine.get_lr()[0]
-        if writer:  # its thread writes; a refused write surfaces at the next call
-            with writing("the TensorBoard events", args.tensorboard_dir):
-                writer.add_scalar("train/loss", loss_mean, step)
-                writer.add_scalar("train/lr", lr, step)
-                writer.add_scalar("train/grad_norm", norm, step)
-                writer.add_scalar(f"train/{unit}_per_s", units_total / elapsed, step)
-                if places_total:  # token batches: the share of padding among the positions computed
-                    writer.add_scalar("train/padding_fraction", 1 - units_total / places_total, step)
+        tracked = {"train/loss": loss_mean, "train/lr": lr, "train/grad_norm": norm,
+                   f"train/{unit}_per_s": units_total / elapsed}
+        if places_total:  # token batches: the share of padding among the positions computed
+            tracked["train/padding_fraction"] = 1 - units_total / places_total
+        texts = {}
         if step % cfg.train.log_every == 0 or step == s.total_steps:
             log(f"step {step}/{s.total_steps}  loss {loss_mean:.4f}  lr {lr:.3g}  grad_norm {norm:.3g}  "
                 f"{units_total / elapsed:,.0f} {unit}/s  {elapsed:.2f} s/step")
@@ -302,18 +307,14 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
         validation: dict[str, float] = {}
         if step % cfg.train.eval_every == 0 or is_last:
             validation = scalars(evaluate_split(s, "validation")[0])
-            answers = generate_split(s, cfg, "validation", cfg.generate_examples)
+            answers = generate_split(s, cfg, "validation", cfg.generate_examples, reporter)
             if rank == 0 and answers and args.generations_dir:
                 target = Path(args.generations_dir) / f"{checkpoints.dir_name(step)}.jsonl"
                 with writing(f"the generated answers of step {step}", target):
                     write_jsonl(target, answers)
-            if writer:
-                with writing("the TensorBoard events", args.tensorboard_dir):
-                    for k, v in validation.items():
-                        writer.add_scalar(f"val/{k}", v, step)
-                    if answers:  # add_text would file the table under "val/generations/text_summary"
-                        writer.file_writer.add_summary(text_pb("val/generations", markdown_table(answers)), step)
-                    writer.flush()
+            if answers:
+                texts["val/generations"] = markdown_table(answers)
+        track(StepMetrics(step, tracked, texts))  # val/* come with the report below
         early = cfg.train.early_stopping
         if early is not None and validation:
             # The metrics are all-reduced: every rank counts the same and stops after the same step.
@@ -335,9 +336,6 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
             reporter.report(report)
         if stopping or state.stopped_early:
             break
-    if writer:
-        with writing("the TensorBoard events", args.tensorboard_dir):
-            writer.close()
     dist.barrier()  # every rank's shard of the last checkpoint is persisted
     engine.destroy()  # ZeRO's gradient hooks would keep the engine (all its states) alive for the test
     return state, state.step < s.total_steps and not state.stopped_early
@@ -346,14 +344,20 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
 def run_test(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TestResult:
     """Test metrics before fine-tuning and from the final sharded checkpoint (with the answers to every
     test prompt, each time, for tasks that generate); rank 0 then exports."""
+    import torch.distributed as dist
+
+    phases = Phases(reporter if dist.get_rank() == 0 else None)  # each part's seconds, on the console
     s = setup(cfg, args, ("test",), reporter)
     answering = len(s.data["test"]) if cfg.generates_test else 0  # every test prompt, or none
+    phases.done("test phase: the model and engine built")
     before, _ = evaluate_split(s, "test")
-    answered_before = generate_split(s, cfg, "test", answering)
+    answered_before = generate_split(s, cfg, "test", answering, reporter)
+    phases.done(f"test phase: the model before fine-tuning evaluated{f' and {answering} prompts answered' if answering else ''}")
     # The weights come from the shards on disk, not from any model still in memory.
     state = checkpoints.load(s.engine, Path(args.final_checkpoint), s.rank, load_optimizer=False)
     after, rows = evaluate_split(s, "test")
-    answered_after = generate_split(s, cfg, "test", answering)
+    answered_after = generate_split(s, cfg, "test", answering, reporter)
+    phases.done(f"test phase: step {state.step} loaded and evaluated{f' and {answering} prompts answered' if answering else ''}")
     if s.rank == 0 and args.predictions_path and rows:
         with writing("the test predictions", args.predictions_path):
             Path(args.predictions_path).write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -368,7 +372,7 @@ def run_test(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TestResult
         with writing("the exported model", args.export_dir):
             export_model(cfg, Path(args.final_checkpoint), Path(args.export_dir), s.processor, s.labels,
                          args.cache_dir, dtype)
-        reporter.log(f"exported the consolidated model ({dtype}) to {args.export_dir}")
+        phases.done(f"exported the consolidated model ({dtype}) to {args.export_dir}")
     result = TestResult(state.step, before, after, str(args.final_checkpoint))
     reporter.report(result)
     return result

@@ -30,6 +30,16 @@ class LogLine:
 
 
 @dataclass(frozen=True)
+class StepMetrics:
+    """Rank 0, after every training step: what the run's tracker records at that step (train/* scalars;
+    at an evaluation also val/generations' table). Delivered through the queue at once, never waiting
+    for the controller (a ray.train.report per step would); the controller is the one writer."""
+    step: int
+    scalars: dict = field(default_factory=dict)  # tag -> value
+    texts: dict = field(default_factory=dict)  # tag -> markdown
+
+
+@dataclass(frozen=True)
 class TrainReport:
     """Every rank, after an evaluation or a checkpoint (then the report carries this rank's shard)."""
     step: int
@@ -73,8 +83,8 @@ class WorkerFailure:
     details: dict = field(default_factory=dict)  # the whole traceback each
 
 
-Message = Union[LogLine, TrainReport, TestResult, BadInput, StorageFailure]
-KINDS = {cls.__name__: cls for cls in (LogLine, TrainReport, TestResult, BadInput, StorageFailure)}
+Message = Union[LogLine, StepMetrics, TrainReport, TestResult, BadInput, StorageFailure]
+KINDS = {cls.__name__: cls for cls in (LogLine, StepMetrics, TrainReport, TestResult, BadInput, StorageFailure)}
 
 
 @dataclass(frozen=True)

@@ -119,13 +119,16 @@ class Recorder:
     (a temporary folder it removes; the 1B model's weights and optimizer states are ~15 GB)."""
 
     def __init__(self):
-        self.messages = []
+        self.messages, self.tracked = [], []
 
     def report(self, message, checkpoint=None):
         self.messages.append(message)
 
-    def log(self, text):
+    def log(self, text, after_training=False):
         print(f"[sft] {text}", flush=True)
+
+    def track(self, metrics):
+        self.tracked.append(metrics)  # the per-step metrics the controller would write
 
 
 def process_group(device: str, backend: str) -> None:
@@ -149,7 +152,6 @@ def process_group(device: str, backend: str) -> None:
 def run_case(case: Case, opts: dict) -> dict:
     """One case in this process: the loop's figures as a plain dict."""
     import torch
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from trainer import data_cache, loop
     from trainer.config import from_dict
@@ -164,14 +166,12 @@ def run_case(case: Case, opts: dict) -> dict:
     base = sum(n for name, n in sizes.items() if "lora_" not in name)
     # The launcher prepares the data once, before the workers start; the cases share what it wrote.
     prepared = data_cache.prepare(cfg, load_processor(cfg.model, None), data_cache.cache_root(cfg))
-    tensorboard = Path(cfg.output_dir) / "tensorboard"
     args = loop.WorkerArgs(cache_dir=str(Path(opts["work"]) / "cache"), data_dir=str(prepared.directory),
-                           tensorboard_dir=str(tensorboard), threads=opts["threads"])
-    loop.run(cfg, Recorder(), args)
+                           threads=opts["threads"])
+    recorder = Recorder()
+    loop.run(cfg, recorder, args)
 
-    acc = EventAccumulator(str(tensorboard), size_guidance={"scalars": 0})
-    acc.Reload()
-    series = {tag: [e.value for e in sorted(acc.Scalars(tag), key=lambda e: e.step)]
+    series = {tag: [m.scalars[tag] for m in sorted(recorder.tracked, key=lambda m: m.step)]
               for tag in ("train/tokens_per_s", "train/loss")}
     speeds = series["train/tokens_per_s"]
     if opts["device"] == "cuda":

@@ -19,9 +19,9 @@ pytestmark = pytest.mark.e2e
 
 
 def long_config(tmp, tokenizer_dir):
-    """150 short steps: a wide window to kill a worker in mid-run."""
+    """150 short steps: a wide window to kill a worker in mid-run; every 5th step's loss on the console."""
     return write_config(tmp / "long.yaml", tiny_config(
-        tmp, tokenizer_dir, train={"max_steps": 150, "eval_every": 25, "save_every": 25, "log_every": 25,
+        tmp, tokenizer_dir, train={"max_steps": 150, "eval_every": 25, "save_every": 25, "log_every": 5,
                                    "keep_last": 2, "max_failures": 2},
         scaling={"workers_per_node": 1}))  # one worker: its death restarts the group all the same
 
@@ -43,39 +43,38 @@ def popen(config, *extra):
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-@pytest.fixture(scope="session")
-def baseline(tmp_path_factory, tokenizer_dir):
-    tmp = tmp_path_factory.mktemp("baseline")
-    config = long_config(tmp, tokenizer_dir)
-    proc = launch(config)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return tmp / "run", config
-
-
-def test_killed_worker_is_replaced_and_the_run_ends_like_an_uninterrupted_one(baseline, tmp_path):
-    out, config = baseline
+def test_killed_worker_is_replaced_and_the_run_ends_like_an_uninterrupted_one(tmp_path, tokenizer_dir):
+    """Killed between two checkpoints, the worker group restarts from the latest one and replays the
+    steps since: each replayed step logs the loss it logged before the kill (the run goes on exactly
+    as an uninterrupted one; tests/loop proves a resumed run's losses equal an uninterrupted run's)."""
+    config = long_config(tmp_path, tokenizer_dir)
     target = tmp_path / "run"
     proc = popen(config, "--output", str(target), "--verbose")  # --verbose: the workers' own output too
     lines, killed = [], None
     for line in proc.stdout:
         lines.append(line)
-        if "[sft] step 75/150" in line and killed is None:
+        if "[sft] step 65/150" in line and killed is None:
             killed = train_worker_pids()[-1]
             os.kill(killed, signal.SIGKILL)
     assert proc.wait(timeout=600) == 0, "".join(lines[-40:])
     text = "".join(lines)
     assert killed is not None and "(RayTrainWorker pid=" in text
-    assert re.search(r"worker failure \(.*\); restart 1/2: the worker group continues from the latest "
-                     r"checkpoint \(step (50|75|100)\)", text), text[-3000:]
+    restart = re.search(r"worker failure \(.*\); restart 1/2: the worker group continues from the latest "
+                        r"checkpoint \(step (50|75|100)\)", text)
+    assert restart, text[-3000:]
+    logged: dict[int, list[str]] = {}
+    for step, loss in re.findall(r"\[sft\] step (\d+)/150  loss (\S+)", text):
+        logged.setdefault(int(step), []).append(loss)
+    replayed = {step: losses for step, losses in logged.items() if len(losses) > 1}
+    assert replayed and min(replayed) == int(restart.group(1)) + 5, logged
+    assert all(len(set(losses)) == 1 for losses in replayed.values()), replayed
+    assert sorted(logged) == list(range(5, 151, 5))
     summary = json.loads((target / "run_summary.json").read_text())
     assert summary["restarts"] == 1 and summary["global_step"] == 150
-    a = json.loads((target / "test_metrics.json").read_text())["after"]
-    b = json.loads((out / "test_metrics.json").read_text())["after"]
-    assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
     assert [h["step"] for h in summary["validation_history"]] == [25, 50, 75, 100, 125, 150]
-    new, old = scalars(target / "tensorboard", "train/loss"), scalars(out / "tensorboard", "train/loss")
+    new = scalars(target / "tensorboard", "train/loss")
     assert sorted(new) == list(range(1, 151))  # the replayed steps are not duplicated
-    assert [new[s] for s in range(110, 151)] == pytest.approx([old[s] for s in range(110, 151)], abs=1e-6)
+    assert all(abs(new[step] - float(losses[0])) < 6e-5 for step, losses in logged.items())  # as on the console
 
 
 def test_sigterm_checkpoints_and_stops_with_exit_75(resumed):

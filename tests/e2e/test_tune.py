@@ -14,6 +14,8 @@ import yaml
 from tests.e2e.common import launch, scalars
 from tests.helpers import tiny_config, write_config
 
+pytestmark = pytest.mark.e2e
+
 LRS = [3e-3, 1e-3, 30.0, 100.0]
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.e2e.common import scalars
 from tests.helpers import DATA, tiny_config, tiny_llama
 from trainer import data_cache
 from trainer.config import from_dict
@@ -97,8 +96,8 @@ def test_a_packed_run_trains_on_rows_and_logs_padding(tmp_path, tokenizer_dir, p
     cfg = _cfg(tmp_path, tokenizer_dir, train={"max_steps": 4, "eval_every": 4, "save_every": 4, "log_every": 1},
                packing=True)
     reporter = ListReporter(tmp_path / "ckpt")
-    state, _ = run(cfg, reporter, WorkerArgs(cache_dir=str(tmp_path / "cache"), tensorboard_dir=str(tmp_path / "tb")))
+    state, _ = run(cfg, reporter, WorkerArgs(cache_dir=str(tmp_path / "cache")))
     assert state.step == 4 and reporter.calls[-1][0].validation["loss"] > 0
-    padding = scalars(tmp_path / "tb", "train/padding_fraction")
+    padding = reporter.scalars("train/padding_fraction")
     assert sorted(padding) == [1, 2, 3, 4] and all(0 <= v < 0.5 for v in padding.values())
     assert any("packed rows" in line for line in reporter.lines)

@@ -15,7 +15,7 @@ from trainer.report import ListReporter
 def _run(tmp: Path, tokenizer_dir, **sections):
     cfg = from_dict(tiny_config(tmp, tokenizer_dir, **sections))
     reporter = ListReporter(tmp / "ckpt")
-    state, _ = run(cfg, reporter, WorkerArgs(cache_dir=str(tmp / "cache"), tensorboard_dir=str(tmp / "tb")))
+    state, _ = run(cfg, reporter, WorkerArgs(cache_dir=str(tmp / "cache")))
     return cfg, reporter, state
 
 
@@ -44,6 +44,26 @@ def test_same_seed_same_losses_and_validation_decreases(tmp_path, tokenizer_dir,
     assert losses(a)[-1][2] < losses(a)[0][2]
 
 
+def test_the_task_module_defines_the_training_objective(tmp_path, tokenizer_dir, process_group, monkeypatch):
+    """The loop trains on the task's `loss(model, batch)`: an objective that is zero everywhere leaves
+    the weights (so the validation loss) where they started, while the model's own loss goes down."""
+    from trainer.tasks import causal_lm, common
+
+    seen = []
+
+    def flat(model, batch):
+        seen.append((type(model).__name__, sorted(batch)))
+        return 0.0 * common.model_loss(model, batch)
+
+    monkeypatch.setattr(causal_lm, "loss", flat)
+    _, reporter, _ = _run(tmp_path, tokenizer_dir, train={"max_steps": 8, "eval_every": 4, "save_every": 8},
+                          optim={"weight_decay": 0.0})  # decay alone would move the weights
+    validation = [m.validation["loss"] for m, _ in reporter.calls]
+    assert len(validation) == 2 and validation[0] == pytest.approx(validation[1], abs=1e-6)
+    assert all(m.train_loss == 0 for m, _ in reporter.calls)
+    assert len(seen) == 8 and seen[0] == ("DeepSpeedEngine", ["attention_mask", "input_ids", "labels"])
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_resume_continues_with_identical_losses(tmp_path, tokenizer_dir, process_group, stage):
     cfg, full, _ = _run(tmp_path / "full", tokenizer_dir, deepspeed={"zero_stage": stage},
@@ -51,28 +71,24 @@ def test_resume_continues_with_identical_losses(tmp_path, tokenizer_dir, process
     step4 = full.calls[0][1]
     assert read_state(step4).step == 4 and read_state(step4).micro_step == 4
     resumed = ListReporter(tmp_path / "resumed")
-    state, _ = run(cfg, resumed, WorkerArgs(cache_dir=str(tmp_path / "cache"), resume_from=str(step4),
-                                         tensorboard_dir=str(tmp_path / "tb-resumed")))
+    state, _ = run(cfg, resumed, WorkerArgs(cache_dir=str(tmp_path / "cache"), resume_from=str(step4)))
     assert state.step == 12
     tail = lambda r: [(m.step, round(m.train_loss, 6), round(m.validation["loss"], 6)) for m, _ in r.calls]
     assert tail(resumed) == tail(full)[1:]
     assert [s for s, _ in find_checkpoints(tmp_path / "resumed")] == [8, 12]
-    # every logged step after the checkpoint: the same training loss as the uninterrupted run
-    from tests.e2e.common import scalars
-    new, old = scalars(tmp_path / "tb-resumed", "train/loss"), scalars(tmp_path / "full" / "tb", "train/loss")
+    # every tracked step after the checkpoint: the same training loss as the uninterrupted run
+    new, old = resumed.scalars("train/loss"), full.scalars("train/loss")
     assert sorted(new) == list(range(5, 13))
     assert [new[s] for s in new] == pytest.approx([old[s] for s in new], abs=1e-6)
 
 
 def test_grad_norm_is_logged_on_every_stage_and_stage_0_matches_zero(tmp_path, tokenizer_dir, process_group):
     """DeepSpeed computes no global norm on stage 0; the loop's own must equal what ZeRO reports."""
-    from tests.e2e.common import scalars
-
     norms = {}
     for stage in (0, 2):
-        _run(tmp_path / f"s{stage}", tokenizer_dir, deepspeed={"zero_stage": stage},
-             train={"max_steps": 3, "eval_every": 3, "save_every": 3})
-        norms[stage] = scalars(tmp_path / f"s{stage}" / "tb", "train/grad_norm")
+        _, reporter, _ = _run(tmp_path / f"s{stage}", tokenizer_dir, deepspeed={"zero_stage": stage},
+                              train={"max_steps": 3, "eval_every": 3, "save_every": 3})
+        norms[stage] = reporter.scalars("train/grad_norm")
     assert sorted(norms[0]) == [1, 2, 3] and all(v > 0 for v in norms[0].values())
     assert [norms[0][s] for s in (1, 2, 3)] == pytest.approx([norms[2][s] for s in (1, 2, 3)], rel=1e-4)
 

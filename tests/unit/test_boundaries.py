@@ -93,3 +93,12 @@ def test_every_registered_task_implements_the_interface():
 def test_importing_a_light_module_loads_no_heavy_one(module, banned):
     probe = f"import sys, {module}; sys.exit({banned!r} in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe]).returncode == 0, f"{module} imports {banned}"
+
+
+def test_only_the_tracking_backend_writes_tensorboard():
+    """Every metric flows through launcher/tracking.py (one writer per run): no other product module
+    imports a TensorBoard writer."""
+    writers = ("torch.utils.tensorboard", "tensorboard", "tensorboardX")
+    users = {str(f.relative_to(REPO)) for folder in ("launcher", "trainer") for f in (REPO / folder).rglob("*.py")
+             if any(n == w or n.startswith(w + ".") for _, n in imports(f) for w in writers)}
+    assert users == {"launcher/tracking.py"}

@@ -83,6 +83,8 @@ def test_generation_defaults_come_from_the_task():
         build(model=classifier, eval={"generate": {"test": True}})
     with pytest.raises(ConfigError, match=r"eval.generate.max_new_tokens must be >= 1, got 0"):
         build(eval={"generate": {"max_new_tokens": 0}})
+    with pytest.raises(ConfigError, match=r"eval.generate.zero3 must be one of auto, gathered, synced, got 'fast'"):
+        build(eval={"generate": {"zero3": "fast"}})
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path):

@@ -46,3 +46,29 @@ def test_validation_history_keeps_one_entry_per_step_and_the_best(ctl):
     assert ctl.best["step"] == 8 and ctl.best["loss"] == 1.5
     ctl.receive(report(12, final=True))
     assert ctl.trained and ctl.last_step == 12
+
+
+def test_every_metric_goes_to_the_run_tracker_once_per_step_with_what_the_run_went_on_with(tmp_path):
+    """The controller is the run's one writer: per-step metrics from the queue, val/* from the reports;
+    a restarted group's replay (a step at or below the last) rewinds, a launch from a checkpoint too,
+    and TensorBoard shows each step once with the values of the run that went on."""
+    from launcher.tracking import TensorBoardTracker
+    from tests.e2e.common import scalars, texts
+    from trainer.messages import StepMetrics
+
+    cfg, board = from_dict(tiny_config(tmp_path, tmp_path)), tmp_path / "tensorboard"
+    ctl = Controller(cfg, tmp_path, tracker=TensorBoardTracker(board))
+    for step in range(1, 11):
+        ctl.receive(StepMetrics(step, {"train/loss": float(step)},
+                                {"val/generations": f"| table {step} |"} if step == 4 else {}))
+    ctl.receive(report(4, validation={"loss": 2.0}))
+    for step in range(5, 9):  # a restart from the checkpoint of step 4 replays 5.. with other values
+        ctl.receive(StepMetrics(step, {"train/loss": step + 0.5}))
+    ctl.close()
+    assert scalars(board, "train/loss") == {1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0, 5: 5.5, 6: 6.5, 7: 7.5, 8: 8.5}
+    assert scalars(board, "val/loss") == {4: 2.0} and texts(board, "val/generations") == {4: "| table 4 |"}
+    again = Controller(cfg, tmp_path, tracker=TensorBoardTracker(board))  # --resume from step 6
+    again.start_from(6)
+    again.receive(StepMetrics(7, {"train/loss": 70.0}))
+    again.close()
+    assert scalars(board, "train/loss") == {1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0, 5: 5.5, 6: 6.5, 7: 70.0}

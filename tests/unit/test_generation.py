@@ -5,6 +5,7 @@ import pytest
 from trainer.generation import before_after, markdown_table, stop_ids, text_metrics
 from trainer.masking import IGNORE
 from trainer.tasks.causal_lm import left_pad, prompt_and_reference
+from trainer.zero3_generation import HEADROOM, choose, gather_fits
 
 
 def test_prompt_is_what_precedes_the_first_label_and_the_reference_is_the_first_labelled_run():
@@ -55,3 +56,30 @@ def test_stop_ids_join_the_tokenizers_eos_and_the_generation_configs_list_once_e
     assert stop_ids(2, [128001, 128009]) == [2, 128001, 128009]
     assert stop_ids(128009, [128001, 128009]) == [128009, 128001]
     assert stop_ids(None, 7) == [7] and stop_ids(None, None) == []
+
+
+def test_zero3_generation_gathers_where_the_whole_model_fits_every_worker_else_steps_synced():
+    gib = 2**30
+    assert gather_fits(4 * gib, int(4 * gib * HEADROOM)) and not gather_fits(4 * gib, int(4 * gib * HEADROOM) - 1)
+    fits, tight = choose("auto", 3, 2, gib, 8 * gib), choose("auto", 3, 2, 8 * gib, 8 * gib)
+    assert (fits.gathered, fits.synced) == (True, False) and (tight.gathered, tight.synced) == (False, True)
+    assert "synced, every new token all-gathers" in tight.describe() and "8.00 GiB of weights" in tight.describe()
+    assert choose("gathered", 3, 2, 8 * gib, 0).gathered and not choose("synced", 3, 2, 0, 8 * gib).gathered
+    assert not choose("synced", 3, 1, 0, 0).synced  # one rank has nobody to wait for
+    for stage in (0, 1, 2):  # the whole model is on every rank already
+        assert choose("auto", stage, 2, 8 * gib, 0) == choose("gathered", stage, 2, 0, 0)
+        assert not choose("auto", stage, 2, 8 * gib, 0).synced
+
+
+def test_the_startup_summary_says_how_zero3_will_generate():
+    from launcher.plan import generation_lines
+    from tests.unit.test_config import build
+
+    assert not any("ZeRO-3" in line for line in generation_lines(build(), 10**9))
+    auto = generation_lines(build(deepspeed={"zero_stage": 3}), 2**28)[-1]
+    assert auto.startswith("generation under ZeRO-3 (eval.generate.zero3: auto): the whole model (1.00 GiB in fp32 on "
+                           "CPU workers, half that in bf16 on GPUs) gathered")
+    assert "else synced" in auto
+    synced = generation_lines(build(deepspeed={"zero_stage": 3, "precision": "bf16"},
+                                    eval={"generate": {"zero3": "synced"}}), 2**28)[-1]
+    assert "synced: every new token all-gathers every weight" in synced

@@ -11,7 +11,7 @@ import math
 
 from trainer.config import ConfigError, DataConfig, RunConfig
 from trainer.masking import IGNORE, chat_text, mask_labels, plain_text
-from trainer.tasks.common import DROP, ROW, Prepared, bad, encode_split, require_rows
+from trainer.tasks.common import DROP, ROW, Prepared, bad, encode_split, model_loss, require_rows
 
 AUTO_MODEL = "AutoModelForCausalLM"
 PROCESSOR = "tokenizer"
@@ -19,6 +19,7 @@ UNIT = "tokens"
 PACKS = True  # data.packing applies: pack() below
 METRICS = ("loss", "perplexity", "token_accuracy")  # the validation scalars evaluate() reports
 GENERATES = True  # answers prompts: generate() below (eval.generate)
+loss = model_loss  # the training objective (trainer/tasks/common.py)
 
 
 def record_kind(split, d: DataConfig) -> str:

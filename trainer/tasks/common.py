@@ -17,6 +17,14 @@ DROP = "drop"  # column of an encoder's output: "" keeps the row; bad(column, pr
 _BAD = "bad\t"
 
 
+def model_loss(model, batch: dict):
+    """The training objective most tasks use: the model's own loss on the batch's labels (token
+    cross-entropy for causal LMs, cross-entropy over the label ids for classifiers). `model` is the
+    DeepSpeed engine (its forward is the model's, with ZeRO's gathering); `batch` is what the task's
+    collator made, on the device."""
+    return model(**batch).loss
+
+
 def bad(column: str, problem: str) -> str:
     """An encoder's DROP value for a bad row: stops the run, or is skipped with data.skip_bad_rows."""
     return f"{_BAD}{column}\t{problem}"

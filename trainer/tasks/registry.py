@@ -55,9 +55,17 @@ class Task(Protocol):
     def count(self, examples: list[dict]) -> int:
         """How many UNITs a micro-batch's examples hold (real tokens, not padding; or samples)."""
 
+    def loss(self, model: Any, batch: dict) -> Any:
+        """The training objective of one micro-batch, a scalar tensor the engine backpropagates.
+        `model`: the DeepSpeed engine (its forward is the model's; its `module` the model itself,
+        whose submodules, the LM head say, can be called on their own, also under ZeRO-3); `batch`:
+        the collator's output on the device, extra per-example columns included (the model's forward
+        takes only its own: pop the others). Most tasks: common.model_loss, the model's own loss."""
+
     def evaluate(self, shard: Shard, prepared: Prepared, labels: list[str]) -> tuple[dict, list[dict]]:
         """Metrics over the whole split (each example once across ranks) and per-example rows for
-        test_predictions.jsonl (empty when the task has none)."""
+        test_predictions.jsonl (empty when the task has none). `shard.model` is the engine, for a
+        task whose evaluation is not a function of the logits (shard.forward)."""
 
 
 def get_task(name: str) -> Task:

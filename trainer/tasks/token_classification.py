@@ -10,8 +10,8 @@ from __future__ import annotations
 from trainer.config import DataConfig, RunConfig
 from trainer.masking import IGNORE
 from trainer.metrics import accuracy, span_prf
-from trainer.tasks.common import DROP, Prepared, bad, classify, encode_split, label_id, label_set, require_columns, \
-    require_rows
+from trainer.tasks.common import DROP, Prepared, bad, classify, encode_split, label_id, label_set, model_loss, \
+    require_columns, require_rows
 
 AUTO_MODEL = "AutoModelForTokenClassification"
 PROCESSOR = "tokenizer"
@@ -19,6 +19,7 @@ UNIT = "tokens"
 PACKS = False  # data.packing is for causal_lm
 METRICS = ("loss", "precision", "recall", "f1", "token_accuracy")  # the validation scalars evaluate() reports
 GENERATES = False  # eval.generate is for causal_lm
+loss = model_loss  # the training objective (trainer/tasks/common.py)
 
 
 def check_columns(split, d: DataConfig) -> None:
