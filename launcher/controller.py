@@ -21,6 +21,7 @@ from typing import Optional
 
 from trainer import checkpoints, early_stopping
 from trainer.config import ConfigError, RunConfig, to_dict
+from trainer.jobs import WorkerArgs
 from launcher.tracking import Tracker
 from trainer.messages import (BadInput, LogLine, Received, StepMetrics, StorageFailure, TestResult, TrainReport,
                               WorkerFailure)
@@ -473,14 +474,14 @@ def train_and_test(cfg: RunConfig, paths: Paths, ctl: Controller, stopper: Stopp
 
     paths.checkpoints.mkdir(parents=True, exist_ok=True)
     _say(f"training: {cfg.scaling.world_size} worker(s), checkpoints in {paths.checkpoints / paths.attempt}")
-    args = {"cache_dir": cache_dir, "data_dir": data_dir,
-            "resume_from": str(paths.resume_from) if paths.resume_from else None,
-            "stop_file": str(stopper.stop_file), "universal": universal, "verbose": verbose,
-            "checkpoint_root": str(paths.checkpoints / paths.attempt),
-            "export_dir": str(paths.out / "final_model"),
-            "predictions_path": str(paths.out / "test_predictions.jsonl"),
-            "generations_dir": str(paths.out / "generations"),
-            "test_generations_path": str(paths.out / "test_generations.jsonl")}
+    args = WorkerArgs(cache_dir=cache_dir, data_dir=data_dir,
+                      resume_from=str(paths.resume_from) if paths.resume_from else None,
+                      stop_file=str(stopper.stop_file), universal=universal, verbose=verbose,
+                      checkpoint_root=str(paths.checkpoints / paths.attempt),
+                      export_dir=str(paths.out / "final_model"),
+                      predictions_path=str(paths.out / "test_predictions.jsonl"),
+                      generations_dir=str(paths.out / "generations"),
+                      test_generations_path=str(paths.out / "test_generations.jsonl"))
     try:
         ray_job.fit(cfg, ray_job.train_worker, args, paths.checkpoints, paths.attempt, ctl.receive, abort_reason,
                     finished=lambda: ctl.test is not None or ctl.stopped)

@@ -7,6 +7,7 @@ Imports ray inside functions (and never deepspeed) so `sft-launch --help` stays 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from trainer.config import ConfigError, RunConfig, from_dict, to_dict
+from trainer.jobs import WorkerArgs
 from trainer.messages import BadInput, LogLine, Received, StorageFailure, Where, WorkerFailure, decode, encode
 from trainer.storage import as_storage_error, writing
 
@@ -238,12 +240,10 @@ class RayReporter:
 
 
 def _worker_args(loop_config: dict):
-    args = dict(loop_config["args"])
-    if not args.pop("use_gpu"):
+    args: WorkerArgs = loop_config["args"]
+    if not args.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would probe for GPUs and warn
-    from trainer.loop import WorkerArgs
-
-    return from_dict(loop_config["cfg"]), WorkerArgs(**args), RayReporter(loop_config["queue"], args.get("checkpoint_root"))
+    return from_dict(loop_config["cfg"]), args, RayReporter(loop_config["queue"], args.checkpoint_root)
 
 
 def _reporting_user_faults(reporter: RayReporter, body: Callable[[], object]) -> None:
@@ -271,8 +271,6 @@ def _reporting_user_faults(reporter: RayReporter, body: Callable[[], object]) ->
 
 
 def train_worker(loop_config: dict) -> None:
-    import dataclasses
-
     import ray.train
 
     from trainer import loop
@@ -352,7 +350,7 @@ class Aborted(LaunchError):
     """The driver gave up on the worker group (stop grace expired)."""
 
 
-def fit(cfg: RunConfig, worker: Callable, args: dict, storage: Path, name: str,
+def fit(cfg: RunConfig, worker: Callable, args: WorkerArgs, storage: Path, name: str,
         on_report: Callable[[object], None], abort_reason: Callable[[], Optional[str]] = lambda: None,
         finished: Callable[[], bool] = lambda: False) -> None:
     """Run `worker` on the configured worker group; call `on_report` on the driver for every report.
@@ -371,10 +369,10 @@ def fit(cfg: RunConfig, worker: Callable, args: dict, storage: Path, name: str,
     node_ids = check_resources(cfg, gpus)
     if s.nodes > 1:
         check_shared_storage(node_ids, Path(cfg.output_dir).resolve())
-        if args.get("data_dir"):
-            check_shared_storage(node_ids, Path(args["data_dir"]), "data.cache_dir")
+        if args.data_dir:
+            check_shared_storage(node_ids, Path(args.data_dir), "data.cache_dir")
     q = Queue(actor_options={"num_cpus": 0})  # fits in a search trial's placement group too
-    args = {**args, "threads": s.cpus_per_worker, "use_gpu": gpus > 0}
+    args = dataclasses.replace(args, threads=s.cpus_per_worker, use_gpu=gpus > 0)
     trainer = TorchTrainer(
         train_loop_per_worker=worker,
         train_loop_config={"cfg": to_dict(cfg), "args": args, "queue": q},

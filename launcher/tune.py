@@ -24,6 +24,7 @@ from launcher.tune_results import (EXPERIMENT, TRIALS, collect, last, pick_best,
                                    trial_dir, trial_line, trial_status, values_text, write_hparams, write_record,
                                    write_results)
 from trainer import checkpoints
+from trainer.jobs import WorkerArgs
 from trainer.config import (ConfigError, RunConfig, TuneConfig, checked_values, distribution, from_dict, resolve_paths,
                             to_dict, trial_config)
 
@@ -109,10 +110,10 @@ def run_trial(values: dict, setup: TrialSetup) -> None:
         if Path(setup.stop_file).exists() and not stop.exists():
             stop.write_text("stop requested\n")
 
-    args = {"cache_dir": setup.cache_dir, "data_dir": data_dir,
-            "resume_from": str(resume_from) if resume_from else None, "stop_file": str(stop),
-            "universal": False, "verbose": setup.verbose, "checkpoint_root": str(paths.checkpoints / paths.attempt),
-            "generations_dir": str(out / "generations"), "test_after": False}
+    args = WorkerArgs(cache_dir=setup.cache_dir, data_dir=data_dir,
+                      resume_from=str(resume_from) if resume_from else None, stop_file=str(stop),
+                      verbose=setup.verbose, checkpoint_root=str(paths.checkpoints / paths.attempt),
+                      generations_dir=str(out / "generations"), test_after=False)
     try:
         paths.checkpoints.mkdir(parents=True, exist_ok=True)
         ray_job.fit(cfg, ray_job.train_worker, args, paths.checkpoints, paths.attempt, on_report,
@@ -399,9 +400,9 @@ def evaluate_best(cfg: RunConfig, best: dict, out: Path, cache_dir: str, data_di
 
         root = trial_dir(out, best["trial"]) / "checkpoints"
         tested = str(checkpoints.best_checkpoint(root, root, *selection(best_cfg)) or tested)
-    args = {"cache_dir": cache_dir, "data_dir": data_dir, "final_checkpoint": tested,
-            "export_dir": str(out / "final_model"), "predictions_path": str(out / "test_predictions.jsonl"),
-            "test_generations_path": str(out / "test_generations.jsonl"), "verbose": verbose}
+    args = WorkerArgs(cache_dir=cache_dir, data_dir=data_dir, final_checkpoint=tested,
+                      export_dir=str(out / "final_model"), predictions_path=str(out / "test_predictions.jsonl"),
+                      test_generations_path=str(out / "test_generations.jsonl"), verbose=verbose)
     ray_job.fit(best_cfg, ray_job.test_worker, args, out / "test_evaluation", "test", ctl.receive,
                 stopper.abort_reason, finished=lambda: ctl.test is not None)
     if ctl.bad_input:

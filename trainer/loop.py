@@ -27,6 +27,7 @@ from trainer.data import MicroBatches
 from trainer.ds_config import deepspeed_config, resolve_precision
 from trainer.evaluation import Shard, generator
 from trainer.generation import before_after, markdown_table, text_metrics, write_jsonl
+from trainer.jobs import WorkerArgs
 from trainer.lora import trainable_model
 from trainer.messages import StepMetrics, TestResult, TrainReport
 from trainer.model import (build_model, full_shape, load_processor, model_config, partitioned_build, prepare_pretrained,
@@ -37,26 +38,6 @@ from trainer.storage import writing
 from trainer.tasks.common import Prepared
 from trainer.tasks.registry import Task, get_task
 from trainer.zero3_generation import GenerationWeights, generation_weights
-
-
-@dataclass(frozen=True)
-class WorkerArgs:
-    """What a worker needs beyond the config: where things are, and where to start from."""
-    cache_dir: str
-    data_dir: Optional[str] = None  # the prepared data (trainer/data_cache.py); None: prepare in memory
-    resume_from: Optional[str] = None  # a checkpoint folder chosen by --resume
-    restart_from: Optional[str] = None  # the orchestrator's latest checkpoint after a worker restart
-    export_dir: Optional[str] = None  # run_test: where rank 0 writes the consolidated model
-    predictions_path: Optional[str] = None  # run_test: where rank 0 writes the test predictions
-    generations_dir: Optional[str] = None  # run: where rank 0 writes each evaluation's generated answers
-    test_generations_path: Optional[str] = None  # run_test: where rank 0 writes the test answers
-    stop_file: Optional[str] = None  # when it exists, every rank checkpoints after this step and stops
-    universal: bool = False  # resume_from is read in DeepSpeed's universal format (world size changed)
-    final_checkpoint: Optional[str] = None  # run_test: the checkpoint to evaluate
-    checkpoint_root: Optional[str] = None  # fine_tune: where this launch's checkpoints are persisted
-    test_after: bool = True  # fine_tune: go on to the test evaluation (a search trial does not)
-    threads: int = 1
-    verbose: bool = False  # keep the libraries' own progress bars and notices
 
 
 @dataclass
