@@ -108,14 +108,17 @@ def main(argv: Optional[list[str]] = None) -> int:
 
                 describe_search(cfg.tune, resume=False)
             return 0
+        from launcher.controller import LaunchOptions
+
+        options = LaunchOptions(cache_dir(), args.address, args.verbose)
         if args.tune:
             from launcher.tune import search
 
-            summary = search(cfg, args.address, args.resume is not None, cache_dir(), verbose=args.verbose)
+            summary = search(cfg, options, args.resume is not None)
             return EXIT_STOPPED if summary.get("status") == "stopped" else 0
         from launcher.controller import launch
 
-        summary = launch(cfg, args.address, args.resume, cache_dir(), verbose=args.verbose)
+        summary = launch(cfg, options, args.resume)
         return EXIT_STOPPED if summary.get("status") == "stopped" else 0
     except ConfigError as err:
         print(f"sft-launch: error: {err}", file=sys.stderr)

@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from launcher.tracking import Tracker
 from trainer import checkpoints, early_stopping
 from trainer.config import ConfigError, RunConfig, to_dict
 from trainer.jobs import WorkerArgs
-from launcher.tracking import Tracker
 from trainer.messages import (BadInput, LogLine, Received, StepMetrics, StorageFailure, TestResult, TrainReport,
                               WorkerFailure)
 from trainer.storage import StorageError, writing
+
 
 def _say(text: str) -> None:
     print(f"[sft] {text}", flush=True)
@@ -367,6 +368,14 @@ def test_scalars(before: dict, after: dict) -> dict[str, float]:
 
 
 @dataclass(frozen=True)
+class LaunchOptions:
+    """What the command line sets for a whole launch besides the config, as one value."""
+    cache_dir: str  # models (a GGUF de-quantized once) and other conversions, reused across runs
+    address: Optional[str] = None  # a Ray cluster to join; None: RAY_ADDRESS, else a private local one
+    verbose: bool = False  # the workers' own output (library notices, progress bars) on the console
+
+
+@dataclass(frozen=True)
 class Paths:
     """Where one launch reads and writes."""
     out: Path
@@ -379,8 +388,7 @@ class Paths:
         return self.checkpoint_dir or self.out / "checkpoints"
 
 
-def launch(cfg: RunConfig, address: Optional[str], resume: Optional[str], cache_dir: str,
-           verbose: bool = False) -> dict:
+def launch(cfg: RunConfig, opts: LaunchOptions, resume: Optional[str] = None) -> dict:
     """Preflight, train and test (one worker group), summarise. Returns the run summary."""
     from launcher import ray_job, run_lock
     from launcher.tracking import open_tracker
@@ -399,14 +407,14 @@ def launch(cfg: RunConfig, address: Optional[str], resume: Optional[str], cache_
         ctl = Controller(cfg, out, protected={resume_from} if resume_from else set(),
                          tracker=open_tracker(out / "tensorboard"))
         try:
-            plan, universal = preflight(cfg, paths, cache_dir)
+            plan, universal = preflight(cfg, paths, opts)
             if resume_from:
                 ctl.start_from(checkpoints.read_state(resume_from).step)
             if not stopper.requested:
                 try:
-                    ray_job.start_ray(address, verbose)  # keeps the launcher's signal handlers
+                    ray_job.start_ray(opts.address, opts.verbose)  # keeps the launcher's signal handlers
                     if not stopper.requested:
-                        train_and_test(cfg, paths, ctl, stopper, cache_dir, plan.data_dir, universal, verbose)
+                        train_and_test(cfg, paths, ctl, stopper, opts, plan.data_dir, universal)
                 finally:
                     ray_job.stop_ray()
                 if ctl.test is None and not stopper.requested:
@@ -436,14 +444,14 @@ def storage_faults(out: Path):
                             f"workers; {then}") from None
 
 
-def preflight(cfg: RunConfig, paths: Paths, cache_dir: str):
+def preflight(cfg: RunConfig, paths: Paths, opts: LaunchOptions):
     """Everything checkable before Ray starts (exit 2 on bad input); prints the plan. Returns the plan
     and whether the resume checkpoint is read in DeepSpeed's universal format."""
     from launcher import plan as plan_mod
     from trainer import data_cache
 
     _say("preflight: checking data, tokenizer, model config and freezing rules")
-    plan = plan_mod.make_plan(cfg, cache_dir)
+    plan = plan_mod.make_plan(cfg, opts.cache_dir)
     check_disk(paths.out, plan.checkpoint_bytes)
     universal, saved = False, None
     if paths.resume_from:
@@ -461,8 +469,8 @@ def preflight(cfg: RunConfig, paths: Paths, cache_dir: str):
     return plan, universal
 
 
-def train_and_test(cfg: RunConfig, paths: Paths, ctl: Controller, stopper: Stopper, cache_dir: str,
-                   data_dir: Optional[str], universal: bool, verbose: bool) -> None:
+def train_and_test(cfg: RunConfig, paths: Paths, ctl: Controller, stopper: Stopper, opts: LaunchOptions,
+                   data_dir: Optional[str], universal: bool) -> None:
     """One worker group trains, then (unless stopped) evaluates the test split before fine-tuning and
     from the final sharded checkpoint on disk, with a fresh model, and rank 0 exports the model."""
     from launcher import ray_job
@@ -474,9 +482,9 @@ def train_and_test(cfg: RunConfig, paths: Paths, ctl: Controller, stopper: Stopp
 
     paths.checkpoints.mkdir(parents=True, exist_ok=True)
     _say(f"training: {cfg.scaling.world_size} worker(s), checkpoints in {paths.checkpoints / paths.attempt}")
-    args = WorkerArgs(cache_dir=cache_dir, data_dir=data_dir,
+    args = WorkerArgs(cache_dir=opts.cache_dir, data_dir=data_dir,
                       resume_from=str(paths.resume_from) if paths.resume_from else None,
-                      stop_file=str(stopper.stop_file), universal=universal, verbose=verbose,
+                      stop_file=str(stopper.stop_file), universal=universal, verbose=opts.verbose,
                       checkpoint_root=str(paths.checkpoints / paths.attempt),
                       export_dir=str(paths.out / "final_model"),
                       predictions_path=str(paths.out / "test_predictions.jsonl"),

@@ -19,14 +19,15 @@ from typing import Optional
 
 import yaml
 
+from launcher.controller import LaunchOptions
 from launcher.tracking import open_tracker
 from launcher.tune_results import (EXPERIMENT, TRIALS, collect, last, pick_best, read_record, top_lines,
                                    trial_dir, trial_line, trial_status, values_text, write_hparams, write_record,
                                    write_results)
 from trainer import checkpoints
-from trainer.jobs import WorkerArgs
 from trainer.config import (ConfigError, RunConfig, TuneConfig, checked_values, distribution, from_dict, resolve_paths,
                             to_dict, trial_config)
+from trainer.jobs import WorkerArgs
 
 STOP = ".stop-request"  # in a trial's folder: its workers checkpoint after the current step and stop
 ASHA_STOP = "asha"  # what the scheduler writes there
@@ -46,10 +47,9 @@ class TrialSetup:
     """What every trial function gets besides its searched values."""
     base: dict  # the run config (to_dict), with absolute paths
     out: str
-    cache_dir: str
+    opts: LaunchOptions
     data_dir: Optional[str]  # prepared by the driver; a trial that searches data.*/model.* keys prepares its own
     stop_file: str
-    verbose: bool
 
 
 # ---------------------------------------------------------------- one trial (in a Tune actor)
@@ -80,7 +80,7 @@ def run_trial(values: dict, setup: TrialSetup) -> None:
     resume_from = found[-1][1] if found else None
     data_dir = setup.data_dir
     if any(k.split(".")[0] in ("data", "model") for k in values):
-        data_dir = _prepare(cfg, setup.cache_dir, base)
+        data_dir = _prepare(cfg, setup.opts.cache_dir, base)
     paths = controller.Paths(out, f"attempt-{controller._next_attempt(out / 'checkpoints')}", resume_from)
     # The trial's own run (a child of the search), written by this trial's controller.
     ctl = controller.Controller(cfg, out, protected={resume_from} if resume_from else set(),
@@ -110,9 +110,9 @@ def run_trial(values: dict, setup: TrialSetup) -> None:
         if Path(setup.stop_file).exists() and not stop.exists():
             stop.write_text("stop requested\n")
 
-    args = WorkerArgs(cache_dir=setup.cache_dir, data_dir=data_dir,
+    args = WorkerArgs(cache_dir=setup.opts.cache_dir, data_dir=data_dir,
                       resume_from=str(resume_from) if resume_from else None, stop_file=str(stop),
-                      verbose=setup.verbose, checkpoint_root=str(paths.checkpoints / paths.attempt),
+                      verbose=setup.opts.verbose, checkpoint_root=str(paths.checkpoints / paths.attempt),
                       generations_dir=str(out / "generations"), test_after=False)
     try:
         paths.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -226,7 +226,7 @@ def check_search(cfg: RunConfig, resume: bool, out: Path) -> None:
                           f"choose another directory with --output")
 
 
-def search(cfg: RunConfig, address: Optional[str], resume: bool, cache_dir: str, verbose: bool = False) -> dict:
+def search(cfg: RunConfig, opts: LaunchOptions, resume: bool = False) -> dict:
     """Preflight, the trials, the test of the best trial, the results. Returns the run summary."""
     from launcher import controller, ray_job, run_lock
 
@@ -239,14 +239,14 @@ def search(cfg: RunConfig, address: Optional[str], resume: bool, cache_dir: str,
     with run_lock.held(out, _say), controller.storage_faults(out):
         stopper = controller.Stopper(out / ".stop-request", cfg.train.stop_grace_s)
         with stopper.installed():
-            _check_trial_plans(cfg, cache_dir)
-            plan, _ = controller.preflight(cfg, controller.Paths(out, "", None), cache_dir)
+            _check_trial_plans(cfg, opts.cache_dir)
+            plan, _ = controller.preflight(cfg, controller.Paths(out, "", None), opts)
             describe_search(cfg.tune, resume)
             if stopper.requested:
                 return {"status": "stopped"}
-            ray_job.start_ray(address, verbose)
+            ray_job.start_ray(opts.address, opts.verbose)
             try:
-                setup = TrialSetup(to_dict(cfg), str(out), cache_dir, plan.data_dir, str(stopper.stop_file), verbose)
+                setup = TrialSetup(to_dict(cfg), str(out), opts, plan.data_dir, str(stopper.stop_file))
                 run_search(cfg, setup, resume, stopper)
                 records = collect(out)
                 write_results(out, cfg.tune, records)
@@ -267,7 +267,7 @@ def search(cfg: RunConfig, address: Optional[str], resume: bool, cache_dir: str,
                     f"#   sft-launch {out / 'best_config.yaml'}\n" + yaml.safe_dump(to_dict(best_cfg), sort_keys=False))
                 _say(f"best trial {best['trial']}: {values_text(best['values'])}; val {cfg.tune.metric} "
                      f"{last(best, cfg.tune.metric):.4g} (its final evaluation); testing its final checkpoint")
-                ctl = evaluate_best(cfg, best, out, cache_dir, plan.data_dir, stopper, verbose)
+                ctl = evaluate_best(cfg, best, out, opts, plan.data_dir, stopper)
             finally:
                 ray_job.stop_ray()
         # The summary of the best trial's run, as a plain run writes it, plus the search.
@@ -326,7 +326,7 @@ def run_search(cfg: RunConfig, setup: TrialSetup, resume: bool, stopper) -> None
 
     tune = cfg.tune
     s = cfg.scaling
-    if not setup.verbose:
+    if not setup.opts.verbose:
         # Tune's own tables and per-trial notices: the launcher prints a line per trial instead.
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
@@ -349,7 +349,7 @@ def run_search(cfg: RunConfig, setup: TrialSetup, resume: bool, stopper) -> None
             tune_config=ray.tune.TuneConfig(metric=tune.metric, mode=tune.mode, num_samples=tune.num_samples,
                                             max_concurrent_trials=limit, scheduler=_scheduler(tune, Path(setup.out)),
                                             search_alg=_search_alg(tune), reuse_actors=False),
-            run_config=ray.tune.RunConfig(name=EXPERIMENT, storage_path=setup.out, verbose=2 if setup.verbose else 0,
+            run_config=ray.tune.RunConfig(name=EXPERIMENT, storage_path=setup.out, verbose=2 if setup.opts.verbose else 0,
                                            callbacks=callbacks))
     _say(f"trials: up to {limit} at a time, each {s.world_size} worker(s); each in {Path(setup.out) / TRIALS}/<trial>")
     outcome: dict = {}
@@ -385,14 +385,14 @@ def _trial_lines(out: Path, tune: TuneConfig):
     return TrialLines()
 
 
-def evaluate_best(cfg: RunConfig, best: dict, out: Path, cache_dir: str, data_dir: Optional[str], stopper, verbose: bool):
+def evaluate_best(cfg: RunConfig, best: dict, out: Path, opts: LaunchOptions, data_dir: Optional[str], stopper):
     """The test split, once: before fine-tuning and from the best trial's final sharded checkpoint (or its
     best, with test.checkpoint: best), in a fresh worker group; rank 0 exports it to <output_dir>/final_model."""
     from launcher import controller, ray_job
 
     best_cfg = trial_config(cfg, best["values"], str(out))
     if any(k.split(".")[0] in ("data", "model") for k in best["values"]):
-        data_dir = _prepare(best_cfg, cache_dir, cfg)
+        data_dir = _prepare(best_cfg, opts.cache_dir, cfg)
     ctl = controller.Controller(best_cfg, out, tracker=open_tracker(out / "tensorboard"))  # the search's run
     tested = best["final_checkpoint"]
     if best_cfg.test.checkpoint == "best":  # the trial's best checkpoint by validation, as in a plain run
@@ -400,9 +400,9 @@ def evaluate_best(cfg: RunConfig, best: dict, out: Path, cache_dir: str, data_di
 
         root = trial_dir(out, best["trial"]) / "checkpoints"
         tested = str(checkpoints.best_checkpoint(root, root, *selection(best_cfg)) or tested)
-    args = WorkerArgs(cache_dir=cache_dir, data_dir=data_dir, final_checkpoint=tested,
+    args = WorkerArgs(cache_dir=opts.cache_dir, data_dir=data_dir, final_checkpoint=tested,
                       export_dir=str(out / "final_model"), predictions_path=str(out / "test_predictions.jsonl"),
-                      test_generations_path=str(out / "test_generations.jsonl"), verbose=verbose)
+                      test_generations_path=str(out / "test_generations.jsonl"), verbose=opts.verbose)
     ray_job.fit(best_cfg, ray_job.test_worker, args, out / "test_evaluation", "test", ctl.receive,
                 stopper.abort_reason, finished=lambda: ctl.test is not None)
     if ctl.bad_input:
