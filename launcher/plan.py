@@ -211,8 +211,10 @@ def generation_lines(cfg: RunConfig, total_params: int = 0) -> list[str]:
     lines = [f"generation: {' and '.join(parts)}; up to {g.max_new_tokens} new tokens, "
              f"{'sampled' if g.do_sample else 'greedy'}"]
     if cfg.deepspeed.zero_stage == 3:
+        from trainer.ds_config import weight_width
+
         precision = cfg.deepspeed.precision
-        width = 2 if precision in ("bf16", "fp16") else 4
+        width = weight_width(precision)
         size = f"{width * total_params / 2**30:.2f} GiB in {'fp32' if width == 4 else precision}" + \
             (" on CPU workers, half that in bf16 on GPUs" if precision == "auto" else "")
         ways = {"gathered": f"the whole model ({size}) gathered on each worker for each pass",

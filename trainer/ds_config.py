@@ -107,13 +107,18 @@ def deepspeed_config(cfg: RunConfig, world_size: int, precision: str, load_unive
     return out
 
 
+def weight_width(precision: str) -> int:
+    """Bytes per weight in a run's precision: 2 in bf16 or fp16, else 4 (fp32)."""
+    return 2 if precision in ("bf16", "fp16") else 4
+
+
 def model_state_bytes(total: int, trainable: int, stage: int, world_size: int, precision: str) -> dict[str, int]:
     """Bytes of model states one worker holds, counted as DeepSpeed's ZeRO papers and estimators do:
     weights (all parameters), gradients and Adam states (trainable ones; in bf16/fp16 with an fp32
     master copy), each divided across the ranks from the stage that partitions it (optimizer states
     from 1, gradients from 2, weights at 3). Activations and buffers come on top."""
     mixed = precision in ("bf16", "fp16")
-    width = 2 if mixed else 4
+    width = weight_width(precision)
 
     def share(n_bytes: float, from_stage: int) -> int:
         return int(n_bytes / world_size) if stage >= from_stage else int(n_bytes)

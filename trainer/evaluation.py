@@ -81,12 +81,14 @@ def generator(model, synced: bool) -> Callable[..., Any]:
 
         limit = getattr(model.config, "max_position_embeddings", None)
         if limit:
-            width = torch.tensor([input_ids.shape[1]], dtype=torch.int64, device=input_ids.device)
+            width = input_ids.shape[1]
             if synced:
                 import torch.distributed as dist
 
-                dist.all_reduce(width, op=dist.ReduceOp.MAX)
-            max_new_tokens = max(1, min(max_new_tokens, limit - int(width.item())))
+                widest = torch.tensor([width], dtype=torch.int64, device=input_ids.device)
+                dist.all_reduce(widest, op=dist.ReduceOp.MAX)
+                width = int(widest.item())
+            max_new_tokens = max(1, min(max_new_tokens, limit - width))
         config = getattr(model, "generation_config", None)
         settings["eos_token_id"] = stop_ids(settings.get("eos_token_id"), getattr(config, "eos_token_id", None)) or None
         with torch.no_grad():

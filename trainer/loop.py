@@ -14,11 +14,12 @@ import math
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Optional
+from typing import Any, Callable, ContextManager, Iterator, Optional
 
 from trainer import checkpoints, data_cache, early_stopping, mixing
 from trainer.checkpoints import TrainState
@@ -59,6 +60,7 @@ class Setup:
     # for it, or synced (trainer/zero3_generation.py); other stages hold the whole model already.
     whole_model: Callable[[], ContextManager[GenerationWeights]]
     generation: Optional[GenerationWeights] = None  # how the last generation pass ran
+    passing: Optional[GenerationWeights] = None  # the pass in progress (see one_pass)
 
 
 def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: Reporter) -> Setup:
@@ -133,13 +135,28 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: R
                  whole_model)
 
 
+@contextmanager
+def one_pass(s: Setup) -> Iterator[GenerationWeights]:
+    """The weights for the evaluation and generation passes inside: under ZeRO-3 gathered once for
+    all of them (s.whole_model); a pass opened inside another joins it, gathering nothing again."""
+    if s.passing is not None:
+        yield s.passing
+        return
+    with s.whole_model() as way:
+        s.passing = way
+        try:
+            yield way
+        finally:
+            s.passing = None
+
+
 def evaluate_split(s: Setup, split: str) -> tuple[dict, list[dict]]:
     """Metrics of the engine's current weights on a split (each example counted once across ranks),
     and the per-example predictions of tasks that have them. Under ZeRO-3 on the whole model gathered
     where eval.generate.zero3 allows (no all-gather per forward pass)."""
     s.engine.eval()
     try:
-        with s.whole_model():
+        with one_pass(s):
             return s.task.evaluate(s.shard, s.data[split], s.labels)
     finally:
         s.engine.train()
@@ -154,7 +171,7 @@ def generate_split(s: Setup, cfg: RunConfig, split: str, count: int, reporter: R
         return []
     s.engine.eval()
     try:
-        with s.whole_model() as way:
+        with one_pass(s) as way:
             if s.rank == 0 and cfg.deepspeed.zero_stage == 3 and way.gathered != getattr(s.generation, "gathered", None):
                 reporter.log(way.describe())
             s.generation = way
@@ -287,8 +304,9 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
         stopping = stop > 0 and not is_last
         validation: dict[str, float] = {}
         if step % cfg.train.eval_every == 0 or is_last:
-            validation = scalars(evaluate_split(s, "validation")[0])
-            answers = generate_split(s, cfg, "validation", cfg.generate_examples, reporter)
+            with one_pass(s):  # ZeRO-3: one gather for both
+                validation = scalars(evaluate_split(s, "validation")[0])
+                answers = generate_split(s, cfg, "validation", cfg.generate_examples, reporter)
             if rank == 0 and answers and args.generations_dir:
                 target = Path(args.generations_dir) / f"{checkpoints.dir_name(step)}.jsonl"
                 with writing(f"the generated answers of step {step}", target):
@@ -331,13 +349,15 @@ def run_test(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TestResult
     s = setup(cfg, args, ("test",), reporter)
     answering = len(s.data["test"]) if cfg.generates_test else 0  # every test prompt, or none
     phases.done("test phase: the model and engine built")
-    before, _ = evaluate_split(s, "test")
-    answered_before = generate_split(s, cfg, "test", answering, reporter)
+    with one_pass(s):
+        before, _ = evaluate_split(s, "test")
+        answered_before = generate_split(s, cfg, "test", answering, reporter)
     phases.done(f"test phase: the model before fine-tuning evaluated{f' and {answering} prompts answered' if answering else ''}")
     # The weights come from the shards on disk, not from any model still in memory.
     state = checkpoints.load(s.engine, Path(args.final_checkpoint), s.rank, load_optimizer=False)
-    after, rows = evaluate_split(s, "test")
-    answered_after = generate_split(s, cfg, "test", answering, reporter)
+    with one_pass(s):
+        after, rows = evaluate_split(s, "test")
+        answered_after = generate_split(s, cfg, "test", answering, reporter)
     phases.done(f"test phase: step {state.step} loaded and evaluated{f' and {answering} prompts answered' if answering else ''}")
     if s.rank == 0 and args.predictions_path and rows:
         with writing("the test predictions", args.predictions_path):

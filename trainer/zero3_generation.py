@@ -62,7 +62,9 @@ def weight_bytes(model) -> int:
     """The whole model's weights in bytes, also when ZeRO-3 has partitioned them away."""
     import math
 
-    return sum(math.prod(getattr(p, "ds_shape", p.shape)) * p.element_size() for p in model.parameters())
+    from trainer.model import full_shape
+
+    return sum(math.prod(full_shape(p)) * p.element_size() for p in model.parameters())
 
 
 def free_bytes(device) -> int:
