@@ -9,6 +9,7 @@ Uses the tests' tiny BPE tokenizer and a tiny model config (no weights are loade
 
     .venv/bin/python bench/data.py                      # 10k, 50k, 200k rows, 3 rounds
     .venv/bin/python bench/data.py --rows 10000 200000 --rounds 3 --num-proc 2
+    .venv/bin/python bench/data.py --rows 100000 --rounds 2 --formats pair alpaca messages sharegpt
 """
 from __future__ import annotations
 
@@ -36,14 +37,26 @@ def rss_mb(kind: str = "VmRSS") -> float:
     return float("nan")
 
 
-def write_rows(path: Path, n: int, seed: int = 0) -> None:
+def as_format(fmt: str, prompt: str, response: str) -> dict:
+    """One exchange in one of the instruction formats (trainer/conversation.py): the same text each way."""
+    if fmt == "pair":
+        return {"prompt": prompt, "response": response}
+    if fmt == "alpaca":
+        instruction, _, query = prompt.partition(" ")
+        return {"instruction": instruction, "input": query, "output": response}
+    if fmt == "messages":
+        return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]}
+    return {"conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": response}]}
+
+
+def write_rows(path: Path, n: int, seed: int = 0, fmt: str = "pair") -> None:
     rng = random.Random(seed)
     words = [f"w{i}" for i in range(2000)] + ["the", "a", "of", "and", "to", "is", "in", "what", "how"]
     with path.open("w") as f:
         for _ in range(n):
             prompt = " ".join(rng.choices(words, k=rng.randint(5, 60))) + "?"
             response = " ".join(rng.choices(words, k=rng.randint(5, 200))) + "."
-            f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
+            f.write(json.dumps(as_format(fmt, prompt, response)) + "\n")
 
 
 def config(data: Path, tokenizer: Path, cache: Path, num_proc: int, packing: bool):
@@ -108,6 +121,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--num-proc", type=int, default=1)
     p.add_argument("--packing", action="store_true")
+    p.add_argument("--formats", nargs="+", choices=["pair", "alpaca", "messages", "sharegpt"],
+                   help="instead of the sizes: cold preparation rows/s of each format at --rows[0] rows, "
+                        "the same text in each, as ratios to the first format")
     p.add_argument("--child", choices=["prepare", "rank"])
     p.add_argument("--data"), p.add_argument("--tokenizer"), p.add_argument("--cache"), p.add_argument("--directory")
     a = p.parse_args()
@@ -119,6 +135,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sft-bench-data-") as tmp:
         tmp = Path(tmp)
         tokenizer = make_tokenizer(tmp / "tokenizer")
+        if a.formats:
+            return formats(a, tmp, tokenizer)
         files = {}
         for n in a.rows:
             files[n] = tmp / f"rows-{n}.jsonl"
@@ -156,6 +174,26 @@ def main() -> None:
         for what, key in (("resident memory", "rss"), ("anonymous memory", "anon")):
             delta = statistics.median(results[hi][key]) - statistics.median(results[lo][key])
             print(f"rank {what}, {hi:,} rows minus {lo:,} rows (medians): {delta:+,.0f} MB (target <= 300 MB)")
+
+
+def formats(a: argparse.Namespace, tmp: Path, tokenizer: Path) -> None:
+    """Cold preparation of the same rows in each format (the tests' ChatML template renders them all)."""
+    n = a.rows[0]
+    files = {fmt: tmp / f"{fmt}-{n}.jsonl" for fmt in a.formats}
+    for fmt, path in files.items():
+        write_rows(path, n, fmt=fmt)
+    speed: dict[str, list[float]] = {fmt: [] for fmt in a.formats}
+    for r in range(a.rounds):
+        for fmt in a.formats:  # alternating formats within each round
+            cold = run_child("prepare", a.packing, data=files[fmt], tokenizer=tokenizer, cache=tmp / f"cache-{fmt}-{r}",
+                             num_proc=a.num_proc)
+            speed[fmt].append(cold["rows"] / cold["seconds"])
+            print(f"round {r + 1}: {fmt}: {n:,} rows in {cold['seconds']:.1f} s", flush=True)
+    base = statistics.median(speed[a.formats[0]])
+    print(f"\n{n:,} rows, num_proc {a.num_proc}; cold preparation, min / median / max over {a.rounds} rounds")
+    print(f"| format | rows/s | median vs {a.formats[0]} |\n|---|---|---|")
+    for fmt in a.formats:
+        print(f"| {fmt} | {spread(speed[fmt], '{:,.0f}')} | {statistics.median(speed[fmt]) / base:.2f}x |")
 
 
 if __name__ == "__main__":

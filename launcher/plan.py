@@ -31,6 +31,7 @@ class Plan:
     data_dir: Optional[str] = None  # the prepared data the workers load (make_plan's data_root)
     # A training mix: (path, weight, rows, share of an epoch's draws) per source.
     sources: tuple[tuple[str, float, int, float], ...] = ()
+    reading: tuple[str, ...] = ()  # how the task reads the splits ("<split>: <how>"; one line when all agree)
 
 
 SAMPLE_ROWS = 200  # rows of each split prepared in preflight: bad data fails before any worker starts
@@ -56,9 +57,10 @@ def make_plan(cfg: RunConfig, cache_dir: str) -> Plan:
     task = get_task(cfg.model.task)
     sources, validation, test = load_splits(cfg)
     splits = (*sources, validation, test)
+    notes = []
     for split in splits:
         require_rows(split)
-        task.check_columns(split, cfg.data)
+        notes.append(task.check_columns(split, cfg.data))
     labels = training_labels(cfg, task, sources)
     model_dir = prepare_pretrained(cfg.model, cache_dir)
     processor = load_processor(cfg.model, model_dir)
@@ -93,7 +95,14 @@ def make_plan(cfg: RunConfig, cache_dir: str) -> Plan:
         trainable=n_trainable, total=n_total,
         freezing=freezing + summarize(sizes, trainable, layout), model_dir=model_dir, labels=tuple(labels),
         trainable_digest=trainable_digest(trainable),
-        checkpoint_bytes=4 * (n_trainable if is_lean(cfg) else n_total) + per_trainable * n_trainable)
+        checkpoint_bytes=4 * (n_trainable if is_lean(cfg) else n_total) + per_trainable * n_trainable,
+        reading=reading_lines([n for n in notes if n]))
+
+
+def reading_lines(notes: list[str]) -> tuple[str, ...]:
+    """The task's notes on each split ("<split>: <how>"), as one line when every split reads alike."""
+    hows = {n.split(": ", 1)[1] for n in notes}
+    return (f"all splits: {hows.pop()}",) if len(hows) == 1 and len(notes) > 1 else tuple(notes)
 
 
 def with_prepared_data(plan: Plan, cfg: RunConfig, data_root: Path, log: Callable[[str], None]) -> Plan:
@@ -190,6 +199,7 @@ def describe(plan: Plan, cfg: RunConfig) -> str:
         f"offload {cfg.deepspeed.offload}",
         memory_line(plan, cfg),
     ] + generation_lines(cfg, plan.total) \
+      + [f"data format: {line}" for line in plan.reading] \
       + [f"training mix: {Path(path).name} {n:,} rows, weight {w:g}: {share:.1%} of each epoch's draws"
          for path, w, n, share in plan.sources]
       + ([f"early stopping: validation {e.metric} ({e.mode}), patience {e.patience} evaluation(s), min_delta "

@@ -77,6 +77,11 @@ class Source:
             raise ValueError(f"weight must be > 0, got {self.weight}")
 
 
+MESSAGE_KEYS = ("role", "content", "tool_calls")  # data.message_keys
+ROLES = ("system", "user", "assistant", "tool", "function_call")  # data.roles
+CHAT_TEMPLATES = ("chatml", "llama3")  # data.chat_template by name (trainer/chat.py)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     # One file, or a training mix: a list of paths, or of {path, weight} mappings (see `sources`).
@@ -86,9 +91,29 @@ class DataConfig:
     # A `datasets` name (hub or local script), used when no train_file is given.
     dataset: Optional[str] = None
     dataset_config: Optional[str] = None
-    prompt_column: str = "prompt"
-    response_column: str = "response"
-    messages_column: str = "messages"
+    # causal_lm: how rows are read (trainer/conversation.py): pair (prompt/response), alpaca, messages
+    # (OpenAI/HF chat) or sharegpt; auto tells them apart by their columns.
+    format: Literal["auto", "pair", "alpaca", "messages", "sharegpt"] = "auto"
+    prompt_column: Optional[str] = None  # default: prompt (pair), instruction (alpaca)
+    response_column: Optional[str] = None  # default: response (pair), output (alpaca)
+    query_column: str = "input"  # alpaca: joined to the instruction by a newline when non-empty
+    history_column: str = "history"  # alpaca: earlier [instruction, output] pairs, used when present
+    messages_column: Optional[str] = None  # default: messages (messages), conversations (sharegpt)
+    system_column: str = "system"  # a row's system prompt, used when present
+    tools_column: str = "tools"  # a row's tool definitions (a list, or a JSON string of one), used when present
+    # The keys of a turn, e.g. {role: from, content: value}; default per format (messages: role, content,
+    # tool_calls; sharegpt: from, value).
+    message_keys: dict = field(default_factory=dict)
+    # The names each role goes by in the files, e.g. {user: [human, customer], assistant: [gpt]}: they
+    # replace that role's default names (trainer/conversation.py: DEFAULT_ROLE_NAMES).
+    roles: dict = field(default_factory=dict)
+    system_prompt: Optional[str] = None  # the system turn of rows that have none
+    # A chat template for tokenizers without one, or instead of the tokenizer's: chatml, llama3, or Jinja text.
+    chat_template: Optional[str] = None
+    # What carries labels: every assistant turn (function calls included), only the last one, or the
+    # whole conversation; train_on_eos: the end-of-turn marker after a labelled turn too.
+    train_on: Literal["assistant", "last", "all"] = "assistant"
+    train_on_eos: bool = True
     text_column: str = "text"
     text_pair_column: str = "text_pair"  # used when the data has this column
     label_column: str = "label"
@@ -127,6 +152,19 @@ class DataConfig:
         if (self.validation_file is None) != (self.test_file is None) and self.train_file is not None:
             raise ValueError("give both data.validation_file and data.test_file, or neither "
                              "(then data.fractions splits data.train_file)")
+        for key in self.message_keys.keys() - set(MESSAGE_KEYS):
+            raise ValueError(f"data.message_keys: unknown key {key!r}; a turn's keys are {', '.join(MESSAGE_KEYS)}")
+        for key, name in self.message_keys.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"data.message_keys.{key} must be a key name (text), got {name!r}")
+        for role, names in self.roles.items():
+            if role not in ROLES:
+                raise ValueError(f"data.roles: unknown role {role!r}; the roles are {', '.join(ROLES)}")
+            if not (isinstance(names, str) or isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+                raise ValueError(f"data.roles.{role} must be a name or a list of names, got {names!r}")
+        if self.chat_template is not None and self.chat_template not in CHAT_TEMPLATES and "{" not in self.chat_template:
+            raise ValueError(f"data.chat_template must be one of {', '.join(CHAT_TEMPLATES)} or a Jinja template, "
+                             f"got {self.chat_template!r}")
         if isinstance(self.train_file, tuple) and not self.train_file:
             raise ValueError("data.train_file is an empty list; give a file, or a list of files (with weights)")
 

@@ -29,7 +29,8 @@ META = "prepared.json"  # written last: a folder without it is not a cache
 VERSION = 1
 # data.* keys that do not change a prepared example.
 UNKEYED = ("cache_dir", "num_proc")
-CODE = ("trainer/data.py", "trainer/data_cache.py", "trainer/masking.py", "trainer/tasks/common.py")
+CODE = ("trainer/data.py", "trainer/data_cache.py", "trainer/masking.py", "trainer/tasks/common.py",
+        "trainer/conversation.py", "trainer/chat.py")
 
 
 @dataclass

@@ -20,8 +20,8 @@ def config(tmp: Path, tokenizer_dir, lr: float, **sections):
 
 def test_a_diverging_run_stops_early_checkpoints_tests_the_best_and_a_resume_keeps_the_patience(
         tmp_path, tokenizer_dir, process_group):
-    # lr 0.5 makes validation worse after the first evaluation (step 2): patience 2 runs out at step 6.
-    cfg = config(tmp_path, tokenizer_dir, 0.5, test={"checkpoint": "best"})
+    # lr 1.0 makes validation worse after the first evaluation (step 2): patience 2 runs out at step 6.
+    cfg = config(tmp_path, tokenizer_dir, 1.0, test={"checkpoint": "best"})
     root = tmp_path / "launch" / "attempt-1"
     reporter = ListReporter(root)
     fine_tune(cfg, reporter, WorkerArgs(cache_dir=str(tmp_path / "cache"), checkpoint_root=str(root)))

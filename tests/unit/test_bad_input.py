@@ -116,7 +116,7 @@ CASES = {
     "missing_file": (lambda tmp, tok: tiny_config(tmp, tok, data={"train_file": str(tmp / "gone.jsonl")}),
                      r"data.train_file: file .*gone.jsonl not found"),
     "missing_column": (lambda tmp, tok: tiny_config(tmp, tok, data={"train_file": jsonl(
-        tmp / "q.jsonl", [{"question": "q", "answer": "a"}] * 10)}), r"expected a 'messages' column, or 'prompt'"),
+        tmp / "q.jsonl", [{"question": "q", "answer": "a"}] * 10)}), r"q.jsonl: cannot tell the data format from its columns \(found: question, answer\); expected one of pair: 'prompt' and 'response'"),
     "empty_split": (lambda tmp, tok: tiny_config(tmp, tok, data={
         "train_file": str(DATA), "validation_file": jsonl(tmp / "v.jsonl", []), "test_file": str(DATA)}),
         r"v.jsonl: the validation split is empty"),
@@ -202,7 +202,7 @@ CASES = {
                              r"finetune.train_last_layers = 9 but the model has only 2 transformer blocks"),
     "chat_without_assistant_turn": (lambda tmp, tok: tiny_config(tmp, tok, data={"train_file": jsonl(
         tmp / "chat.jsonl", [{"messages": [{"role": "user", "content": f"hi {i}"}]} for i in range(12)])}),
-        r"chat.jsonl, \w+ split, line \d+, column 'messages': the conversation has no assistant message"),
+        r"chat.jsonl, \w+ split, line \d+, column 'messages': the conversation has no assistant turn to learn"),
     "train_file_source_missing": (lambda tmp, tok: tiny_config(tmp, tok, data={"train_file": [
         str(DATA), {"path": str(tmp / "gone.jsonl"), "weight": 2}]}), r"data.train_file\[1\]: file .*gone.jsonl not found"),
     "train_file_weight_not_positive": (lambda tmp, tok: tiny_config(tmp, tok, data={"train_file": [
@@ -254,14 +254,16 @@ CASES = {
                                    r"tune.metric is 'f1', but model.task 'causal_lm' reports loss, perplexity"),
     "tune_bad_range": (lambda tmp, tok: (tune(tmp, tok, {"optim.lr": {"loguniform": [1e-3, 1e-5]}}), ["--tune"]),
                        r"tune.space.optim.lr: loguniform takes \[low, high\] \(low > 0\) with low < high"),
-    # A chat column with a tokenizer that cannot render chats, and a template that re-renders earlier
-    # turns: the settings' fault, said once (not a row error per row, which once raised a TypeError).
+    # A chat column with a tokenizer that cannot render chats (the settings' fault, said once), and a
+    # template that re-renders earlier turns (the row is named, data.skip_bad_rows can skip it).
     "messages_without_a_chat_template": (lambda tmp, tok: tiny_config(tmp, tok, model={
         "tokenizer": tokenizer_without_template(tmp, tok)}, data={"train_file": chats(tmp)}),
-        r"the tokenizer has no chat template \(data.template: auto\), but the data has a 'messages' chat column"),
+        r"the tokenizer has no chat template, and plain text \(prompt \+ response \+ eos\) holds one exchange, but the data has "
+        r"system turns, tools or several turns: set data.chat_template"),
     "chat_template_that_is_not_a_growing_prefix": (lambda tmp, tok: tiny_config(tmp, tok, model={
         "tokenizer": tokenizer_with_template(tmp, tok, SHUFFLING_TEMPLATE)}, data={"train_file": chats(tmp)}),
-        r"data.template: the chat template does not render a conversation as a growing prefix"),
+        r"chats.jsonl, \w+ split, line \d+, column 'messages': the chat template does not render the text of assistant turn 1 "
+        r"of 2 as given \(it changes, reorders or drops it\)"),
     "tune_without_a_tune_section": (lambda tmp, tok: (tiny_config(tmp, tok), ["--tune"]),
                                     r"--tune needs a tune: section in the config"),
 }

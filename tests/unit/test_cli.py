@@ -3,9 +3,13 @@ test runs the real command as a subprocess (exit code and stderr as a shell sees
 call it in-process."""
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
+import yaml
+
+from tests.helpers import REPO, SMOLLM2, tiny_config, write_config
 from tests.helpers import run_cli as cli
-from tests.helpers import tiny_config, write_config
 
 
 def test_bad_key_is_one_paragraph_and_exit_2_in_a_real_process(tmp_path):
@@ -30,8 +34,9 @@ def test_missing_column_names_file_and_columns(tmp_path, tokenizer_dir):
     proc = cli(write_config(tmp_path / "c.yaml", tiny_config(tmp_path, tokenizer_dir, data={"train_file": str(data)})),
                "--dry-run")
     assert proc.returncode == 2
-    assert "expected a 'messages' column, or 'prompt' and 'response' columns" in proc.stderr
-    assert "found columns: question, answer" in proc.stderr and str(data) in proc.stderr
+    assert "cannot tell the data format from its columns (found: question, answer)" in proc.stderr
+    assert "pair: 'prompt' and 'response' (data.prompt_column, data.response_column)" in proc.stderr
+    assert str(data) in proc.stderr
 
 
 def test_freeze_rule_matching_nothing_fails_before_any_worker(tmp_path, tokenizer_dir):
@@ -68,3 +73,19 @@ def test_lora_target_matching_nothing_fails_before_any_worker(tmp_path, tokenize
     proc = cli(write_config(tmp_path / "c.yaml", raw), "--dry-run")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "finetune.lora.target[0] = '*q_proj' matches no linear or convolution layer" in proc.stderr
+
+
+@pytest.mark.parametrize("name, fmt", [("gpt_alpaca", "alpaca from 'instruction' + 'input' / 'output' (data.format)"),
+                                       ("gpt_sharegpt", "sharegpt from 'conversations' ({from, value} turns) (data.format)")])
+def test_the_shipped_alpaca_and_sharegpt_configs_read_their_data(tmp_path, tokenizer_dir, name, fmt):
+    """The shipped configs and samples as they are, with the tiny model in place of SmolLM2 (and
+    SmolLM2's chat template on the test tokenizer): every row of every split reads and renders."""
+    raw = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
+    raw["data"]["train_file"] = str(REPO / "data" / Path(raw["data"]["train_file"]).name)
+    raw["data"]["chat_template"] = SMOLLM2
+    raw["model"] = tiny_config(tmp_path, tokenizer_dir)["model"]
+    raw["model"]["architecture"]["n_positions"] = 512
+    raw["output_dir"] = str(tmp_path / "run")
+    proc = cli(write_config(tmp_path / "c.yaml", raw), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert f"data format: all splits: {fmt}; labels on every assistant turn (with end-of-turn marker)" in proc.stdout

@@ -1,18 +1,10 @@
-"""Generated answers as data: prompt / reference extraction, left padding, the TensorBoard table,
+"""Generated answers as data: left padding, the TensorBoard table,
 the test rows and the text metrics (checked against rouge-score's own numbers on a known pair)."""
 import pytest
 
 from trainer.generation import before_after, markdown_table, stop_ids, text_metrics
-from trainer.masking import IGNORE
-from trainer.tasks.causal_lm import left_pad, prompt_and_reference
+from trainer.tasks.causal_lm import left_pad
 from trainer.zero3_generation import HEADROOM, choose, gather_fits
-
-
-def test_prompt_is_what_precedes_the_first_label_and_the_reference_is_the_first_labelled_run():
-    ids = [1, 10, 11, 12, 20, 21, 2, 13, 14, 30, 2]
-    labels = [IGNORE] * 4 + [20, 21, 2] + [IGNORE] * 2 + [30, 2]  # a chat with two assistant turns
-    assert prompt_and_reference(ids, labels) == ([1, 10, 11, 12], [20, 21, 2])
-    assert prompt_and_reference([5, 6, 7], [IGNORE, 6, 7]) == ([5], [6, 7])  # a response to the end
 
 
 def test_left_padding_puts_every_prompt_against_the_right_edge():

@@ -1,16 +1,18 @@
-"""causal_lm: supervised fine-tuning of a GPT-style model on prompt/response pairs or chats.
+"""causal_lm: supervised fine-tuning of a GPT-style model on instruction data.
 
-Rows are rendered with the tokenizer's chat template (or plainly: prompt + response + eos) and only
-the response tokens (with the end-of-turn marker) carry labels. Metrics: token-level loss,
-perplexity and next-token accuracy, summed over every rank's shard; generated answers to the
-prompts (eval.generate) for the loop to show and score. Never imports ray.
+Rows in any of the formats of trainer/conversation.py (prompt/response pairs, Alpaca, OpenAI
+messages, ShareGPT) are read into conversations and rendered with the chat template
+(trainer/chat.py; or plainly: prompt + response + eos); the assistant turns (data.train_on, with
+their end-of-turn marker) carry labels. Metrics: token-level loss, perplexity and next-token
+accuracy, summed over every rank's shard; generated answers to the last assistant turn of each
+conversation (eval.generate) for the loop to show and score. Never imports ray.
 """
 from __future__ import annotations
 
 import math
 
 from trainer.config import ConfigError, DataConfig, RunConfig
-from trainer.masking import IGNORE, chat_text, mask_labels, plain_text
+from trainer.masking import IGNORE, mask_labels
 from trainer.tasks.common import DROP, ROW, Prepared, bad, encode_split, model_loss, require_rows
 
 AUTO_MODEL = "AutoModelForCausalLM"
@@ -22,91 +24,61 @@ GENERATES = True  # answers prompts: generate() below (eval.generate)
 loss = model_loss  # the training objective (trainer/tasks/common.py)
 
 
-def record_kind(split, d: DataConfig) -> str:
-    """'chat' when the messages column is present, 'pair' for prompt/response; else a clear error."""
-    columns = split.columns
-    if d.messages_column in columns:
-        return "chat"
-    if d.prompt_column in columns and d.response_column in columns:
-        return "pair"
-    raise ConfigError(f"{split.source}: expected a '{d.messages_column}' column, or '{d.prompt_column}' and "
-                      f"'{d.response_column}' columns (data.messages_column / data.prompt_column / "
-                      f"data.response_column); found columns: {', '.join(columns) or 'none'}")
+def reading(split, d: DataConfig):
+    """How this split's rows are read (trainer/conversation.py): data.format, or detected from the
+    columns and first rows; a ConfigError names what was found and what each format expects."""
+    from trainer.conversation import SAMPLE, detect
+
+    return detect(split.columns, split.table.select(range(min(SAMPLE, len(split)))).to_list(), d, split.source)
 
 
-def check_columns(split, d: DataConfig) -> None:
-    record_kind(split, d)
+TRAIN_ON = {"assistant": "every assistant turn", "last": "the last assistant turn", "all": "the whole conversation"}
+
+
+def check_columns(split, d: DataConfig) -> str:
+    eos = "with" if d.train_on_eos else "without"
+    return f"{split.name}: {reading(split, d).describe()}; labels on {TRAIN_ON[d.train_on]} ({eos} end-of-turn marker)"
 
 
 def label_names(cfg: RunConfig, train) -> list[str]:
     return []
 
 
-def uses_chat(d: DataConfig, tokenizer) -> bool:
-    if d.template == "chat" and tokenizer.chat_template is None:
-        raise ConfigError("data.template is 'chat' but the tokenizer has no chat template; use data.template: "
-                          "plain (prompt + response + eos) or auto, or a tokenizer with a template (model.tokenizer)")
-    return d.template == "chat" or (d.template == "auto" and tokenizer.chat_template is not None)
-
-
-def render(record: dict, kind: str, d: DataConfig, tokenizer, chat: bool) -> tuple[str, list]:
-    """The example's text and its response spans; a ValueError says what is wrong with the row as
-    (column, problem)."""
-    if kind == "chat":
-        messages = record[d.messages_column]
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            raise ValueError(d.messages_column, "must be a non-empty list of {role, content} messages")
-        if not any(m.get("role") == "assistant" for m in messages):
-            raise ValueError(d.messages_column, "the conversation has no assistant message to learn")
-        if not chat:
-            why = ("data.template is 'plain'" if d.template == "plain" else
-                   "the tokenizer has no chat template (data.template: auto)")
-            raise ConfigError(f"{why}, but the data has a '{d.messages_column}' chat column: chats need a tokenizer "
-                              f"with a chat template (model.tokenizer, and data.template: auto or chat)")
-    else:
-        prompt, response = record[d.prompt_column], record[d.response_column]
-        for col, value in ((d.prompt_column, prompt), (d.response_column, response)):
-            if not isinstance(value, str):
-                raise ValueError(col, f"must be text, got {value!r}")
-        if not response.strip():
-            raise ValueError(d.response_column, "is empty")
-        if not chat:
-            return plain_text(prompt, response, tokenizer.eos_token or "")
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-
-    def apply(msgs, add_generation_prompt):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-    try:
-        return chat_text(messages, apply)
-    except ValueError as err:
-        raise ConfigError(f"data.template: {err}") from None
-
-
 def prepare(split, cfg: RunConfig, tokenizer, labels: list[str], scratch=None) -> Prepared:
-    """input_ids / labels per row (int32; the collator adds the attention mask). Rows whose response
-    truncation to data.max_length removes entirely are dropped and counted (so are bad rows with
-    data.skip_bad_rows)."""
+    """input_ids / labels per row (int32; the collator adds the attention mask); outside the
+    training split also where the last answer starts (ANSWER_AT, in tokens) and its text
+    (REFERENCE), what generation asks and compares. Rows whose labelled tokens truncation to
+    data.max_length removes entirely are dropped and counted (so are bad rows with data.skip_bad_rows)."""
+    import bisect
+
     import numpy as np
+
+    from trainer.chat import render, template
+    from trainer.conversation import read
 
     d = cfg.data
     require_rows(split)
-    kind, chat = record_kind(split, d), uses_chat(d, tokenizer)
+    r, tpl = reading(split, d), template(d, tokenizer)
+    column = r.messages or r.response
     truncated = f"responses beyond data.max_length = {d.max_length}"
+    answers = split.name != "train"
 
     def encode(batch: dict) -> dict:
         n = len(next(iter(batch.values())))
-        texts, spans, drops = [], [], []
+        texts, spans, cuts, references, drops = [], [], [], [], []
         for i in range(n):
             try:
-                text, found = render({k: v[i] for k, v in batch.items()}, kind, d, tokenizer, chat)
-                drop = ""
+                out = render(read({k: v[i] for k, v in batch.items()}, r), tpl, tokenizer, d)
+                text, found, cut, reference, drop = out.text, out.spans, out.answer_at, out.reference, ""
             except ConfigError:
                 raise  # the settings, not this row (a ConfigError is a ValueError too)
             except ValueError as err:
-                text, found, drop = "", [], bad(*err.args)
+                where, problem = err.args if len(err.args) == 2 else (column, err.args[0])
+                text, found, cut, reference, drop = "", (), 0, "", bad(where, problem)
             texts.append(text)
             spans.append(found)
+            cuts.append(cut)
+            references.append(reference)
             drops.append(drop)
         enc = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=d.max_length,
                         return_offsets_mapping=True)
@@ -114,8 +86,13 @@ def prepare(split, cfg: RunConfig, tokenizer, labels: list[str], scratch=None) -
                         for ids, offsets, found in zip(enc["input_ids"], enc["offset_mapping"], spans)]
         drops = [drop or ("" if any(t != IGNORE for t in lab) else truncated) for drop, lab in zip(drops, token_labels)]
         # int32 on disk (half of what Python ints become); the collator makes the attention mask.
-        return {"input_ids": [np.asarray(ids, np.int32) for ids in enc["input_ids"]],
-                "labels": [np.asarray(lab, np.int32) for lab in token_labels], DROP: drops}
+        out = {"input_ids": [np.asarray(ids, np.int32) for ids in enc["input_ids"]],
+               "labels": [np.asarray(lab, np.int32) for lab in token_labels], DROP: drops}
+        if answers:
+            out[ANSWER_AT] = [bisect.bisect_left([a for a, _ in offsets], cut)
+                              for offsets, cut in zip(enc["offset_mapping"], cuts)]
+            out[REFERENCE] = references
+        return out
 
     try:
         return encode_split(split, cfg, encode, INPUTS, scratch=scratch)
@@ -126,6 +103,7 @@ def prepare(split, cfg: RunConfig, tokenizer, labels: list[str], scratch=None) -
         raise
 
 
+ANSWER_AT, REFERENCE = "answer_at", "reference"  # prepared columns outside the training split (generation)
 INPUTS = ("input_ids", "labels")
 PACKED = ("input_ids", "labels", "position_ids")
 
@@ -237,15 +215,6 @@ def evaluate(shard, prepared: Prepared, labels: list[str]) -> tuple[dict, list[d
     return metrics_from_sums(*shard.sum(sums)), []
 
 
-def prompt_and_reference(input_ids, labels) -> tuple[list[int], list[int]]:
-    """A prepared example's prompt (the tokens before the first labelled one) and its reference
-    answer (the first run of labelled tokens: the first response, with its end-of-turn marker)."""
-    labels = list(labels)
-    first = next(i for i, t in enumerate(labels) if t != IGNORE)  # preparation drops rows without one
-    end = next((i for i in range(first, len(labels)) if labels[i] == IGNORE), len(labels))
-    return list(input_ids[:first]), list(input_ids[first:end])
-
-
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[list[list[int]], list[list[int]]]:
     """(input_ids, attention_mask) of prompts padded on the left, so every answer starts at the end."""
     width = max(len(p) for p in prompts)
@@ -268,14 +237,16 @@ def generate(shard, prepared: Prepared, tokenizer, count: int, settings) -> list
 
     local = []
     for chunk in shard.chunks(count):
-        pairs = [prompt_and_reference(e["input_ids"], e["labels"]) for e in prepared.examples(chunk or [0])]
-        ids, mask = left_pad([prompt or [start] for prompt, _ in pairs], pad_id)
+        positions = chunk or [0]
+        prompts = [e["input_ids"][:at] for e, at in zip(prepared.examples(positions), prepared.column(ANSWER_AT, positions))]
+        ids, mask = left_pad([prompt or [start] for prompt in prompts], pad_id)
         out = shard.generate(torch.tensor(ids, device=shard.device), torch.tensor(mask, device=shard.device),
                              max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id)
         if not chunk:
             continue  # a stand-in: this rank's shard ran out
         answers = out[:, len(ids[0]):].tolist()
-        for row, (prompt, reference), answer in zip(prepared.column(ROW, chunk), pairs, answers):
-            local.append({"id": row, "prompt": text(prompt), "reference": text(reference), "answer": text(answer)})
+        for row, prompt, reference, answer in zip(prepared.column(ROW, chunk), prompts,
+                                                  prepared.column(REFERENCE, chunk), answers):
+            local.append({"id": row, "prompt": text(prompt), "reference": reference, "answer": text(answer)})
     return sorted((r for part in shard.gather(local) for r in part), key=lambda r: r["id"])

@@ -38,8 +38,9 @@ class Task(Protocol):
     # count, settings) -> [{"id", "prompt", "reference", "answer"}] (trainer/tasks/causal_lm.py).
     GENERATES: bool
 
-    def check_columns(self, split: Split, d: DataConfig) -> None:
-        """A ConfigError naming the data.*_column key when a column the task reads is missing."""
+    def check_columns(self, split: Split, d: DataConfig) -> Optional[str]:
+        """A ConfigError naming the data.*_column key when a column the task reads is missing; else
+        what the startup summary says of how the split is read (None: nothing to say)."""
 
     def label_names(self, cfg: RunConfig, train: Split) -> list[str]:
         """The label set (empty for tasks without labels)."""
