@@ -193,13 +193,13 @@ def describe(plan: Plan, cfg: RunConfig) -> str:
         f"data: {rows} {'examples' if plan.data_dir else 'rows'}; {plan.steps} optimizer steps "
         f"({'train.max_steps' if t.max_steps else f'{t.epochs:g} epoch(s)'}), eval every {t.eval_every}, "
         f"checkpoint every {t.save_interval}, keep last {t.keep_last} + best",
+        *(f"data format: {line}" for line in plan.reading),
         f"model: {cfg.model.name_or_path or 'inline ' + str(cfg.model.architecture.get('model_type'))}; "
         f"{plan.freezing}",
         f"deepspeed: ZeRO stage {cfg.deepspeed.zero_stage}, precision {cfg.deepspeed.precision}, "
         f"offload {cfg.deepspeed.offload}",
         memory_line(plan, cfg),
     ] + generation_lines(cfg, plan.total) \
-      + [f"data format: {line}" for line in plan.reading] \
       + [f"training mix: {Path(path).name} {n:,} rows, weight {w:g}: {share:.1%} of each epoch's draws"
          for path, w, n, share in plan.sources]
       + ([f"early stopping: validation {e.metric} ({e.mode}), patience {e.patience} evaluation(s), min_delta "
