@@ -61,6 +61,10 @@ def export_model(cfg: RunConfig, checkpoint: Path, target: Path, processor, labe
     try:
         staging.mkdir(parents=True)
         model.save_pretrained(staging, safe_serialization=True)
+        if cfg.data.chat_template:  # the template the data was rendered with goes with the tokenizer
+            from trainer.chat import TEMPLATES
+
+            processor.chat_template = TEMPLATES.get(cfg.data.chat_template, cfg.data.chat_template)
         processor.save_pretrained(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # give back what it took of a full disk

@@ -53,10 +53,12 @@ def test_zero3_lora_tests_and_exports_merged_and_adapter(tmp_path, tokenizer_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer import data_cache
+    from trainer.chat import TEMPLATES
     from trainer.evaluation import Shard
     from trainer.tasks import causal_lm
 
-    cfg = _cfg(tmp_path, tokenizer_dir, stage=3, export={"lora": "both"},
+    # data.chat_template: the rows are rendered with it, and the exported tokenizer carries it.
+    cfg = _cfg(tmp_path, tokenizer_dir, stage=3, export={"lora": "both"}, data={"chat_template": "llama3"},
                train={"max_steps": 6, "eval_every": 6, "save_every": 6})
     trained = _run(cfg, tmp_path / "ckpt")
     result = run_test(cfg, ListReporter(), WorkerArgs(cache_dir=str(tmp_path / "cache"),
@@ -64,6 +66,7 @@ def test_zero3_lora_tests_and_exports_merged_and_adapter(tmp_path, tokenizer_dir
                                                       export_dir=str(tmp_path / "final_model")))
     assert result.after["loss"] < result.before["loss"]
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "final_model")
+    assert tokenizer.chat_template == TEMPLATES["llama3"]
     test = data_cache.prepare(cfg, tokenizer, None).splits["test"]
 
     def test_loss(model) -> float:
