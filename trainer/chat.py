@@ -42,11 +42,6 @@ class Template:
     marked: bool  # `{% generation %}` blocks mark the assistant text
     end: str  # what follows an assistant turn's text: the end-of-turn marker ("" when none)
 
-    def describe(self) -> str:
-        how = "its {% generation %} blocks" if self.marked else f"each turn's text + {self.end or 'no marker'}"
-        tools = "tools: its own" if self.tools else f"tools: in the system turn, calls as JSON, results as {'tool' if self.tool_role else 'user'} turns"
-        return f"labels from {how}; {tools}"
-
 
 @dataclass(frozen=True)
 class Rendered:
@@ -145,7 +140,7 @@ def render(conv: Conversation, tpl: Optional[Template], tokenizer, d: DataConfig
                               f"Jinja template) or use a tokenizer with a chat template")
         prompt, response = conv.turns[0].content, conv.turns[1].content
         text = prompt + response
-        eos = tokenizer.eos_token or "" if d.train_on_eos else ""
+        eos = (tokenizer.eos_token or "") if d.train_on_eos else ""  # the labelled part of the eos
         spans = ((0, len(text) + len(eos)),) if d.train_on == "all" else ((len(prompt), len(text) + len(eos)),)
         return Rendered(text + (tokenizer.eos_token or ""), spans, len(prompt), response.strip())
     messages, tools = messages_for(conv, tpl)
