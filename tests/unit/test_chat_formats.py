@@ -248,3 +248,10 @@ def test_prepared_rows_carry_the_last_turn_as_the_generation_prompt(tok):
     assert all(t != IGNORE for t in example["labels"])  # train_on: all labels every token ...
     assert tok.decode(example["input_ids"][:at]).endswith("And 3 plus 3?<|im_end|>\n<|im_start|>assistant\n")
     assert prepared.column("reference", [0]) == ["Answer: 6."]  # ... the prompt still comes from the turns
+
+
+def test_the_schema_knows_every_named_template():
+    from trainer.chat import TEMPLATES
+    from trainer.config import CHAT_TEMPLATES
+
+    assert set(CHAT_TEMPLATES) == set(TEMPLATES)  # data.chat_template's check at load and the templates agree
