@@ -114,12 +114,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.tune:
             from launcher.tune import search
 
-            summary = search(cfg, options, args.resume is not None)
-            return EXIT_STOPPED if summary.get("status") == "stopped" else 0
-        from launcher.controller import launch
+            outcome = search(cfg, options, args.resume is not None)
+        else:
+            from launcher.controller import launch
 
-        summary = launch(cfg, options, args.resume)
-        return EXIT_STOPPED if summary.get("status") == "stopped" else 0
+            outcome = launch(cfg, options, args.resume)
+        return EXIT_STOPPED if outcome.stopped else 0
     except ConfigError as err:
         print(f"sft-launch: error: {err}", file=sys.stderr)
         return EXIT_CONFIG

@@ -4,7 +4,11 @@ It receives validation metrics while training runs (one printed line per evaluat
 best, prunes checkpoints (last keep_last + best) and writes every metric of the run to its tracker
 (launcher/tracking.py); the same workers then run the test evaluation on the final sharded checkpoint
 (trainer/loop.py fine_tune) and export the model, and it writes test_metrics.json and run_summary.json.
-Never imports deepspeed.
+
+Every launch assembles the same parts from here: `open_run` (the output layout, a new attempt, the
+run's tracker, the controller), `training_args` / `test_args` (what the workers are asked) and
+`run_group` (one worker group from start to end). A plain run uses them once; a search (launcher/tune.py)
+once per trial and once for the best trial's test. Never imports deepspeed.
 """
 from __future__ import annotations
 
@@ -19,17 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from launcher.tracking import Tracker
+from launcher.console import say
+from launcher.records import Evaluation, Outcome, one_per_step
+from launcher.tracking import Tracker, open_tracker
 from trainer import checkpoints, early_stopping
 from trainer.config import ConfigError, RunConfig, to_dict
 from trainer.jobs import WorkerArgs
 from trainer.messages import (BadInput, LogLine, Received, StepMetrics, StorageFailure, TestResult, TrainReport,
                               WorkerFailure)
 from trainer.storage import StorageError, writing
-
-
-def _say(text: str) -> None:
-    print(f"[sft] {text}", flush=True)
 
 
 def resolve_resume(out: Path, resume: Optional[str]) -> Optional[Path]:
@@ -115,7 +117,7 @@ def ensure_universal(path: Path) -> None:
         return
     staging = path / f".{checkpoints.UNIVERSAL_TAG}-converting"
     shutil.rmtree(staging, ignore_errors=True)
-    _say(f"converting {path} to DeepSpeed's universal format for the new world size")
+    say(f"converting {path} to DeepSpeed's universal format for the new world size")
     proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                            str(path / checkpoints.TAG), "--output_folder", str(staging), "--inject_missing_state"],
                           capture_output=True, text=True)
@@ -148,8 +150,8 @@ class Controller:
     cfg: RunConfig
     out: Path
     protected: set = field(default_factory=set)
-    history: list = field(default_factory=list)
-    best: Optional[dict] = None
+    history: list[Evaluation] = field(default_factory=list)
+    best: Optional[Evaluation] = None  # by early_stopping.selection's metric (for the console and the summary)
     ranks: dict = field(default_factory=dict)
     restarts: int = 0
     bad_input: Optional[str] = None
@@ -195,7 +197,7 @@ class Controller:
             if item.after_training and not self.trained:
                 self.held.append(item.text)
             else:
-                _say(item.text)
+                say(item.text)
         elif isinstance(item, WorkerFailure):
             self.on_failure(item)
         elif isinstance(item, StorageFailure):
@@ -217,34 +219,34 @@ class Controller:
         self.trained = self.trained or report.final
         self.stopped = self.stopped or report.stopped
         if report.validation:
-            entry = {"step": report.step, **report.validation}
+            evaluation = Evaluation(report.step, dict(report.validation))
             # After a restart the steps past the checkpoint run again: keep one entry per step.
-            self.history = [h for h in self.history if h["step"] != entry["step"]] + [entry]
+            self.history = one_per_step(self.history, evaluation)
             if self.tracker is not None:
                 self.tracker.scalars({f"val/{k}": v for k, v in report.validation.items()}, report.step)
             metric, mode = early_stopping.selection(self.cfg)
-            score = early_stopping.score(entry, metric, mode)
-            if score is not None and (self.best is None or score < early_stopping.score(self.best, metric, mode)):
-                self.best = dict(entry)
-            shown = "  ".join(f"{k} {v:.4g}" for k, v in entry.items() if k not in ("step", "loss"))
-            best = f"  (best {metric} {self.best[metric]:.4f} at step {self.best['step']})" if self.best else ""
-            _say(f"eval  step {entry['step']}: val loss {entry['loss']:.4f}  {shown}{best}")
+            score = evaluation.score(metric, mode)
+            if score is not None and (self.best is None or score < self.best.score(metric, mode)):
+                self.best = evaluation
+            shown = "  ".join(f"{k} {v:.4g}" for k, v in evaluation.metrics.items() if k != "loss")
+            best = f"  (best {metric} {self.best.value(metric):.4f} at step {self.best.step})" if self.best else ""
+            say(f"eval  step {evaluation.step}: val loss {evaluation.value('loss'):.4f}  {shown}{best}")
         if report.stopped_early:
             self.stopped_early_at = report.step
             e = self.cfg.train.early_stopping
-            best = f" (best {self.best[e.metric]:.4g} at step {self.best['step']})" if self.best else ""
-            _say(f"early stopping at step {report.step}: validation {e.metric} has not improved by more than "
-                 f"{e.min_delta:g} for {e.patience} evaluation(s){best}; checkpointed, the test evaluation comes next")
+            best = f" (best {self.best.value(e.metric):.4g} at step {self.best.step})" if self.best else ""
+            say(f"early stopping at step {report.step}: validation {e.metric} has not improved by more than "
+                f"{e.min_delta:g} for {e.patience} evaluation(s){best}; checkpointed, the test evaluation comes next")
         if item.checkpoint:
             path = Path(item.checkpoint)
             with writing(f"the completion marker of checkpoint {path.name}", path):
                 checkpoints.mark_complete(path)  # every rank's part is persisted now
-            if self.best is not None and self.best["step"] == report.step:
-                self.best["checkpoint"] = str(path)
+            if self.best is not None and self.best.step == report.step:
+                self.best = dataclasses.replace(self.best, checkpoint=str(path))
             self.prune(keep=path)
         if self.trained:
             for text in self.held:
-                _say(text)
+                say(text)
             self.held.clear()
 
     def on_failure(self, failure: WorkerFailure) -> None:
@@ -264,19 +266,19 @@ class Controller:
                 for rank, text in sorted(failure.details.items()):
                     log.write(f"=== failure {self.restarts}, rank {rank}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n{text}\n")
         except OSError as err:
-            _say(f"could not write {self.failure_log} ({err.strerror}); the traceback follows on the console")
+            say(f"could not write {self.failure_log} ({err.strerror}); the traceback follows on the console")
             for rank, text in sorted(failure.details.items()):
                 print(text.rstrip(), file=sys.stderr, flush=True)
         self.last_failure = failure
         if repeated:
-            _say(f"worker failure ({detail}) again, with no progress since the last restart: not restarting")
+            say(f"worker failure ({detail}) again, with no progress since the last restart: not restarting")
             when = f"after step {self.last_step}" if self.last_step else "before the first step"
             raise RepeatedFailure(f"the same error twice {when} ({detail})")
         if self.restarts > self.cfg.train.max_failures:
-            _say(f"worker failure ({detail}); train.max_failures = {self.cfg.train.max_failures} reached")
+            say(f"worker failure ({detail}); train.max_failures = {self.cfg.train.max_failures} reached")
         else:
-            _say(f"worker failure ({detail}); restart {self.restarts}/{self.cfg.train.max_failures}: "
-                 f"the worker group continues from the latest checkpoint ({resume_at})")
+            say(f"worker failure ({detail}); restart {self.restarts}/{self.cfg.train.max_failures}: "
+                f"the worker group continues from the latest checkpoint ({resume_at})")
 
     def prune(self, keep: Path) -> None:
         found = checkpoints.find_checkpoints(self.out / "checkpoints")
@@ -318,8 +320,8 @@ class Stopper:
         except OSError:
             if not self.stop_file.exists():
                 self.unwritable = True
-        _say(f"{signal.Signals(signum).name}: the workers checkpoint after the current step and stop "
-             f"(grace {self.grace_s:g} s; Ctrl-C again aborts at once)")
+        say(f"{signal.Signals(signum).name}: the workers checkpoint after the current step and stop "
+            f"(grace {self.grace_s:g} s; Ctrl-C again aborts at once)")
 
     @property
     def requested(self) -> bool:
@@ -342,12 +344,6 @@ class Stopper:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self.stop_file.unlink(missing_ok=True)
-
-
-def _next_attempt(root: Path) -> int:
-    """One more than any attempt so far: a reused name would make Ray restore that attempt's state."""
-    numbers = [int(p.name.split("-", 1)[1]) for p in root.glob("attempt-*") if p.name.split("-", 1)[1].isdigit()]
-    return max(numbers, default=0) + 1
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -377,21 +373,85 @@ class LaunchOptions:
 
 @dataclass(frozen=True)
 class Paths:
-    """Where one launch reads and writes."""
+    """Where one run reads and writes: its output directory, this launch's attempt folder under its
+    checkpoints, and the checkpoint it starts from."""
     out: Path
-    attempt: str  # this launch's folder under checkpoints/: a reused name would restore its Ray state
+    attempt: Optional[str]  # None: a launch that trains nothing (a search's driver)
     resume_from: Optional[Path]
-    checkpoint_dir: Optional[Path] = None  # default <out>/checkpoints (a search: its best trial's)
+    checkpoint_dir: Optional[Path] = None  # default <out>/checkpoints (a search's summary: its best trial's)
 
     @property
     def checkpoints(self) -> Path:
         return self.checkpoint_dir or self.out / "checkpoints"
 
+    @classmethod
+    def next_attempt(cls, out: Path, resume_from: Optional[Path]) -> "Paths":
+        """A launch's paths, in an attempt folder numbered one more than any so far: a reused name
+        would make Ray restore that attempt's state."""
+        numbers = [int(p.name.split("-", 1)[1]) for p in (out / "checkpoints").glob("attempt-*")
+                   if p.name.split("-", 1)[1].isdigit()]
+        return cls(out, f"attempt-{max(numbers, default=0) + 1}", resume_from)
 
-def launch(cfg: RunConfig, opts: LaunchOptions, resume: Optional[str] = None) -> dict:
-    """Preflight, train and test (one worker group), summarise. Returns the run summary."""
+
+def open_run(cfg: RunConfig, out: Path, resume_from: Optional[Path]) -> tuple[Paths, Controller]:
+    """The output layout and the controller of one training run (a plain run, or a search trial): a new
+    attempt folder, the run's tracker (its TensorBoard under <out>/tensorboard), the resumed checkpoint
+    protected from pruning, and the tracker rewound to it."""
+    paths = Paths.next_attempt(out, resume_from)
+    ctl = Controller(cfg, out, protected={resume_from} if resume_from else set(),
+                     tracker=open_tracker(out / "tensorboard"))
+    if resume_from:
+        ctl.start_from(checkpoints.read_state(resume_from).step)
+    return paths, ctl
+
+
+def training_args(paths: Paths, opts: LaunchOptions, data_dir: Optional[str], stop_file: Path,
+                  test: bool) -> WorkerArgs:
+    """What the workers of a training run are asked: train into this attempt's folder, then (`test`)
+    evaluate the test split and export into the output directory (a search trial does not test)."""
+    outputs = dict(export_dir=str(paths.out / "final_model"), predictions_path=str(paths.out / "test_predictions.jsonl"),
+                   test_generations_path=str(paths.out / "test_generations.jsonl")) if test else {}
+    return WorkerArgs(cache_dir=opts.cache_dir, data_dir=data_dir,
+                      resume_from=str(paths.resume_from) if paths.resume_from else None, stop_file=str(stop_file),
+                      verbose=opts.verbose, checkpoint_root=str(paths.checkpoints / paths.attempt),
+                      generations_dir=str(paths.out / "generations"), test_after=test, **outputs)
+
+
+def test_args(out: Path, opts: LaunchOptions, data_dir: Optional[str], checkpoint: str) -> WorkerArgs:
+    """What the workers of a test-only group are asked (a search's best trial): evaluate `checkpoint`
+    and export it into `out`."""
+    return WorkerArgs(cache_dir=opts.cache_dir, data_dir=data_dir, final_checkpoint=checkpoint,
+                      export_dir=str(out / "final_model"), predictions_path=str(out / "test_predictions.jsonl"),
+                      test_generations_path=str(out / "test_generations.jsonl"), verbose=opts.verbose)
+
+
+def run_group(cfg: RunConfig, worker, args: WorkerArgs, storage: Path, name: str, ctl: Controller,
+              abort_reason=lambda: None, finished=lambda: False, on_report=None) -> None:
+    """One worker group, from its start to its end, its messages handed to `on_report` (default: the
+    controller's receive). Every launch runs its worker groups through here: a plain run's, each search
+    trial's and the search's test group. A worker failure that ends the run shows the worker's own
+    traceback once; bad input the workers found becomes a ConfigError (exit 2)."""
+    from launcher import ray_job
+
+    storage.mkdir(parents=True, exist_ok=True)
+    try:
+        ray_job.fit(cfg, worker, args, storage, name, on_report or ctl.receive, abort_reason, finished)
+    except ray_job.Aborted:
+        raise
+    except (ray_job.LaunchError, RepeatedFailure) as err:
+        details = ctl.last_failure.details if ctl.last_failure else {}
+        if not details:
+            raise
+        rank = min(details)
+        print(details[rank].rstrip(), file=sys.stderr, flush=True)  # the worker's traceback, once
+        raise ray_job.LaunchError(f"{err} (rank {rank}; every failure's traceback is in {ctl.failure_log})") from None
+    if ctl.bad_input:
+        raise ConfigError(ctl.bad_input)
+
+
+def launch(cfg: RunConfig, opts: LaunchOptions, resume: Optional[str] = None) -> Outcome:
+    """Preflight, train and test (one worker group), summarise."""
     from launcher import ray_job, run_lock
-    from launcher.tracking import open_tracker
 
     started_at = time.time()
     out = Path(cfg.output_dir).resolve()
@@ -400,16 +460,12 @@ def launch(cfg: RunConfig, opts: LaunchOptions, resume: Optional[str] = None) ->
     # ends the launch; during training the workers checkpoint first; during the test evaluation the
     # final checkpoint exists already: the workers are abandoned, and --resume goes straight back to
     # the test. One launch at a time writes into an output directory (launcher/run_lock.py).
-    with run_lock.held(out, _say), stopper.installed(), storage_faults(out):
+    with run_lock.held(out, say), stopper.installed(), storage_faults(out):
         resume_from = resolve_resume(out, resume)
         guard_output(out, resuming=resume is not None)
-        paths = Paths(out, f"attempt-{_next_attempt(out / 'checkpoints')}", resume_from)
-        ctl = Controller(cfg, out, protected={resume_from} if resume_from else set(),
-                         tracker=open_tracker(out / "tensorboard"))
+        paths, ctl = open_run(cfg, out, resume_from)
         try:
             plan, universal = preflight(cfg, paths, opts)
-            if resume_from:
-                ctl.start_from(checkpoints.read_state(resume_from).step)
             if not stopper.requested:
                 try:
                     ray_job.start_ray(opts.address, opts.verbose)  # keeps the launcher's signal handlers
@@ -450,7 +506,7 @@ def preflight(cfg: RunConfig, paths: Paths, opts: LaunchOptions):
     from launcher import plan as plan_mod
     from trainer import data_cache
 
-    _say("preflight: checking data, tokenizer, model config and freezing rules")
+    say("preflight: checking data, tokenizer, model config and freezing rules")
     plan = plan_mod.make_plan(cfg, opts.cache_dir)
     check_disk(paths.out, plan.checkpoint_bytes)
     universal, saved = False, None
@@ -459,13 +515,13 @@ def preflight(cfg: RunConfig, paths: Paths, opts: LaunchOptions):
         saved = checkpoints.read_state(paths.resume_from)
         universal = saved.world_size != cfg.scaling.world_size and saved.zero_stage > 0
     with writing("the prepared data", data_cache.cache_root(cfg), refusals_only=True):
-        plan = plan_mod.with_prepared_data(plan, cfg, data_cache.cache_root(cfg), _say)
+        plan = plan_mod.with_prepared_data(plan, cfg, data_cache.cache_root(cfg), say)
     for line in plan_mod.describe(plan, cfg).splitlines():
-        _say(line)
+        say(line)
     if saved is not None:
         if universal:
             ensure_universal(paths.resume_from)
-        _say(f"resuming from {paths.resume_from} (step {saved.step})")
+        say(f"resuming from {paths.resume_from} (step {saved.step})")
     return plan, universal
 
 
@@ -480,32 +536,14 @@ def train_and_test(cfg: RunConfig, paths: Paths, ctl: Controller, stopper: Stopp
             return "stop requested during the test evaluation"
         return stopper.abort_reason()
 
-    paths.checkpoints.mkdir(parents=True, exist_ok=True)
-    _say(f"training: {cfg.scaling.world_size} worker(s), checkpoints in {paths.checkpoints / paths.attempt}")
-    args = WorkerArgs(cache_dir=opts.cache_dir, data_dir=data_dir,
-                      resume_from=str(paths.resume_from) if paths.resume_from else None,
-                      stop_file=str(stopper.stop_file), universal=universal, verbose=opts.verbose,
-                      checkpoint_root=str(paths.checkpoints / paths.attempt),
-                      export_dir=str(paths.out / "final_model"),
-                      predictions_path=str(paths.out / "test_predictions.jsonl"),
-                      generations_dir=str(paths.out / "generations"),
-                      test_generations_path=str(paths.out / "test_generations.jsonl"))
+    say(f"training: {cfg.scaling.world_size} worker(s), checkpoints in {paths.checkpoints / paths.attempt}")
+    args = dataclasses.replace(training_args(paths, opts, data_dir, stopper.stop_file, test=True), universal=universal)
     try:
-        ray_job.fit(cfg, ray_job.train_worker, args, paths.checkpoints, paths.attempt, ctl.receive, abort_reason,
-                    finished=lambda: ctl.test is not None or ctl.stopped)
+        run_group(cfg, ray_job.train_worker, args, paths.checkpoints, paths.attempt, ctl, abort_reason,
+                  finished=lambda: ctl.test is not None or ctl.stopped)
     except ray_job.Aborted:
         if not ctl.trained:
             raise
-        return
-    except (ray_job.LaunchError, RepeatedFailure) as err:
-        details = ctl.last_failure.details if ctl.last_failure else {}
-        if not details:
-            raise
-        rank = min(details)
-        print(details[rank].rstrip(), file=sys.stderr, flush=True)  # the worker's traceback, once
-        raise ray_job.LaunchError(f"{err} (rank {rank}; every failure's traceback is in {ctl.failure_log})") from None
-    if ctl.bad_input:
-        raise ConfigError(ctl.bad_input)
 
 
 def final_checkpoint(paths: Paths) -> Optional[Path]:
@@ -515,8 +553,8 @@ def final_checkpoint(paths: Paths) -> Optional[Path]:
 
 
 def summarise(cfg: RunConfig, paths: Paths, ctl: Controller, plan, final: Optional[Path], elapsed: float,
-              extra: Optional[dict] = None) -> dict:
-    """run_summary.json (and, for a completed run, test_metrics.json and the TensorBoard test scalars)."""
+              extra: Optional[dict] = None) -> Outcome:
+    """run_summary.json (and, for a completed run, test_metrics.json and the tracker's test scalars)."""
     step = checkpoints.read_state(final).step if final else 0
     summary = {
         "status": "completed" if ctl.test else "stopped",
@@ -526,9 +564,9 @@ def summarise(cfg: RunConfig, paths: Paths, ctl: Controller, plan, final: Option
         "final_checkpoint": str(final) if final else None,
         "checkpoints": [str(p) for _, p in checkpoints.find_checkpoints(paths.checkpoints)],
         "checkpoint_bytes": {str(p): checkpoints.size_bytes(p) for _, p in checkpoints.find_checkpoints(paths.checkpoints)},
-        "best_validation": ctl.best,
+        "best_validation": ctl.best.as_json() if ctl.best else None,
         "stopped_early_at": ctl.stopped_early_at,
-        "validation_history": ctl.history,
+        "validation_history": [e.as_json() for e in ctl.history],
         "resumed_from": str(paths.resume_from) if paths.resume_from else None,
         "attempt": paths.attempt,
         "restarts": ctl.restarts,
@@ -553,11 +591,11 @@ def summarise(cfg: RunConfig, paths: Paths, ctl: Controller, plan, final: Option
     if ctl.test:
         changes = "  ".join(f"{k} {before[k]:.4g} -> {after[k]:.4g}" for k, v in after.items()
                             if isinstance(v, float) and k not in ("tokens", "examples", "perplexity"))
-        _say(f"test (step {step}): {changes}; results in {paths.out}")
+        say(f"test (step {step}): {changes}; results in {paths.out}")
     else:
         if final:
-            _say(f"stopped at step {step}; checkpoint {final}. Continue with: sft-launch <config> --output "
-                 f"{paths.out} --resume")
+            say(f"stopped at step {step}; checkpoint {final}. Continue with: sft-launch <config> --output "
+                f"{paths.out} --resume")
         else:
-            _say(f"stopped before the first checkpoint: nothing to resume; start the run again the same way")
-    return summary
+            say(f"stopped before the first checkpoint: nothing to resume; start the run again the same way")
+    return Outcome(summary["status"], summary)

@@ -227,16 +227,16 @@ class RayReporter:
                              checkpoint_dir_name=dir_name(message.step))
 
     def log(self, text, after_training=False):
-        self._queue.actor.put_nowait.remote(encode(LogLine(text, after_training)))
+        self._queue.actor.put_nowait.remote(LogLine(text, after_training))
 
     def track(self, metrics):
-        self._queue.actor.put_nowait.remote(encode(metrics))
+        self._queue.actor.put_nowait.remote(metrics)
 
     def storage_failure(self, failure: StorageFailure) -> None:
         """At once, through the queue: not through report(), whose calls every rank must pair."""
         import ray
 
-        ray.get(self._queue.actor.put_nowait.remote(encode(failure)))
+        ray.get(self._queue.actor.put_nowait.remote(failure))
 
 
 def _worker_args(loop_config: dict):
@@ -299,20 +299,23 @@ def _forwarding_callback(q):
     from ray.train import UserCallback
 
     class Forward(UserCallback):
-        """Runs in Ray Train's controller; hands every report to the driver through a queue actor."""
+        """Runs in Ray Train's controller; hands every report to the driver through a queue actor, as
+        the controller's typed message (one per report, each rank's part and place in it)."""
 
         def after_report(self, run_context, metrics, checkpoint):
-            path = checkpoint.path if checkpoint is not None else None
-            q.actor.put_nowait.remote({"reports": metrics, "checkpoint": path})
+            decoded = [decode(m) for m in metrics]
+            q.actor.put_nowait.remote(Received(tuple(m for m, _ in decoded), tuple(w for _, w in decoded),
+                                               checkpoint.path if checkpoint is not None else None))
 
         def after_exception(self, run_context, worker_exceptions):
-            q.actor.put_nowait.remote({"failures": {rank: _describe(err) for rank, err in worker_exceptions.items()},
-                                       "details": {rank: _traceback(err) for rank, err in worker_exceptions.items()}})
+            q.actor.put_nowait.remote(WorkerFailure({rank: describe_error(err) for rank, err in worker_exceptions.items()},
+                                                    {rank: _traceback(err) for rank, err in worker_exceptions.items()}))
 
     return Forward()
 
 
-def _describe(err: BaseException) -> str:
+def describe_error(err: BaseException) -> str:
+    """One line: the error's type and the last line of what it says."""
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[-1] if text else ''}"
 
@@ -321,16 +324,6 @@ def _traceback(err: BaseException) -> str:
     """The worker's whole traceback (the note the worker added), else what the error says."""
     notes = getattr(err, "__notes__", None)
     return "\n".join(notes) if notes else f"{type(err).__name__}: {err}"
-
-
-def _received(item: dict):
-    """A queue item as the controller's typed message."""
-    if "failures" in item:
-        return WorkerFailure(item["failures"], item["details"])
-    if "kind" in item:
-        return decode(item)[0]
-    decoded = [decode(m) for m in item["reports"]]
-    return Received(tuple(m for m, _ in decoded), tuple(w for _, w in decoded), item["checkpoint"])
 
 
 def _unwrap(err: BaseException) -> BaseException:
@@ -350,10 +343,48 @@ class Aborted(LaunchError):
     """The driver gave up on the worker group (stop grace expired)."""
 
 
+def gpus_per_worker(cfg: RunConfig) -> float:
+    """scaling.gpus_per_worker, else one GPU per worker on a cluster that has GPUs (none on one without)."""
+    s = cfg.scaling
+    if s.gpus_per_worker is not None:
+        return s.gpus_per_worker
+    return 1.0 if any(cluster_gpus_per_node()) else 0.0
+
+
+def in_background(name: str, work: Callable[[], object], tick: Callable[[], bool]) -> Optional[BaseException]:
+    """Run a blocking Ray call (a TorchTrainer's or a Tuner's fit) in a daemon thread, so that the main
+    thread keeps its signal handlers: `tick` runs while it works (it waits up to about half a second,
+    and returns True once the caller has what it waited for; what it raises propagates at once).
+    Returns the call's own error, None when it ended well or was left to end.
+
+    A call left running after `tick` said done is given TEARDOWN_WAIT_S to end: stop_ray() frees the
+    driver's core worker while Ray Train's fit() may still be blocked in Ray calls in this daemon
+    thread; the process then crashed: SIGSEGV at exit on a joined cluster (the two-node test), SIGABRT
+    seconds later in a process that goes on after an in-process launch (a CI run of the test suite);
+    ray#31145. Ray Train's own teardown of the worker group ends first (~1 s)."""
+    failed: list[BaseException] = []
+
+    def target():
+        try:
+            work()
+        except BaseException as err:  # handed to the main thread
+            failed.append(err)
+
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    while thread.is_alive():
+        if tick():
+            thread.join(timeout=TEARDOWN_WAIT_S)
+            break
+        thread.join(timeout=0.01)
+    return failed[0] if failed else None
+
+
 def fit(cfg: RunConfig, worker: Callable, args: WorkerArgs, storage: Path, name: str,
         on_report: Callable[[object], None], abort_reason: Callable[[], Optional[str]] = lambda: None,
         finished: Callable[[], bool] = lambda: False) -> None:
-    """Run `worker` on the configured worker group; call `on_report` on the driver for every report.
+    """Run `worker` on the configured worker group; call `on_report` on the driver with every typed
+    message (trainer/messages.py) the workers and Ray Train's controller send.
 
     A dead worker makes Ray restart the group from the latest checkpoint, up to train.max_failures
     times. `abort_reason` is polled: when it returns a reason, the run is abandoned. Once `finished()`
@@ -365,7 +396,7 @@ def fit(cfg: RunConfig, worker: Callable, args: WorkerArgs, storage: Path, name:
     from ray.util.queue import Empty, Queue
 
     s = cfg.scaling
-    gpus = s.gpus_per_worker if s.gpus_per_worker is not None else (1.0 if any(cluster_gpus_per_node()) else 0.0)
+    gpus = gpus_per_worker(cfg)
     node_ids = check_resources(cfg, gpus)
     if s.nodes > 1:
         check_shared_storage(node_ids, Path(cfg.output_dir).resolve())
@@ -387,16 +418,6 @@ def fit(cfg: RunConfig, worker: Callable, args: WorkerArgs, storage: Path, name:
             callbacks=[_forwarding_callback(q)],
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
-    outcome: dict = {}
-
-    def target():
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as err:  # handed to the main thread
-            outcome["error"] = err
-
-    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
-    thread.start()
 
     def drain(block_s: float) -> None:
         while True:
@@ -404,26 +425,20 @@ def fit(cfg: RunConfig, worker: Callable, args: WorkerArgs, storage: Path, name:
                 item = q.get(timeout=block_s) if block_s else q.get_nowait()
             except Empty:
                 return
-            on_report(_received(item))
+            on_report(item)
             block_s = 0
 
-    while thread.is_alive() and not finished():
+    def tick() -> bool:
         drain(0.5)
         reason = abort_reason()
         if reason:
             raise Aborted(reason)
-        thread.join(timeout=0.01)
+        return finished()
+
+    error = in_background("ray-train-fit", trainer.fit, tick)
     drain(0)
-    if thread.is_alive():
-        # stop_ray() frees the driver's core worker while Ray Train's fit() may still be blocked in Ray
-        # calls in this daemon thread; the process then crashed: SIGSEGV at exit on a joined cluster
-        # (the two-node test), SIGABRT seconds later in a process that goes on after an in-process
-        # launch (a CI run of the test suite); ray#31145. Let Ray Train's own teardown of the worker
-        # group end first (~1 s).
-        thread.join(timeout=TEARDOWN_WAIT_S)
-    if "error" in outcome:
-        inner = _unwrap(outcome["error"])
+    if error is not None:
+        inner = _unwrap(error)
         if isinstance(inner, ConfigError):
             raise inner
-        raise LaunchError(_describe(inner)) from outcome["error"]
-
+        raise LaunchError(describe_error(inner)) from error

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,22 +18,18 @@ from typing import Optional
 
 import yaml
 
+from launcher.console import say
 from launcher.controller import LaunchOptions
+from launcher.records import Outcome, TrialRecord
 from launcher.tracking import open_tracker
-from launcher.tune_results import (EXPERIMENT, TRIALS, collect, last, pick_best, read_record, top_lines,
-                                   trial_dir, trial_line, trial_status, values_text, write_hparams, write_record,
-                                   write_results)
+from launcher.tune_results import (EXPERIMENT, TRIALS, collect, pick_best, top_lines, trial_dir, trial_line,
+                                   trial_status, values_text, write_hparams, write_results)
 from trainer import checkpoints
-from trainer.config import (ConfigError, RunConfig, TuneConfig, checked_values, distribution, from_dict, resolve_paths,
-                            to_dict, trial_config)
-from trainer.jobs import WorkerArgs
+from trainer.config import (ConfigError, RunConfig, TuneConfig, checked_values, distribution, resolve_paths, to_dict,
+                            trial_config)
 
 STOP = ".stop-request"  # in a trial's folder: its workers checkpoint after the current step and stop
 ASHA_STOP = "asha"  # what the scheduler writes there
-
-
-def _say(text: str) -> None:
-    print(f"[sft] {text}", flush=True)
 
 
 class TrialStopped(RuntimeError):
@@ -45,7 +40,7 @@ class TrialStopped(RuntimeError):
 @dataclass(frozen=True)
 class TrialSetup:
     """What every trial function gets besides its searched values."""
-    base: dict  # the run config (to_dict), with absolute paths
+    base: RunConfig  # the run config, with absolute paths
     out: str
     opts: LaunchOptions
     data_dir: Optional[str]  # prepared by the driver; a trial that searches data.*/model.* keys prepares its own
@@ -56,23 +51,23 @@ class TrialSetup:
 
 
 def run_trial(values: dict, setup: TrialSetup) -> None:
-    """The Tune function of one trial: a plain run of the trial's config, without the test split.
-    Each validation goes to Tune (`tune.report`), where ASHA may end the trial."""
+    """The Tune function of one trial: a plain run of the trial's config (the same parts a plain run
+    assembles: controller.open_run, training_args, run_group), without the test split. Each validation
+    goes to Tune (`tune.report`), where ASHA may end the trial."""
     import ray.tune
 
     from launcher import controller, ray_job
 
     trial_id = ray.tune.get_context().get_trial_id()
     out = trial_dir(Path(setup.out), trial_id)
-    base = from_dict(setup.base)
-    cfg = trial_config(base, values, str(out))
-    previous = read_record(out) or {}
-    if previous.get("status") == "failed":  # a restored search keeps a failed trial failed
-        raise RuntimeError(previous.get("error", "failed in an earlier launch"))
+    cfg = trial_config(setup.base, values, str(out))
+    previous = TrialRecord.read(out)
+    if previous is not None and previous.status == "failed":  # a restored search keeps a failed trial failed
+        raise RuntimeError(previous.error or "failed in an earlier launch")
     out.mkdir(parents=True, exist_ok=True)
+    record = replace(previous, status="running") if previous else TrialRecord(trial_id, values)
     if Path(setup.stop_file).exists():
-        write_record(out, {"trial": trial_id, "values": values, "status": "stopped", "steps": previous.get("steps", 0),
-                           "wall_s": previous.get("wall_s", 0.0), "history": previous.get("history", [])})
+        replace(record, status="stopped").write(out)
         raise TrialStopped("the search was asked to stop before this trial started")
     stop = out / STOP
     stop.unlink(missing_ok=True)  # a request of an earlier launch
@@ -80,29 +75,24 @@ def run_trial(values: dict, setup: TrialSetup) -> None:
     resume_from = found[-1][1] if found else None
     data_dir = setup.data_dir
     if any(k.split(".")[0] in ("data", "model") for k in values):
-        data_dir = _prepare(cfg, setup.opts.cache_dir, base)
-    paths = controller.Paths(out, f"attempt-{controller._next_attempt(out / 'checkpoints')}", resume_from)
-    # The trial's own run (a child of the search), written by this trial's controller.
-    ctl = controller.Controller(cfg, out, protected={resume_from} if resume_from else set(),
-                                tracker=open_tracker(out / "tensorboard"))
-    if resume_from:
-        ctl.start_from(checkpoints.read_state(resume_from).step)
-    started, spent = time.time(), float(previous.get("wall_s", 0.0))
-    record = {"trial": trial_id, "values": values, "status": "running", "steps": 0, "wall_s": spent,
-              "history": previous.get("history", [])}
-    metric = setup.base["tune"]["metric"]
+        data_dir = _prepare(cfg, setup.opts.cache_dir, setup.base)
+    paths, ctl = controller.open_run(cfg, out, resume_from)  # the trial's own run, a child of the search
+    started, spent = time.time(), record.wall_s
+    metric = setup.base.tune.metric
 
     def on_report(item) -> None:
-        seen = len(ctl.history)
+        nonlocal record
+        latest = ctl.history[-1] if ctl.history else None
         ctl.receive(item)
-        record.update(steps=ctl.last_step, wall_s=round(spent + time.time() - started, 1))
-        for entry in ctl.history[seen:]:
-            if metric not in entry:
+        record = replace(record, steps=ctl.last_step, wall_s=round(spent + time.time() - started, 1))
+        if ctl.history and ctl.history[-1] is not latest:  # an evaluation came (or came again, replayed)
+            evaluation = ctl.history[-1]
+            if metric not in evaluation.metrics:
                 raise ConfigError(f"tune.metric: {metric!r} is not a validation metric of model.task "
-                                  f"{cfg.model.task!r}; its validation reports {', '.join(sorted(entry))}")
-            record["history"] = [h for h in record["history"] if h["step"] != entry["step"]] + [entry]
-            write_record(out, record)
-            ray.tune.report({**entry, "trial_step": entry["step"]})
+                                  f"{cfg.model.task!r}; its validation reports {', '.join(sorted(evaluation.metrics))}")
+            record = record.with_evaluation(evaluation)
+            record.write(out)
+            ray.tune.report({**evaluation.as_json(), "trial_step": evaluation.step})
 
     def pass_on_stop() -> None:
         """The search's stop request (a signal to the launcher) reaches this trial's workers (polled by
@@ -110,29 +100,24 @@ def run_trial(values: dict, setup: TrialSetup) -> None:
         if Path(setup.stop_file).exists() and not stop.exists():
             stop.write_text("stop requested\n")
 
-    args = WorkerArgs(cache_dir=setup.opts.cache_dir, data_dir=data_dir,
-                      resume_from=str(resume_from) if resume_from else None, stop_file=str(stop),
-                      verbose=setup.opts.verbose, checkpoint_root=str(paths.checkpoints / paths.attempt),
-                      generations_dir=str(out / "generations"), test_after=False)
+    args = controller.training_args(paths, setup.opts, data_dir, stop, test=False)
     try:
-        paths.checkpoints.mkdir(parents=True, exist_ok=True)
-        ray_job.fit(cfg, ray_job.train_worker, args, paths.checkpoints, paths.attempt, on_report,
-                    abort_reason=pass_on_stop)
-        if ctl.bad_input:
-            raise ConfigError(ctl.bad_input)
+        controller.run_group(cfg, ray_job.train_worker, args, paths.checkpoints, paths.attempt, ctl,
+                             abort_reason=pass_on_stop, on_report=on_report)
     except BaseException as err:
         if not isinstance(err, KeyboardInterrupt):
-            write_record(out, {**record, "status": "failed", "error": f"{type(err).__name__}: {err}",
-                               "bad_input": isinstance(err, ConfigError)})
+            bad = isinstance(err, ConfigError)
+            replace(record, status="failed", error=str(err) if bad else f"{type(err).__name__}: {err}",
+                    bad_input=bad).write(out)
         raise
     finally:
         ctl.close()
     final = checkpoints.find_checkpoints(paths.checkpoints)
     by_asha = ctl.stopped and stop.exists() and stop.read_text().startswith(ASHA_STOP)
-    record.update(status="stopped early" if by_asha else "stopped" if ctl.stopped else "completed",
-                  steps=ctl.last_step, final_checkpoint=str(final[-1][1]) if final else None,
-                  wall_s=round(spent + time.time() - started, 1))
-    write_record(out, record)
+    record = replace(record, status="stopped early" if by_asha else "stopped" if ctl.stopped else "completed",
+                     steps=ctl.last_step, final_checkpoint=str(final[-1][1]) if final else None,
+                     wall_s=round(spent + time.time() - started, 1))
+    record.write(out)
     if ctl.stopped and not by_asha:
         raise TrialStopped(f"checkpointed at step {ctl.last_step} and stopped on request")
 
@@ -226,8 +211,8 @@ def check_search(cfg: RunConfig, resume: bool, out: Path) -> None:
                           f"choose another directory with --output")
 
 
-def search(cfg: RunConfig, opts: LaunchOptions, resume: bool = False) -> dict:
-    """Preflight, the trials, the test of the best trial, the results. Returns the run summary."""
+def search(cfg: RunConfig, opts: LaunchOptions, resume: bool = False) -> Outcome:
+    """Preflight, the trials, the test of the best trial, the results."""
     from launcher import controller, ray_job, run_lock
 
     started_at = time.time()
@@ -236,49 +221,49 @@ def search(cfg: RunConfig, opts: LaunchOptions, resume: bool = False) -> dict:
     check_search(cfg, resume, out)
     out.mkdir(parents=True, exist_ok=True)
     # One launch per output directory; a refused write ends the search in one paragraph.
-    with run_lock.held(out, _say), controller.storage_faults(out):
+    with run_lock.held(out, say), controller.storage_faults(out):
         stopper = controller.Stopper(out / ".stop-request", cfg.train.stop_grace_s)
         with stopper.installed():
             _check_trial_plans(cfg, opts.cache_dir)
-            plan, _ = controller.preflight(cfg, controller.Paths(out, "", None), opts)
+            plan, _ = controller.preflight(cfg, controller.Paths(out, None, None), opts)
             describe_search(cfg.tune, resume)
             if stopper.requested:
-                return {"status": "stopped"}
+                return Outcome("stopped")
             ray_job.start_ray(opts.address, opts.verbose)
             try:
-                setup = TrialSetup(to_dict(cfg), str(out), opts, plan.data_dir, str(stopper.stop_file))
+                setup = TrialSetup(cfg, str(out), opts, plan.data_dir, str(stopper.stop_file))
                 run_search(cfg, setup, resume, stopper)
                 records = collect(out)
                 write_results(out, cfg.tune, records)
                 write_hparams(out, cfg.tune, records)
-                bad = [r for r in records if r.get("bad_input")]
+                bad = [r for r in records if r.bad_input]
                 if bad:
-                    raise ConfigError(bad[0]["error"].removeprefix("ConfigError: "))
+                    raise ConfigError(bad[0].error)
                 for line in top_lines(cfg.tune, records):
-                    _say(line)
-                if stopper.requested or any(r["status"] == "stopped" for r in records):
-                    _say(f"search stopped: {sum(r['status'] == 'stopped' for r in records)} trial(s) to continue; "
-                         f"continue with: sft-launch <config> --tune --output {out} --resume")
-                    return {"status": "stopped"}
+                    say(line)
+                if stopper.requested or any(r.status == "stopped" for r in records):
+                    say(f"search stopped: {sum(r.status == 'stopped' for r in records)} trial(s) to continue; "
+                        f"continue with: sft-launch <config> --tune --output {out} --resume")
+                    return Outcome("stopped")
                 best = pick_best(cfg.tune, records)
-                best_cfg = trial_config(cfg, best["values"], str(out / "best_run"))
+                best_cfg = trial_config(cfg, best.values, str(out / "best_run"))
                 (out / "best_config.yaml").write_text(
-                    f"# The best trial of the search in {out} ({best['trial']}), as a plain run config:\n"
+                    f"# The best trial of the search in {out} ({best.trial}), as a plain run config:\n"
                     f"#   sft-launch {out / 'best_config.yaml'}\n" + yaml.safe_dump(to_dict(best_cfg), sort_keys=False))
-                _say(f"best trial {best['trial']}: {values_text(best['values'])}; val {cfg.tune.metric} "
-                     f"{last(best, cfg.tune.metric):.4g} (its final evaluation); testing its final checkpoint")
+                say(f"best trial {best.trial}: {values_text(best.values)}; val {cfg.tune.metric} "
+                    f"{best.last(cfg.tune.metric):.4g} (its final evaluation); testing its final checkpoint")
                 ctl = evaluate_best(cfg, best, out, opts, plan.data_dir, stopper)
             finally:
                 ray_job.stop_ray()
         # The summary of the best trial's run, as a plain run writes it, plus the search.
-        paths = controller.Paths(out, "", None, checkpoint_dir=trial_dir(out, best["trial"]) / "checkpoints")
-        search_summary = {"best_trial": best["trial"], "best_values": best["values"], "metric": cfg.tune.metric,
+        paths = controller.Paths(out, None, None, checkpoint_dir=trial_dir(out, best.trial) / "checkpoints")
+        search_summary = {"best_trial": best.trial, "best_values": best.values, "metric": cfg.tune.metric,
                           "mode": cfg.tune.mode, "chosen_by": "final validation value",
-                          "trials": {r["trial"]: r["status"] for r in records},
+                          "trials": {r.trial: r.status for r in records},
                           "results": str(out / "tune_results.csv"), "best_config": str(out / "best_config.yaml")}
-        trained = trial_config(cfg, best["values"], str(trial_dir(out, best["trial"])))
+        trained = trial_config(cfg, best.values, str(trial_dir(out, best.trial)))
         try:
-            return controller.summarise(trained, paths, ctl, plan, Path(best["final_checkpoint"]),
+            return controller.summarise(trained, paths, ctl, plan, Path(best.final_checkpoint),
                                         time.time() - started_at, extra={"tune": search_summary})
         finally:
             ctl.close()
@@ -313,8 +298,8 @@ def describe_search(tune: TuneConfig, resume: bool) -> None:
     space = "; ".join(f"{k} {next(iter(v))} {list(next(iter(v.values())))}" for k, v in tune.space.items())
     how = (f"ASHA (grace {tune.grace_period} evaluation(s), reduction factor {tune.reduction_factor})"
            if tune.scheduler == "asha" else "FIFO (every trial runs its whole schedule)")
-    _say(f"{'continuing the' if resume else 'tune:'} search of val {tune.metric} ({tune.mode}) over {space}; "
-         f"{tune.num_samples} sample(s), {tune.search_alg} search, {how}")
+    say(f"{'continuing the' if resume else 'tune:'} search of val {tune.metric} ({tune.mode}) over {space}; "
+        f"{tune.num_samples} sample(s), {tune.search_alg} search, {how}")
 
 
 def run_search(cfg: RunConfig, setup: TrialSetup, resume: bool, stopper) -> None:
@@ -330,8 +315,7 @@ def run_search(cfg: RunConfig, setup: TrialSetup, resume: bool, stopper) -> None
         # Tune's own tables and per-trial notices: the launcher prints a line per trial instead.
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
-    gpus = s.gpus_per_worker if s.gpus_per_worker is not None else (
-        1.0 if any(ray_job.cluster_gpus_per_node()) else 0.0)
+    gpus = ray_job.gpus_per_worker(cfg)
     ray_job.check_resources(cfg, gpus)  # one trial at least must fit: say so now, not in a trial
     limit = tune.max_concurrent_trials or concurrency(cfg, ray.cluster_resources(), gpus)
     # The trial function needs no CPU of its own (its workers hold the CPUs, through ScalingConfig), but
@@ -341,8 +325,8 @@ def run_search(cfg: RunConfig, setup: TrialSetup, resume: bool, stopper) -> None
     callbacks = [_trial_lines(Path(setup.out), tune)]
     if resume:
         tuner = ray.tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
-        _say(f"continuing the search in {experiment}: finished trials are kept, stopped ones resume from "
-             f"their checkpoints")
+        say(f"continuing the search in {experiment}: finished trials are kept, stopped ones resume from "
+            f"their checkpoints")
     else:
         tuner = ray.tune.Tuner(
             trainable, param_space=param_space(tune),
@@ -351,24 +335,18 @@ def run_search(cfg: RunConfig, setup: TrialSetup, resume: bool, stopper) -> None
                                             search_alg=_search_alg(tune), reuse_actors=False),
             run_config=ray.tune.RunConfig(name=EXPERIMENT, storage_path=setup.out, verbose=2 if setup.opts.verbose else 0,
                                            callbacks=callbacks))
-    _say(f"trials: up to {limit} at a time, each {s.world_size} worker(s); each in {Path(setup.out) / TRIALS}/<trial>")
-    outcome: dict = {}
+    say(f"trials: up to {limit} at a time, each {s.world_size} worker(s); each in {Path(setup.out) / TRIALS}/<trial>")
 
-    def target():
-        try:
-            outcome["grid"] = tuner.fit()
-        except BaseException as err:
-            outcome["error"] = err
-
-    thread = threading.Thread(target=target, name="ray-tune-fit", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(timeout=0.5)
+    def tick() -> bool:
+        time.sleep(0.5)
         reason = stopper.abort_reason()
         if reason:
             raise ray_job.Aborted(reason)
-    if "error" in outcome:
-        raise ray_job.LaunchError(f"the search failed: {ray_job._describe(outcome['error'])}") from outcome["error"]
+        return False
+
+    error = ray_job.in_background("ray-tune-fit", tuner.fit, tick)
+    if error is not None:
+        raise ray_job.LaunchError(f"the search failed: {ray_job.describe_error(error)}") from error
 
 
 def _trial_lines(out: Path, tune: TuneConfig):
@@ -377,36 +355,34 @@ def _trial_lines(out: Path, tune: TuneConfig):
 
     class TrialLines(Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
-            _say(trial_line(trial_status(out, trial.trial_id, errored=False), tune))
+            say(trial_line(trial_status(out, trial.trial_id, errored=False), tune))
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            _say(trial_line(trial_status(out, trial.trial_id, errored=True), tune))
+            say(trial_line(trial_status(out, trial.trial_id, errored=True), tune))
 
     return TrialLines()
 
 
-def evaluate_best(cfg: RunConfig, best: dict, out: Path, opts: LaunchOptions, data_dir: Optional[str], stopper):
+def evaluate_best(cfg: RunConfig, best: TrialRecord, out: Path, opts: LaunchOptions, data_dir: Optional[str],
+                  stopper):
     """The test split, once: before fine-tuning and from the best trial's final sharded checkpoint (or its
-    best, with test.checkpoint: best), in a fresh worker group; rank 0 exports it to <output_dir>/final_model."""
+    best, with test.checkpoint: best), in a worker group of its own (run_group, as every launch's);
+    rank 0 exports it to <output_dir>/final_model. Returns the search's controller."""
     from launcher import controller, ray_job
 
-    best_cfg = trial_config(cfg, best["values"], str(out))
-    if any(k.split(".")[0] in ("data", "model") for k in best["values"]):
+    best_cfg = trial_config(cfg, best.values, str(out))
+    if any(k.split(".")[0] in ("data", "model") for k in best.values):
         data_dir = _prepare(best_cfg, opts.cache_dir, cfg)
     ctl = controller.Controller(best_cfg, out, tracker=open_tracker(out / "tensorboard"))  # the search's run
-    tested = best["final_checkpoint"]
+    tested = best.final_checkpoint
     if best_cfg.test.checkpoint == "best":  # the trial's best checkpoint by validation, as in a plain run
         from trainer.early_stopping import selection
 
-        root = trial_dir(out, best["trial"]) / "checkpoints"
+        root = trial_dir(out, best.trial) / "checkpoints"
         tested = str(checkpoints.best_checkpoint(root, root, *selection(best_cfg)) or tested)
-    args = WorkerArgs(cache_dir=opts.cache_dir, data_dir=data_dir, final_checkpoint=tested,
-                      export_dir=str(out / "final_model"), predictions_path=str(out / "test_predictions.jsonl"),
-                      test_generations_path=str(out / "test_generations.jsonl"), verbose=opts.verbose)
-    ray_job.fit(best_cfg, ray_job.test_worker, args, out / "test_evaluation", "test", ctl.receive,
-                stopper.abort_reason, finished=lambda: ctl.test is not None)
-    if ctl.bad_input:
-        raise ConfigError(ctl.bad_input)
+    controller.run_group(best_cfg, ray_job.test_worker, controller.test_args(out, opts, data_dir, tested),
+                         out / "test_evaluation", "test", ctl, stopper.abort_reason,
+                         finished=lambda: ctl.test is not None)
     if ctl.test is None:
         raise ray_job.LaunchError("the test worker group ended without a test result")
     return ctl

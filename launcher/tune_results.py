@@ -4,16 +4,15 @@ Imports no Ray (tests read them without a cluster)."""
 from __future__ import annotations
 
 import csv
-import json
 import math
+from dataclasses import replace
 from pathlib import Path
-from typing import Optional
 
+from launcher.records import RECORD, TrialRecord
 from trainer.config import ConfigError, TuneConfig
 
 TRIALS = "trials"  # <output_dir>/trials/<trial id>/: one run each
 EXPERIMENT = "tune"  # <output_dir>/tune/: Ray Tune's own state (what --tune --resume restores)
-RECORD = "trial.json"  # a trial's status, searched values, validation history, steps and time
 EXIT_REASONS = {"completed": "ran its whole schedule", "stopped early": "stopped by ASHA",
                 "stopped": "stopped on request (continue with --tune --resume)", "failed": "failed"}
 
@@ -22,79 +21,61 @@ def trial_dir(out: Path, trial_id: str) -> Path:
     return out / TRIALS / trial_id
 
 
-def read_record(directory: Path) -> Optional[dict]:
-    path = directory / RECORD
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def write_record(directory: Path, record: dict) -> None:
-    tmp = directory / f".{RECORD}.tmp"
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    tmp.replace(directory / RECORD)
-
-
-def trial_status(out: Path, trial_id: str, errored: bool) -> dict:
+def trial_status(out: Path, trial_id: str, errored: bool) -> TrialRecord:
     """A trial's record with its final status. A trial ends its record itself (completed, stopped early
     by ASHA through its stop file, stopped, failed); one whose record still says running was ended from
     outside: by Tune (stopped early) or by an error its function could not record (failed)."""
-    record = read_record(trial_dir(out, trial_id)) or {"trial": trial_id, "values": {}, "history": [], "steps": 0,
-                                                       "wall_s": 0.0}
-    status = record.get("status", "running")
-    if status == "running":
-        status = "failed" if errored else "stopped early"
-    return {**record, "status": status}
+    record = TrialRecord.read(trial_dir(out, trial_id)) or TrialRecord(trial_id, {})
+    if record.status == "running":
+        return replace(record, status="failed" if errored else "stopped early")
+    return record
 
 
-def collect(out: Path) -> list[dict]:
+def collect(out: Path) -> list[TrialRecord]:
     """Every trial's record, in the order Tune created them."""
     found = sorted((out / TRIALS).glob(f"*/{RECORD}")) if (out / TRIALS).is_dir() else []
     return [trial_status(out, p.parent.name, errored=False) for p in found]
-
-
-def last(record: dict, metric: str) -> float:
-    values = [h[metric] for h in sorted(record["history"], key=lambda h: h["step"]) if metric in h]
-    return values[-1] if values else math.nan
 
 
 def values_text(values: dict) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
 
 
-def trial_line(record: dict, tune: TuneConfig) -> str:
-    history = sorted(record["history"], key=lambda h: h["step"])
-    shown = (f"val {tune.metric} {history[-1][tune.metric]:.4g} at step {history[-1]['step']}"
-             if history and tune.metric in history[-1] else "no evaluation")
-    why = EXIT_REASONS[record["status"]]
-    error = f" ({record['error']})" if record["status"] == "failed" and record.get("error") else ""
-    return (f"trial {record['trial']} {record['status']} after step {record['steps']}: {values_text(record['values'])}; "
+def trial_line(record: TrialRecord, tune: TuneConfig) -> str:
+    history = sorted(record.history, key=lambda e: e.step)
+    shown = (f"val {tune.metric} {history[-1].value(tune.metric):.4g} at step {history[-1].step}"
+             if history and tune.metric in history[-1].metrics else "no evaluation")
+    why = EXIT_REASONS[record.status]
+    error = f" ({record.error})" if record.status == "failed" and record.error else ""
+    return (f"trial {record.trial} {record.status} after step {record.steps}: {values_text(record.values)}; "
             f"{shown}; {why}{error}")
 
 
-def pick_best(tune: TuneConfig, records: list[dict]) -> dict:
+def pick_best(tune: TuneConfig, records: list[TrialRecord]) -> TrialRecord:
     """The best trial by its final validation value among the trials that ran their whole schedule
     (their final checkpoint is the one the test evaluates)."""
-    done = [r for r in records if r["status"] == "completed" and not math.isnan(last(r, tune.metric))]
+    done = [r for r in records if r.status == "completed" and not math.isnan(r.last(tune.metric))]
     if not done:
         raise ConfigError("tune: no trial completed its schedule, so there is no trial to test; see "
                           "tune_results.csv (a grace_period shorter than the schedule, or a wider space)")
     sign = 1 if tune.mode == "min" else -1
-    return min(done, key=lambda r: sign * last(r, tune.metric))
+    return min(done, key=lambda r: sign * r.last(tune.metric))
 
 
-def top_lines(tune: TuneConfig, records: list[dict], top: int = 5) -> list[str]:
+def top_lines(tune: TuneConfig, records: list[TrialRecord], top: int = 5) -> list[str]:
     """The console's table of the best trials: those that ran their whole schedule first (the best is
     chosen among them), then the others."""
     sign = 1 if tune.mode == "min" else -1
-    ranked = sorted(records, key=lambda r: (r["status"] != "completed", math.isnan(last(r, tune.metric)),
-                                            sign * last(r, tune.metric)))
+    ranked = sorted(records, key=lambda r: (r.status != "completed", math.isnan(r.last(tune.metric)),
+                                            sign * r.last(tune.metric)))
     return [f"top trials by final val {tune.metric} ({tune.mode}):"] + [
-        f"  {i}. {r['trial']}  {tune.metric} {last(r, tune.metric):.4g}  {r['status']:<13} step {r['steps']:<5} "
-        f"{r['wall_s']:.0f} s  {values_text(r['values'])}" for i, r in enumerate(ranked[:top], 1)]
+        f"  {i}. {r.trial}  {tune.metric} {r.last(tune.metric):.4g}  {r.status:<13} step {r.steps:<5} "
+        f"{r.wall_s:.0f} s  {values_text(r.values)}" for i, r in enumerate(ranked[:top], 1)]
 
 
-def write_results(out: Path, tune: TuneConfig, records: list[dict]) -> Path:
+def write_results(out: Path, tune: TuneConfig, records: list[TrialRecord]) -> Path:
     """tune_results.csv: one row per trial; the metric at each evaluation step in its own column."""
-    steps = sorted({h["step"] for r in records for h in r["history"]})
+    steps = sorted({e.step for r in records for e in r.history})
     keys = list(tune.space)
     path = out / "tune_results.csv"
     with path.open("w", newline="") as f:
@@ -102,23 +83,23 @@ def write_results(out: Path, tune: TuneConfig, records: list[dict]) -> Path:
         writer.writerow(["trial", "status", "steps", "wall_s", *keys, f"final_{tune.metric}",
                          *[f"{tune.metric}@{s}" for s in steps]])
         for r in records:
-            at = {h["step"]: h.get(tune.metric) for h in r["history"]}
-            writer.writerow([r["trial"], r["status"], r["steps"], r["wall_s"], *[r["values"].get(k) for k in keys],
-                             last(r, tune.metric), *[at.get(s, "") for s in steps]])
+            at = {e.step: e.metrics.get(tune.metric) for e in r.history}
+            writer.writerow([r.trial, r.status, r.steps, r.wall_s, *[r.values.get(k) for k in keys],
+                             r.last(tune.metric), *[at.get(s, "") for s in steps]])
     return path
 
 
-def write_hparams(out: Path, tune: TuneConfig, records: list[dict]) -> None:
+def write_hparams(out: Path, tune: TuneConfig, records: list[TrialRecord]) -> None:
     """Each trial's searched values beside its final metric, in the trial's run (TensorBoard HParams:
     `tensorboard --logdir <output_dir>` compares them)."""
     from launcher.tracking import open_tracker
 
     for r in records:
-        values = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in r["values"].items()}
-        final = last(r, tune.metric)
-        tracker = open_tracker(trial_dir(out, r["trial"]) / "tensorboard")
+        values = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in r.values.items()}
+        final = r.last(tune.metric)
+        tracker = open_tracker(trial_dir(out, r.trial) / "tensorboard")
         try:
-            tracker.hparams({**values, "status": r["status"]},
+            tracker.hparams({**values, "status": r.status},
                             {f"hparam/val_{tune.metric}": final if not math.isnan(final) else float("inf")})
         finally:
             tracker.close()

@@ -102,3 +102,50 @@ def test_only_the_tracking_backend_writes_tensorboard():
     users = {str(f.relative_to(REPO)) for folder in ("launcher", "trainer") for f in (REPO / folder).rglob("*.py")
              if any(n == w or n.startswith(w + ".") for _, n in imports(f) for w in writers)}
     assert users == {"launcher/tracking.py"}
+
+
+def private_uses(path: Path) -> list[str]:
+    """Where a file reaches into another of the project's modules for a name it keeps private
+    (`module._name`, `from module import _name`)."""
+    tree = ast.parse(path.read_text())
+    ours = ("launcher", "trainer")
+    modules = {a.asname or a.name.split(".")[-1] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+               and n.module in ours for a in n.names}
+    modules |= {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+                if a.name.split(".")[0] in ours}
+    found = [f"{path.relative_to(REPO)}:{n.lineno} {n.value.id}.{n.attr}" for n in ast.walk(tree)
+             if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in modules
+             and n.attr.startswith("_") and not n.attr.startswith("__")]
+    found += [f"{path.relative_to(REPO)}:{n.lineno} from {n.module} import {a.name}" for n in ast.walk(tree)
+              if isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] in ours for a in n.names
+              if a.name.startswith("_")]
+    return found
+
+
+def test_no_module_uses_another_modules_private_names():
+    files = [f for folder in ("launcher", "trainer") for f in (REPO / folder).rglob("*.py")]
+    assert not [hit for f in files for hit in private_uses(f)]
+
+
+def test_the_private_name_check_finds_both_forms(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    probe = tmp_path / "probe.py"
+    probe.write_text("from launcher import controller\nfrom trainer.loop import _x\n"
+                     "def f():\n    return controller._next_attempt(1)\n")
+    assert sorted(private_uses(probe)) == ["probe.py:2 from trainer.loop import _x",
+                                           "probe.py:4 controller._next_attempt"]
+
+
+def test_every_worker_group_starts_in_one_place():
+    """One orchestration: a plain run, each search trial and the search's test group all start their
+    worker group through controller.run_group; nothing else calls ray_job.fit or builds WorkerArgs
+    by hand (controller.training_args / test_args build them)."""
+    def calls(path: Path, name: str) -> list[int]:
+        return [n.lineno for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Call)
+                and (getattr(n.func, "attr", None) == name or getattr(n.func, "id", None) == name)]
+
+    files = sorted((REPO / "launcher").rglob("*.py"))
+    fits = {str(f.relative_to(REPO)) for f in files if calls(f, "fit") and f.name != "ray_job.py"}
+    assert fits == {"launcher/controller.py"}  # run_group, the one caller (ray_job's own fits are Ray's)
+    builders = {str(f.relative_to(REPO)) for f in files if calls(f, "WorkerArgs")}
+    assert builders == {"launcher/controller.py"}

@@ -42,8 +42,8 @@ def test_validation_history_keeps_one_entry_per_step_and_the_best(ctl):
     ctl.receive(report(4, validation={"loss": 2.0}))
     ctl.receive(report(8, validation={"loss": 1.5}))
     ctl.receive(report(8, validation={"loss": 1.6}))  # replayed after a restart
-    assert [h["step"] for h in ctl.history] == [4, 8] and ctl.history[-1]["loss"] == 1.6
-    assert ctl.best["step"] == 8 and ctl.best["loss"] == 1.5
+    assert [e.step for e in ctl.history] == [4, 8] and ctl.history[-1].metrics["loss"] == 1.6
+    assert ctl.best.step == 8 and ctl.best.metrics["loss"] == 1.5
     ctl.receive(report(12, final=True))
     assert ctl.trained and ctl.last_step == 12
 

@@ -71,7 +71,7 @@ def test_the_controller_records_the_early_stop_and_tracks_the_best_by_the_metric
     ctl = Controller(cfg, tmp_path)
     ctl.receive(report(4, validation={"loss": 2.0, "accuracy": 0.6}))
     ctl.receive(report(8, validation={"loss": 1.5, "accuracy": 0.5}, final=True, stopped_early=True))
-    assert ctl.best["step"] == 4  # the lower loss at step 8 does not count: accuracy decides
+    assert ctl.best.step == 4  # the lower loss at step 8 does not count: accuracy decides
     assert ctl.stopped_early_at == 8 and ctl.trained and not ctl.stopped
     assert "[sft] early stopping at step 8: validation accuracy has not improved by more than 0 for 1 evaluation(s) " \
            "(best 0.6 at step 4); checkpointed, the test evaluation comes next" in capsys.readouterr().out
