@@ -48,16 +48,16 @@ class ModelConfig:
         if (self.name_or_path is None) == (self.architecture is None):
             raise ValueError("give exactly one of model.name_or_path (pretrained weights) and "
                              "model.architecture (build from scratch)")
-        from trainer.tasks.registry import TASKS, get_task  # stdlib only: cheap here
+        from trainer.tasks.registry import TASKS  # stdlib only: cheap here
 
         try:
-            task = get_task(self.task)
+            task = TASKS[self.task]
         except KeyError:
             raise ValueError(f"model.task must be one of {', '.join(TASKS)}, got {self.task!r}") from None
         if self.architecture is not None:
             if "model_type" not in self.architecture:
                 raise ValueError("model.architecture needs a 'model_type' key (e.g. gpt2, llama, bert)")
-            needs = task.PROCESSOR
+            needs = task.processor
             if getattr(self, needs) is None:
                 raise ValueError(f"model.{needs} is required with model.architecture: a model built "
                                  f"from scratch has no {needs.replace('_', ' ')} of its own")
@@ -503,28 +503,28 @@ class RunConfig:
     seed: int = 42
 
     def __post_init__(self) -> None:
-        from trainer.tasks.registry import get_task  # stdlib only: cheap here
+        from trainer.tasks.registry import TASKS  # stdlib only: cheap here
 
-        if self.data.packing and not get_task(self.model.task).PACKS:
+        if self.data.packing and not TASKS[self.model.task].packs:
             raise ValueError(f"data.packing is set, but model.task {self.model.task!r} has no packing "
                              f"(only tasks that train on token sequences pack examples into rows)")
         stopping = self.train.early_stopping
-        if stopping is not None and stopping.metric not in get_task(self.model.task).METRICS:
+        if stopping is not None and stopping.metric not in TASKS[self.model.task].metrics:
             raise ValueError(f"train.early_stopping.metric is {stopping.metric!r}, but model.task "
-                             f"{self.model.task!r} reports {', '.join(get_task(self.model.task).METRICS)} at validation")
+                             f"{self.model.task!r} reports {', '.join(TASKS[self.model.task].metrics)} at validation")
 
         if self.test.checkpoint == "best" and self.train.eval_every % self.train.save_interval:
             raise ValueError(f"test.checkpoint: best tests the best evaluated checkpoint, so every evaluation must "
                              f"write one: train.eval_every ({self.train.eval_every}) must be a multiple of "
                              f"train.save_every ({self.train.save_interval})")
         if self.tune is not None:
-            metrics = get_task(self.model.task).METRICS
+            metrics = TASKS[self.model.task].metrics
             if self.tune.metric not in metrics:
                 raise ValueError(f"tune.metric is {self.tune.metric!r}, but model.task {self.model.task!r} reports "
                                  f"{', '.join(metrics)} at validation")
             check_space(self)
         g = self.eval.generate
-        if not get_task(self.model.task).GENERATES and (g.num_examples or g.test):
+        if not TASKS[self.model.task].generates and (g.num_examples or g.test):
             key, value = ("num_examples", g.num_examples) if g.num_examples else ("test", "true")
             raise ValueError(f"eval.generate.{key} is {value}, but model.task {self.model.task!r} does not "
                              f"generate text (only causal_lm does); remove it or set it to 0 / false")
@@ -543,9 +543,9 @@ class RunConfig:
 
     @property
     def _generates(self) -> bool:
-        from trainer.tasks.registry import get_task
+        from trainer.tasks.registry import TASKS
 
-        return get_task(self.model.task).GENERATES
+        return TASKS[self.model.task].generates
 
     @property
     def split_seed(self) -> int:

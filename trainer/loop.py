@@ -37,7 +37,7 @@ from trainer.report import Phases, Reporter
 from trainer.splits import total_steps
 from trainer.storage import writing
 from trainer.tasks.common import Prepared
-from trainer.tasks.registry import Task, get_task
+from trainer.tasks.registry import TASKS, Task, get_task
 from trainer.zero3_generation import GenerationWeights, generation_weights
 
 
@@ -256,7 +256,7 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
         (state.best_metric, state.bad_evaluations), state.best_of = kept, early_stopping.counted(early)
 
     track = reporter.track if rank == 0 else (lambda metrics: None)  # the controller writes the tracker
-    accumulation, unit = cfg.train.gradient_accumulation, s.task.UNIT
+    accumulation, unit = cfg.train.gradient_accumulation, TASKS[cfg.model.task].unit
     batches = micro_batches(cfg, s.data["train"], rank, s.world, state)
     rows = "packed rows" if s.data["train"].packed else "examples"
     log(f"training steps {state.step + 1}..{s.total_steps} on {s.world} worker(s), "

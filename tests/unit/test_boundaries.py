@@ -78,12 +78,24 @@ def test_the_task_check_finds_a_comparison(tmp_path, monkeypatch):
 
 
 def test_every_registered_task_implements_the_interface():
-    from trainer.tasks.registry import Task, get_task
+    from trainer.tasks.registry import TASKS, Task, get_task
 
     members = [m for m in dir(Task) if not m.startswith("_")] + list(Task.__annotations__)
     for name in task_names():
-        module = get_task(name)
+        module, spec = get_task(name), TASKS[name]
         assert all(hasattr(module, m) for m in members), name
+        assert hasattr(module, "pack") == spec.packs and hasattr(module, "generate") == spec.generates, name
+        assert spec.metrics[0] == "loss", name  # early stopping and tune.metric default to it
+
+
+def test_what_a_task_is_lives_in_the_registry_only():
+    """TaskSpec is the one copy of a task's capabilities: no task module keeps its own constants."""
+    old = {"AUTO_MODEL", "PROCESSOR", "UNIT", "PACKS", "GENERATES", "METRICS"}
+    found = [f"{f.relative_to(REPO)}:{node.lineno} {t.id}" for f in sorted((REPO / "trainer" / "tasks").glob("*.py"))
+             for node in ast.parse(f.read_text()).body if isinstance(node, (ast.Assign, ast.AnnAssign))
+             for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+             if isinstance(t, ast.Name) and t.id in old]
+    assert not found
 
 
 @pytest.mark.parametrize("module, banned", [

@@ -15,12 +15,6 @@ from trainer.config import ConfigError, DataConfig, RunConfig
 from trainer.masking import IGNORE, mask_labels
 from trainer.tasks.common import DROP, ROW, Prepared, bad, encode_split, model_loss, require_rows
 
-AUTO_MODEL = "AutoModelForCausalLM"
-PROCESSOR = "tokenizer"
-UNIT = "tokens"
-PACKS = True  # data.packing applies: pack() below
-METRICS = ("loss", "perplexity", "token_accuracy")  # the validation scalars evaluate() reports
-GENERATES = True  # answers prompts: generate() below (eval.generate)
 loss = model_loss  # the training objective (trainer/tasks/common.py)
 
 
