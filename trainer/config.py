@@ -410,21 +410,10 @@ class SlurmConfig:
                 raise ValueError(f"slurm.{key} must be >= 0, got {getattr(self, key)}")
 
 
-# tune.space: a config key -> one distribution, written {kind: arguments}.
-DISTRIBUTIONS = {
-    "uniform": "[low, high]",
-    "loguniform": "[low, high] (low > 0)",
-    "randint": "[low, high] (integers; high excluded)",
-    "choice": "[value, ...]",
-    "grid": "[value, ...] (every value, in every repeat of the grid)",
-}
-# Keys a trial may not change: where and how the search itself runs.
-UNSEARCHABLE = ("tune", "output_dir", "scaling", "slurm")
-
-
 @dataclass(frozen=True)
 class TuneConfig:
-    """`sft-launch CONFIG --tune`: Ray Tune trials over `space`, each a full run (see launcher/tune.py)."""
+    """`sft-launch CONFIG --tune`: Ray Tune trials over `space`, each a full run (see launcher/tune.py).
+    The space itself (its distributions, the values they give) is checked by launcher/search_space.py."""
     metric: str = "loss"  # a validation metric the task reports
     mode: Literal["min", "max"] = "min"
     num_samples: int = 8  # trials; with grid values: repeats of the grid
@@ -440,41 +429,6 @@ class TuneConfig:
             raise ValueError("tune.num_samples and tune.grace_period must be >= 1, tune.reduction_factor >= 2")
         if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
             raise ValueError(f"tune.max_concurrent_trials must be >= 1, got {self.max_concurrent_trials}")
-        for key, spec in self.space.items():
-            kind, args = distribution(key, spec)
-            if kind == "grid" and self.search_alg == "optuna":
-                raise ValueError(f"tune.space.{key}: grid values do not go with tune.search_alg: optuna "
-                                 f"(use choice)")
-
-
-def distribution(key: str, spec: Any) -> tuple[str, list]:
-    """(kind, arguments) of one tune.space entry, checked for shape (the values are checked by
-    trial_config against the key's own rules)."""
-    kinds = ", ".join(f"{{{k}: {v}}}" for k, v in DISTRIBUTIONS.items())
-    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-        raise ValueError(f"tune.space.{key} must be one distribution, one of {kinds}; got {spec!r}")
-    kind, args = next(iter(spec.items()))
-    if not isinstance(args, (list, tuple)) or not args:
-        raise ValueError(f"tune.space.{key}: {kind} takes a list {DISTRIBUTIONS[kind]}, got {args!r}")
-    if kind in ("uniform", "loguniform", "randint"):
-        numeric = all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
-        if len(args) != 2 or not numeric or not args[0] < args[1]:
-            raise ValueError(f"tune.space.{key}: {kind} takes {DISTRIBUTIONS[kind]} with low < high, got {args!r}")
-        if kind == "loguniform" and args[0] <= 0:
-            raise ValueError(f"tune.space.{key}: loguniform needs low > 0, got {args!r}")
-        if kind == "randint" and not all(isinstance(a, int) for a in args):
-            raise ValueError(f"tune.space.{key}: randint takes two integers, got {args!r}")
-    return kind, list(args)
-
-
-def checked_values(kind: str, args: list) -> list:
-    """The values of a distribution that the key's own checks must accept: every choice or grid
-    value, both ends of a range (as the type a sample has)."""
-    if kind in ("choice", "grid"):
-        return list(args)
-    if kind == "randint":
-        return [args[0], args[1] - 1]
-    return [float(args[0]), float(args[1])]
 
 
 @dataclass(frozen=True)
@@ -522,7 +476,6 @@ class RunConfig:
             if self.tune.metric not in metrics:
                 raise ValueError(f"tune.metric is {self.tune.metric!r}, but model.task {self.model.task!r} reports "
                                  f"{', '.join(metrics)} at validation")
-            check_space(self)
         g = self.eval.generate
         if not TASKS[self.model.task].generates and (g.num_examples or g.test):
             key, value = ("num_examples", g.num_examples) if g.num_examples else ("test", "true")
@@ -789,45 +742,3 @@ def to_dict(cfg: RunConfig) -> dict:
             return {k: plain(v) for k, v in value.items()}
         return value
     return plain(dataclasses.asdict(cfg))
-
-
-# ---------------------------------------------------------------- search trials
-
-TRIAL = "tune trial"  # the `where` of a trial's config errors
-
-
-def trial_config(cfg: RunConfig, values: dict, output_dir: Optional[str] = None) -> RunConfig:
-    """The plain run config of one search trial: `cfg` with each searched key set to its value and
-    no tune section, checked like any config."""
-    raw = to_dict(cfg)
-    raw["tune"] = None
-    for key, value in values.items():
-        node, parts = raw, key.split(".")
-        for part in parts[:-1]:
-            node = node.get(part) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or parts[-1] not in node:
-            raise ConfigError(f"tune.space.{key}: no such config key (a searched key is a dotted key of the "
-                              f"run config, e.g. optim.lr or train.micro_batch_size)")
-        node[parts[-1]] = value
-    if output_dir is not None:
-        raw["output_dir"] = output_dir
-    return from_dict(raw, TRIAL)
-
-
-def check_space(cfg: RunConfig) -> None:
-    """Every key of tune.space exists and accepts every value the search can give it (each choice and
-    grid value, both ends of a range), through the normal config checks, before any trial starts."""
-    for key, spec in cfg.tune.space.items():
-        if key.split(".")[0] in UNSEARCHABLE:
-            raise ValueError(f"tune.space.{key}: {', '.join(UNSEARCHABLE)} are the search's own settings; "
-                             f"a trial cannot change them")
-        kind, args = distribution(key, spec)
-        for value in checked_values(kind, args):
-            try:
-                trial_config(cfg, {key: value})
-            except ConfigError as err:
-                reason = str(err).removeprefix(f"{TRIAL}: ")
-                if reason.startswith(f"tune.space.{key}:"):
-                    raise ValueError(reason) from None
-                raise ValueError(f"tune.space.{key}: the search could give it {value!r}, which the config "
-                                 f"refuses: {reason}") from None
