@@ -21,7 +21,8 @@ from typing import Optional
 
 from launcher.tracking import Tracker
 from trainer import checkpoints, early_stopping
-from trainer.config import ConfigError, RunConfig, to_dict
+from trainer.config import ConfigError, RunConfig
+from trainer.config_load import to_dict
 from trainer.jobs import WorkerArgs
 from trainer.messages import (BadInput, LogLine, Received, StepMetrics, StorageFailure, TestResult, TrainReport,
                               WorkerFailure)

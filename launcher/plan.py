@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from trainer.config import ConfigError, RunConfig
+from trainer.config_checks import generate_examples, generates_test
 from trainer.zero3_generation import HEADROOM
 
 
@@ -214,9 +215,9 @@ def describe(plan: Plan, cfg: RunConfig) -> str:
 def generation_lines(cfg: RunConfig, total_params: int = 0) -> list[str]:
     """What eval.generate will answer (it adds to every evaluation and to the test evaluation), and,
     under ZeRO-3, how: the whole model gathered per pass, or synced per token (trainer/zero3_generation.py)."""
-    g, n = cfg.eval.generate, cfg.generate_examples
+    g, n = cfg.eval.generate, generate_examples(cfg)
     parts = ([f"{n} validation prompts at each evaluation"] if n else []) + \
-        (["every test prompt before and after fine-tuning"] if cfg.generates_test else [])
+        (["every test prompt before and after fine-tuning"] if generates_test(cfg) else [])
     if not parts:
         return []
     lines = [f"generation: {' and '.join(parts)}; up to {g.max_new_tokens} new tokens, "

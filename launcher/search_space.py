@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from trainer.config import ConfigError, RunConfig, from_dict, to_dict
+from trainer.config import ConfigError, RunConfig
+from trainer.config_load import from_dict, to_dict
 
 # tune.space: a config key -> one distribution, written {kind: arguments}.
 DISTRIBUTIONS = {

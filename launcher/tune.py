@@ -26,7 +26,8 @@ from launcher.tune_results import (EXPERIMENT, TRIALS, collect, last, pick_best,
                                    trial_dir, trial_line, trial_status, values_text, write_hparams, write_record,
                                    write_results)
 from trainer import checkpoints
-from trainer.config import ConfigError, RunConfig, TuneConfig, from_dict, resolve_paths, to_dict
+from trainer.config import ConfigError, RunConfig, TuneConfig
+from trainer.config_load import from_dict, resolve_paths, to_dict
 from trainer.jobs import WorkerArgs
 
 STOP = ".stop-request"  # in a trial's folder: its workers checkpoint after the current step and stop

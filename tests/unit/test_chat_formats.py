@@ -7,7 +7,8 @@ import pytest
 
 from tests.helpers import SMOLLM2
 from trainer.chat import TOOLS_HEADER, render, template
-from trainer.config import ConfigError, DataConfig, from_dict
+from trainer.config import ConfigError, DataConfig
+from trainer.config_load import from_dict
 from trainer.conversation import Turn, detect, read
 from trainer.data import Split
 from trainer.masking import IGNORE, mask_labels

@@ -3,7 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import ConfigError, from_dict, load_config, to_dict
+from trainer.config import ConfigError
+from trainer.config_checks import generate_examples, generates_test
+from trainer.config_load import from_dict, load_config, to_dict
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = {"model": {"name_or_path": "gpt2"}, "data": {"train_file": "x.jsonl"}}
@@ -69,13 +71,13 @@ def test_fractions_must_sum_to_one():
 
 def test_generation_defaults_come_from_the_task():
     cfg = build()  # causal_lm
-    assert cfg.eval.generate.num_examples is None and cfg.generate_examples == 8 and cfg.generates_test
+    assert cfg.eval.generate.num_examples is None and generate_examples(cfg) == 8 and generates_test(cfg)
     off = build(eval={"generate": {"num_examples": 0, "test": False}})
-    assert off.generate_examples == 0 and not off.generates_test
+    assert generate_examples(off) == 0 and not generates_test(off)
     classifier = {"name_or_path": "bert", "task": "sequence_classification"}
     cls = build(model=classifier)
-    assert cls.generate_examples == 0 and not cls.generates_test
-    assert build(model=classifier, eval={"generate": {"num_examples": 0}}).generate_examples == 0
+    assert generate_examples(cls) == 0 and not generates_test(cls)
+    assert generate_examples(build(model=classifier, eval={"generate": {"num_examples": 0}})) == 0
     with pytest.raises(ConfigError, match=r"eval.generate.num_examples is 4, but model.task 'sequence_classification' "
                                           r"does not generate text \(only causal_lm does\)"):
         build(model=classifier, eval={"generate": {"num_examples": 4}})

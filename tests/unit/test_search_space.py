@@ -3,7 +3,8 @@ can give, a trial's config, and check_space's refusals before any trial starts."
 import pytest
 
 from launcher.search_space import check_space, checked_values, distribution, trial_config
-from trainer.config import ConfigError, from_dict
+from trainer.config import ConfigError
+from trainer.config_load import from_dict
 
 BASE = {"model": {"name_or_path": "gpt2"}, "data": {"train_file": "x.jsonl"}, "output_dir": "runs/search",
         "tune": {"space": {"optim.lr": {"loguniform": [1.0e-5, 1.0e-3]}}}}

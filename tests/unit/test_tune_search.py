@@ -1,7 +1,7 @@
 """A search's trial configs, without Ray: paths a trial in another process can read, trials at once
 (the searched values on top of the base: tests/unit/test_search_space.py)."""
 from launcher.tune import absolute_paths, concurrency
-from trainer.config import from_dict
+from trainer.config_load import from_dict
 from tests.helpers import REPO
 
 BASE = {"model": {"name_or_path": "gpt2"}, "output_dir": "runs/search",
