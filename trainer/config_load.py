@@ -219,35 +219,46 @@ def from_dict(raw: dict, where: str = "<config>") -> RunConfig:
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML file, apply `--set key=value` overrides, validate, and resolve relative paths.
+    """Read a YAML file, apply `--set key=value` overrides, resolve relative paths, and build the
+    config: exactly one RunConfig, checked.
 
     Relative data, model and tokenizer paths are taken relative to the config file when they exist
     there, so a config works from any working directory; output_dir stays relative to the caller.
     """
     path = Path(path)
     raw = apply_overrides(read_yaml(path), list(overrides))
-    cfg = from_dict(raw, str(path))
-    return resolve_paths(cfg, path.parent)
+    return from_dict(_with_resolved_paths(raw, path.parent), str(path))
 
 
-def _resolve(value: Optional[str], base: Path) -> Optional[str]:
-    if value is None or value.startswith("pkg:") or Path(value).is_absolute():
+# The keys that name a file or folder the run reads (output_dir and data.cache_dir are where it writes).
+PATH_KEYS = {"model": ("name_or_path", "tokenizer", "image_processor"),
+             "data": ("train_file", "validation_file", "test_file"), "deepspeed": ("config_file",)}
+
+
+def _resolve(value: Any, base: Path) -> Any:
+    """A relative path that exists under `base`, made absolute; anything else as it is (a value of the
+    wrong type is left for the checks to refuse)."""
+    if isinstance(value, (list, tuple)):  # data.train_file as a training mix: paths, or {path, weight}
+        return [{k: _resolve(x, base) if k == "path" else x for k, x in v.items()} if isinstance(v, dict)
+                else _resolve(v, base) for v in value]
+    if not isinstance(value, str) or value.startswith("pkg:") or Path(value).is_absolute():
         return value
     candidate = base / value
     return str(candidate.resolve()) if candidate.exists() else value
 
 
+def _with_resolved_paths(raw: dict, base: Path) -> dict:
+    """The raw config with PATH_KEYS resolved against `base`, before the one build."""
+    raw = dict(raw)
+    for section, keys in PATH_KEYS.items():
+        if isinstance(raw.get(section), dict):
+            raw[section] = {k: _resolve(v, base) if k in keys else v for k, v in raw[section].items()}
+    return raw
+
+
 def resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
-    train = cfg.data.train_file
-    train = _resolve(train, base) if not isinstance(train, tuple) else \
-        tuple(dataclasses.replace(s, path=_resolve(s.path, base)) for s in train)
-    data = dataclasses.replace(cfg.data, train_file=train, **{k: _resolve(getattr(cfg.data, k), base)
-                                                              for k in ("validation_file", "test_file")})
-    model = dataclasses.replace(cfg.model, name_or_path=_resolve(cfg.model.name_or_path, base),
-                                tokenizer=_resolve(cfg.model.tokenizer, base),
-                                image_processor=_resolve(cfg.model.image_processor, base))
-    ds = dataclasses.replace(cfg.deepspeed, config_file=_resolve(cfg.deepspeed.config_file, base))
-    return dataclasses.replace(cfg, data=data, model=model, deepspeed=ds)
+    """`cfg` with its relative paths that exist under `base` made absolute (a new config, checked)."""
+    return from_dict(_with_resolved_paths(to_dict(cfg), base))
 
 
 def to_dict(cfg: RunConfig) -> dict:

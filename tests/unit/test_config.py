@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import ConfigError
+from trainer.config import ConfigError, RunConfig
 from trainer.config_checks import generate_examples, generates_test
 from trainer.config_load import from_dict, load_config, to_dict
 
@@ -118,6 +118,22 @@ def test_relative_data_paths_resolve_against_the_config_file(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("model: {name_or_path: gpt2}\ndata: {train_file: d.jsonl}\n")
     assert load_config(p).data.train_file == str((tmp_path / "d.jsonl").resolve())
+
+
+def test_loading_a_config_builds_exactly_one(monkeypatch):
+    """No trial config per searched value, no rebuild to resolve paths: load_config constructs one
+    RunConfig (dataclasses.replace would construct another, and is counted too)."""
+    built, check = [], RunConfig.__post_init__
+
+    def counted(self):
+        built.append(self)
+        check(self)
+
+    monkeypatch.setattr(RunConfig, "__post_init__", counted)
+    cfg = load_config(REPO / "configs" / "gpt_ft.yaml", ["tune.space={optim.lr: {loguniform: [1.0e-5, 1.0e-3]}, "
+                                                         "train.micro_batch_size: {choice: [1, 2, 4]}}"])
+    assert cfg.tune is not None and len(cfg.tune.space) == 2
+    assert len(built) == 1 and built[0] is cfg
 
 
 def test_round_trip_through_plain_dict():
