@@ -61,7 +61,7 @@ def write_rows(path: Path, n: int, seed: int = 0, fmt: str = "pair") -> None:
 
 def config(data: Path, tokenizer: Path, cache: Path, num_proc: int, packing: bool):
     from tests.helpers import tiny_config, tiny_llama
-    from trainer.config import from_dict
+    from trainer.config_load import from_dict
 
     return from_dict(tiny_config(cache.parent, tokenizer, model={"architecture": {**tiny_llama(2), "max_position_embeddings": 512},
                                                                    "tokenizer": str(tokenizer)},

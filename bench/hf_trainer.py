@@ -35,7 +35,7 @@ def main() -> None:
 
     from launcher.cli import cache_dir
     from trainer import data_cache
-    from trainer.config import load_config
+    from trainer.config_load import load_config
     from trainer.ds_config import deepspeed_config
     from trainer.freezing import apply_trainable, describe_layout, select_trainable
     from trainer.model import build_model, load_tokenizer, model_config, prepare_pretrained

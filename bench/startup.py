@@ -45,7 +45,7 @@ def worker(config: str) -> None:
     """torchrun's side: the process group is torchrun's; the loop is sft's."""
     import torch.distributed as dist
 
-    from trainer.config import load_config
+    from trainer.config_load import load_config
     from trainer.loop import WorkerArgs, run
 
     class Print:

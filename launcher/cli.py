@@ -15,7 +15,8 @@ from typing import Optional
 
 import yaml
 
-from trainer.config import ConfigError, RunConfig, load_config, to_dict
+from trainer.config import ConfigError, RunConfig
+from trainer.config_load import load_config, to_dict
 
 EXIT_CONFIG = 2  # bad input: config, data, CLI
 EXIT_FAILED = 1  # the run failed (a worker error, the cluster, a stop that outran its grace)

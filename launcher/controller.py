@@ -27,7 +27,8 @@ from launcher.console import say
 from launcher.records import Evaluation, Outcome, one_per_step
 from launcher.tracking import Tracker, open_tracker
 from trainer import checkpoints, early_stopping
-from trainer.config import ConfigError, RunConfig, to_dict
+from trainer.config import ConfigError, RunConfig
+from trainer.config_load import to_dict
 from trainer.jobs import WorkerArgs
 from trainer.messages import (BadInput, LogLine, Received, StepMetrics, StorageFailure, TestResult, TrainReport,
                               WorkerFailure)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from trainer.config import ConfigError, RunConfig
+from trainer.config_checks import generate_examples, generates_test
 from trainer.zero3_generation import HEADROOM
 
 
@@ -66,7 +67,7 @@ def make_plan(cfg: RunConfig, cache_dir: str) -> Plan:
     processor = load_processor(cfg.model, model_dir)
     for split in splits:
         task.prepare(split.sample(SAMPLE_ROWS), cfg, processor, labels)
-    check_model_fits(cfg, task, model_dir, processor, labels)
+    check_model_fits(cfg, model_dir, processor, labels)
     deepspeed_config(cfg, cfg.scaling.world_size, "fp32")  # the user's DeepSpeed JSON, checked now
     skeleton = build_skeleton(cfg.model, model_dir, labels)
     freezing = ""
@@ -136,12 +137,13 @@ def mix_shares(cfg: RunConfig, parts: tuple[int, ...]) -> tuple[tuple[str, float
     return tuple((s.path, s.weight, n, d / sum(draws)) for s, n, d in zip(cfg.data.sources, parts, draws))
 
 
-def check_model_fits(cfg: RunConfig, task, model_dir: str | None, processor, labels: list[str]) -> None:
+def check_model_fits(cfg: RunConfig, model_dir: str | None, processor, labels: list[str]) -> None:
     """data.max_length within the model's positions; a pretrained task head of the right size; an
     attention implementation the workers can run."""
     import importlib.util
 
     from trainer.model import head_mismatch, model_config, position_limit
+    from trainer.tasks.registry import TASKS
 
     if cfg.model.attn_implementation == "flash_attention_2" and (
             importlib.util.find_spec("flash_attn") is None or cfg.scaling.gpus_per_worker == 0):
@@ -157,11 +159,11 @@ def check_model_fits(cfg: RunConfig, task, model_dir: str | None, processor, lab
                                   "the workers here have no GPU (or bitsandbytes is not installed)")
             + "; remove finetune.lora.quantize to train LoRA adapters on the full-precision base")
     config = model_config(cfg.model, model_dir)
-    limit = position_limit(config, processor) if task.PROCESSOR == "tokenizer" else None
+    limit = position_limit(config, processor) if TASKS[cfg.model.task].processor == "tokenizer" else None
     if limit and cfg.data.max_length > limit[0]:
         raise ConfigError(f"data.max_length = {cfg.data.max_length} is longer than the model can take: "
                           f"{limit[0]} positions ({limit[1]}); set data.max_length to {limit[0]} or less")
-    mismatch = head_mismatch(config, task.AUTO_MODEL, labels) if cfg.model.name_or_path else None
+    mismatch = head_mismatch(config, TASKS[cfg.model.task].auto_model, labels) if cfg.model.name_or_path else None
     if mismatch and not cfg.model.reinit_head:
         raise ConfigError(f"model.name_or_path: {mismatch}; set model.reinit_head: true to train a fresh head "
                           f"for these labels, or give the data the model's own label set (data.labels)")
@@ -213,9 +215,9 @@ def describe(plan: Plan, cfg: RunConfig) -> str:
 def generation_lines(cfg: RunConfig, total_params: int = 0) -> list[str]:
     """What eval.generate will answer (it adds to every evaluation and to the test evaluation), and,
     under ZeRO-3, how: the whole model gathered per pass, or synced per token (trainer/zero3_generation.py)."""
-    g, n = cfg.eval.generate, cfg.generate_examples
+    g, n = cfg.eval.generate, generate_examples(cfg)
     parts = ([f"{n} validation prompts at each evaluation"] if n else []) + \
-        (["every test prompt before and after fine-tuning"] if cfg.generates_test else [])
+        (["every test prompt before and after fine-tuning"] if generates_test(cfg) else [])
     if not parts:
         return []
     lines = [f"generation: {' and '.join(parts)}; up to {g.max_new_tokens} new tokens, "

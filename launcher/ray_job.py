@@ -16,7 +16,8 @@ import threading
 from pathlib import Path
 from typing import Callable, Optional
 
-from trainer.config import ConfigError, RunConfig, from_dict, to_dict
+from trainer.config import ConfigError, RunConfig
+from trainer.config_load import from_dict, to_dict
 from trainer.jobs import WorkerArgs
 from trainer.messages import BadInput, LogLine, Received, StorageFailure, Where, WorkerFailure, decode, encode
 from trainer.storage import as_storage_error, writing

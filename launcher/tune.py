@@ -21,12 +21,13 @@ import yaml
 from launcher.console import say
 from launcher.controller import LaunchOptions
 from launcher.records import Outcome, TrialRecord
+from launcher.search_space import check_space, checked_values, distribution, trial_config
 from launcher.tracking import open_tracker
 from launcher.tune_results import (EXPERIMENT, TRIALS, collect, pick_best, top_lines, trial_dir, trial_line,
                                    trial_status, values_text, write_hparams, write_results)
 from trainer import checkpoints
-from trainer.config import (ConfigError, RunConfig, TuneConfig, checked_values, distribution, resolve_paths, to_dict,
-                            trial_config)
+from trainer.config import ConfigError, RunConfig, TuneConfig
+from trainer.config_load import resolve_paths, to_dict
 
 STOP = ".stop-request"  # in a trial's folder: its workers checkpoint after the current step and stop
 ASHA_STOP = "asha"  # what the scheduler writes there
@@ -199,6 +200,7 @@ def check_search(cfg: RunConfig, resume: bool, out: Path) -> None:
     if not cfg.tune.space:
         raise ConfigError("tune.space is empty: give at least one key to search, e.g. "
                           "optim.lr: {loguniform: [1.0e-5, 1.0e-3]}")
+    check_space(cfg)
     if cfg.tune.search_alg == "optuna" and importlib.util.find_spec("optuna") is None:
         raise ConfigError("tune.search_alg: optuna needs the optuna package (pip install optuna); "
                           "or use tune.search_alg: random")

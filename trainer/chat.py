@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from trainer.config import ConfigError, DataConfig
-from trainer.conversation import Conversation, Turn
+from trainer.conversation import BadRow, Conversation, Turn
 
 TEMPLATES = {  # data.chat_template by name
     "chatml": ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -130,7 +130,7 @@ def _with_end(text: str, end: int, marker: str) -> int:
 
 
 def render(conv: Conversation, tpl: Optional[Template], tokenizer, d: DataConfig) -> Rendered:
-    """The conversation's text and labelled spans (data.train_on, data.train_on_eos). A ValueError
+    """The conversation's text and labelled spans (data.train_on, data.train_on_eos). A BadRow
     says what is wrong with the row; a ConfigError what is wrong with the settings."""
     if tpl is None:
         if [t.role for t in conv.turns] != ["user", "assistant"] or conv.tools:
@@ -156,7 +156,7 @@ def render(conv: Conversation, tpl: Optional[Template], tokenizer, d: DataConfig
             text, found = _apply(tokenizer, tpl.source, messages, tools), []
     except Exception as err:  # jinja2's TemplateError (the template's raise_exception), or its TypeError
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"the chat template refuses this conversation: {message}") from None
+        raise BadRow(None, f"the chat template refuses this conversation: {message}") from None
     if len(found) != len(conv.answers):
         found = _locate(text, messages, tpl, tokenizer, tools)
     marker = tpl.end.strip()
@@ -170,7 +170,7 @@ def render(conv: Conversation, tpl: Optional[Template], tokenizer, d: DataConfig
     checked = list(enumerate(cores, 1)) if d.train_on == "assistant" else [(len(cores), cores[-1])]
     for k, span in checked:
         if span is None:
-            raise ValueError(f"the chat template does not render the text of assistant turn {k} of {len(cores)} as "
+            raise BadRow(None, f"the chat template does not render the text of assistant turn {k} of {len(cores)} as "
                              f"given (it changes, reorders or drops it), so its tokens cannot be labelled; use a template with "
                              f"{{% generation %}} markers (data.chat_template)"
                              + ("" if k == len(cores) else ", or data.train_on: last"))

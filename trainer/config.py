@@ -1,20 +1,16 @@
-"""Typed run configuration: YAML file -> frozen dataclasses, validated at load.
+"""The run configuration's schema: frozen dataclasses, their defaults (each written once, here),
+ConfigError, and the checks each section can make of its own fields.
 
-Owns the config schema, its defaults (each written once, here) and every check that the config alone
-can tell. Imports only the stdlib and yaml: both the launcher and the workers import it, and it must
-stay cheap enough for `sft-launch --help` on any machine.
+The words the launcher and the workers share, so it sits at the bottom: imports only the stdlib,
+never task code (what a task is lives in trainer/tasks/registry.py, and the checks that need it in
+trainer/config_checks.py), and builds nothing but the config. Reading YAML into it:
+trainer/config_load.py. The search space of tune: launcher/search_space.py.
 """
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Optional, Union
-
-import yaml
+from typing import Literal, Optional, Union
 
 
 class ConfigError(ValueError):
@@ -45,22 +41,12 @@ class ModelConfig:
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
 
     def __post_init__(self) -> None:
+        # model.task, and the processor a model built from scratch needs: trainer/config_checks.py.
         if (self.name_or_path is None) == (self.architecture is None):
             raise ValueError("give exactly one of model.name_or_path (pretrained weights) and "
                              "model.architecture (build from scratch)")
-        from trainer.tasks.registry import TASKS, get_task  # stdlib only: cheap here
-
-        try:
-            task = get_task(self.task)
-        except KeyError:
-            raise ValueError(f"model.task must be one of {', '.join(TASKS)}, got {self.task!r}") from None
-        if self.architecture is not None:
-            if "model_type" not in self.architecture:
-                raise ValueError("model.architecture needs a 'model_type' key (e.g. gpt2, llama, bert)")
-            needs = task.PROCESSOR
-            if getattr(self, needs) is None:
-                raise ValueError(f"model.{needs} is required with model.architecture: a model built "
-                                 f"from scratch has no {needs.replace('_', ' ')} of its own")
+        if self.architecture is not None and "model_type" not in self.architecture:
+            raise ValueError("model.architecture needs a 'model_type' key (e.g. gpt2, llama, bert)")
         if self.gguf_file is not None and self.name_or_path is None:
             raise ValueError("model.gguf_file needs model.name_or_path, the directory that holds it")
 
@@ -265,10 +251,6 @@ class ExportConfig:
     lora: Literal["merged", "adapter", "both"] = "merged"
 
 
-# eval.generate.num_examples when it is not set, for tasks that generate text (causal_lm).
-GENERATE_EXAMPLES = 8
-
-
 ZERO3_GENERATION = ("auto", "gathered", "synced")
 
 
@@ -277,7 +259,7 @@ class GenerateConfig:
     """Answers generated with the current weights: at every evaluation for the first validation
     prompts, and for every test prompt before and after fine-tuning."""
     # Validation prompts answered at each evaluation (TensorBoard val/generations and
-    # generations/step_XXXXXXX.jsonl); None: GENERATE_EXAMPLES for tasks that generate, 0 otherwise.
+    # generations/step_XXXXXXX.jsonl); None: config_checks.GENERATE_EXAMPLES for tasks that generate, 0 otherwise.
     num_examples: Optional[int] = None
     # Every test prompt answered before and after fine-tuning (test_generations.jsonl, exact match and
     # ROUGE-L in test_metrics.json); None: on for tasks that generate.
@@ -410,21 +392,10 @@ class SlurmConfig:
                 raise ValueError(f"slurm.{key} must be >= 0, got {getattr(self, key)}")
 
 
-# tune.space: a config key -> one distribution, written {kind: arguments}.
-DISTRIBUTIONS = {
-    "uniform": "[low, high]",
-    "loguniform": "[low, high] (low > 0)",
-    "randint": "[low, high] (integers; high excluded)",
-    "choice": "[value, ...]",
-    "grid": "[value, ...] (every value, in every repeat of the grid)",
-}
-# Keys a trial may not change: where and how the search itself runs.
-UNSEARCHABLE = ("tune", "output_dir", "scaling", "slurm")
-
-
 @dataclass(frozen=True)
 class TuneConfig:
-    """`sft-launch CONFIG --tune`: Ray Tune trials over `space`, each a full run (see launcher/tune.py)."""
+    """`sft-launch CONFIG --tune`: Ray Tune trials over `space`, each a full run (see launcher/tune.py).
+    The space itself (its distributions, the values they give) is checked by launcher/search_space.py."""
     metric: str = "loss"  # a validation metric the task reports
     mode: Literal["min", "max"] = "min"
     num_samples: int = 8  # trials; with grid values: repeats of the grid
@@ -440,41 +411,6 @@ class TuneConfig:
             raise ValueError("tune.num_samples and tune.grace_period must be >= 1, tune.reduction_factor >= 2")
         if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
             raise ValueError(f"tune.max_concurrent_trials must be >= 1, got {self.max_concurrent_trials}")
-        for key, spec in self.space.items():
-            kind, args = distribution(key, spec)
-            if kind == "grid" and self.search_alg == "optuna":
-                raise ValueError(f"tune.space.{key}: grid values do not go with tune.search_alg: optuna "
-                                 f"(use choice)")
-
-
-def distribution(key: str, spec: Any) -> tuple[str, list]:
-    """(kind, arguments) of one tune.space entry, checked for shape (the values are checked by
-    trial_config against the key's own rules)."""
-    kinds = ", ".join(f"{{{k}: {v}}}" for k, v in DISTRIBUTIONS.items())
-    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-        raise ValueError(f"tune.space.{key} must be one distribution, one of {kinds}; got {spec!r}")
-    kind, args = next(iter(spec.items()))
-    if not isinstance(args, (list, tuple)) or not args:
-        raise ValueError(f"tune.space.{key}: {kind} takes a list {DISTRIBUTIONS[kind]}, got {args!r}")
-    if kind in ("uniform", "loguniform", "randint"):
-        numeric = all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
-        if len(args) != 2 or not numeric or not args[0] < args[1]:
-            raise ValueError(f"tune.space.{key}: {kind} takes {DISTRIBUTIONS[kind]} with low < high, got {args!r}")
-        if kind == "loguniform" and args[0] <= 0:
-            raise ValueError(f"tune.space.{key}: loguniform needs low > 0, got {args!r}")
-        if kind == "randint" and not all(isinstance(a, int) for a in args):
-            raise ValueError(f"tune.space.{key}: randint takes two integers, got {args!r}")
-    return kind, list(args)
-
-
-def checked_values(kind: str, args: list) -> list:
-    """The values of a distribution that the key's own checks must accept: every choice or grid
-    value, both ends of a range (as the type a sample has)."""
-    if kind in ("choice", "grid"):
-        return list(args)
-    if kind == "randint":
-        return [args[0], args[1] - 1]
-    return [float(args[0]), float(args[1])]
 
 
 @dataclass(frozen=True)
@@ -503,331 +439,12 @@ class RunConfig:
     seed: int = 42
 
     def __post_init__(self) -> None:
-        from trainer.tasks.registry import get_task  # stdlib only: cheap here
-
-        if self.data.packing and not get_task(self.model.task).PACKS:
-            raise ValueError(f"data.packing is set, but model.task {self.model.task!r} has no packing "
-                             f"(only tasks that train on token sequences pack examples into rows)")
-        stopping = self.train.early_stopping
-        if stopping is not None and stopping.metric not in get_task(self.model.task).METRICS:
-            raise ValueError(f"train.early_stopping.metric is {stopping.metric!r}, but model.task "
-                             f"{self.model.task!r} reports {', '.join(get_task(self.model.task).METRICS)} at validation")
-
+        # What depends on the task (packing, metrics, generation) is checked by trainer/config_checks.py.
         if self.test.checkpoint == "best" and self.train.eval_every % self.train.save_interval:
             raise ValueError(f"test.checkpoint: best tests the best evaluated checkpoint, so every evaluation must "
                              f"write one: train.eval_every ({self.train.eval_every}) must be a multiple of "
                              f"train.save_every ({self.train.save_interval})")
-        if self.tune is not None:
-            metrics = get_task(self.model.task).METRICS
-            if self.tune.metric not in metrics:
-                raise ValueError(f"tune.metric is {self.tune.metric!r}, but model.task {self.model.task!r} reports "
-                                 f"{', '.join(metrics)} at validation")
-            check_space(self)
-        g = self.eval.generate
-        if not get_task(self.model.task).GENERATES and (g.num_examples or g.test):
-            key, value = ("num_examples", g.num_examples) if g.num_examples else ("test", "true")
-            raise ValueError(f"eval.generate.{key} is {value}, but model.task {self.model.task!r} does not "
-                             f"generate text (only causal_lm does); remove it or set it to 0 / false")
-
-    @property
-    def generate_examples(self) -> int:
-        """Validation prompts answered at each evaluation (eval.generate.num_examples or the task's default)."""
-        n = self.eval.generate.num_examples
-        return n if n is not None else (GENERATE_EXAMPLES if self._generates else 0)
-
-    @property
-    def generates_test(self) -> bool:
-        """Whether every test prompt is answered before and after fine-tuning."""
-        test = self.eval.generate.test
-        return test if test is not None else self._generates
-
-    @property
-    def _generates(self) -> bool:
-        from trainer.tasks.registry import get_task
-
-        return get_task(self.model.task).GENERATES
 
     @property
     def split_seed(self) -> int:
         return self.seed if self.data.split_seed is None else self.data.split_seed
-
-
-# ---------------------------------------------------------------- loading
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is tuple:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if tp is type(None):
-        return "null"
-    if dataclasses.is_dataclass(tp):
-        shorthand = getattr(tp, "SHORTHAND", None)
-        keys = ", ".join(f.name for f in dataclasses.fields(tp))
-        return f"a {shorthand} or a mapping {{{keys}}}" if shorthand else f"a mapping {{{keys}}}"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false", dict: "a mapping"}.get(
-        tp, getattr(tp, "__name__", str(tp)))
-
-
-def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
-    """Check one scalar/list value against its annotation; lists become tuples."""
-    origin = typing.get_origin(tp)
-    wrong = ConfigError(f"{where}: {key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        listed = [a for a in args if typing.get_origin(a) is tuple]
-        if isinstance(value, (list, tuple)) and listed:  # its items' own errors say more than "wrong"
-            return _coerce(value, listed[0], key, where)
-        for arg in args:
-            try:
-                return _coerce(value, arg, key, where)
-            except ConfigError:
-                pass
-        raise wrong
-    if dataclasses.is_dataclass(tp):
-        shorthand = getattr(tp, "SHORTHAND", None)
-        if shorthand and isinstance(value, str):
-            value = {shorthand: value}
-        if not isinstance(value, dict):
-            raise wrong
-        return _build(tp, value, where, f"{key}.", name=key)
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise wrong
-    if origin is tuple:
-        if isinstance(value, (str, int, float)):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise wrong
-        return tuple(_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]", where) for i, v in enumerate(value))
-    if tp is type(None):
-        if value is None:
-            return None
-        raise wrong
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise wrong
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise wrong
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 3e-5 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise wrong
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise wrong
-    if tp is dict:
-        if isinstance(value, dict):
-            return value
-        raise wrong
-    raise TypeError(f"unsupported annotation {tp!r} for {key}")
-
-
-def _optional_dataclass(tp: Any) -> Optional[type]:
-    """X for an `Optional[X]` annotation whose X is a config dataclass (an optional section)."""
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1 and dataclasses.is_dataclass(args[0]):
-        return args[0]
-    return None
-
-
-def _build(cls: type, raw: Any, where: str, prefix: str = "", name: str = "") -> Any:
-    """`name`: the key of a dataclass inside a list (data.train_file[1]), for its own checks' errors."""
-    if not isinstance(raw, dict):
-        name = prefix.rstrip(".") or "the top level"
-        raise ConfigError(f"{where}: {name} must be a mapping of keys, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in sorted(raw.keys() - set(names), key=str):
-        close = difflib.get_close_matches(str(key), names, n=1)
-        hint = f" Did you mean '{prefix}{close[0]}'?" if close else f" Known keys: {', '.join(names)}."
-        raise ConfigError(f"{where}: unknown key '{prefix}{key}'.{hint}")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in raw:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{where}: missing required section '{prefix}{f.name}'")
-            continue
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = _build(tp, raw[f.name] if raw[f.name] is not None else {}, where,
-                                    f"{prefix}{f.name}.")
-        elif _optional_dataclass(tp) is not None:  # an optional section: null (or absent) turns it off
-            kwargs[f.name] = None if raw[f.name] is None else _build(_optional_dataclass(tp), raw[f.name], where,
-                                                                     f"{prefix}{f.name}.")
-        else:
-            kwargs[f.name] = _coerce(raw[f.name], tp, prefix + f.name, where)
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as err:
-        if isinstance(err, ConfigError):
-            raise
-        raise ConfigError(f"{where}: {name + ': ' if name else ''}{err}") from None
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`optim.lr=3e-5` -> (["optim", "lr"], 3e-5); the value is typed like YAML."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set optim.lr=3e-5")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
-        parsed = value
-    return key.strip().split("."), parsed
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    raw = dict(raw)
-    for text in overrides:
-        path, value = parse_override(text)
-        node = raw
-        for part in path[:-1]:
-            child = node.get(part)
-            child = dict(child) if isinstance(child, dict) else {}
-            node[part] = child
-            node = child
-        node[path[-1]] = value
-    return raw
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's last-one-wins would hide a key written twice (often a typo'd section): refuse it."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key '{key}' appears twice (first at line {seen[key] + 1}); YAML would keep only "
-                                f"the last one", key_node.start_mark)
-            seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep=deep)
-
-
-def read_yaml(path: Path) -> dict:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: the config file is not UTF-8 text") from None
-    try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{path}: YAML syntax error{at}: {problem}") from None
-    if raw is None:
-        raise ConfigError(f"{path}: the config file is empty")
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the config must be a mapping of sections (model, data, ...), "
-                          f"got {type(raw).__name__}")
-    return raw
-
-
-def from_dict(raw: dict, where: str = "<config>") -> RunConfig:
-    return _build(RunConfig, raw, where)
-
-
-def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML file, apply `--set key=value` overrides, validate, and resolve relative paths.
-
-    Relative data, model and tokenizer paths are taken relative to the config file when they exist
-    there, so a config works from any working directory; output_dir stays relative to the caller.
-    """
-    path = Path(path)
-    raw = apply_overrides(read_yaml(path), list(overrides))
-    cfg = from_dict(raw, str(path))
-    return resolve_paths(cfg, path.parent)
-
-
-def _resolve(value: Optional[str], base: Path) -> Optional[str]:
-    if value is None or value.startswith("pkg:") or Path(value).is_absolute():
-        return value
-    candidate = base / value
-    return str(candidate.resolve()) if candidate.exists() else value
-
-
-def resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
-    train = cfg.data.train_file
-    train = _resolve(train, base) if not isinstance(train, tuple) else \
-        tuple(dataclasses.replace(s, path=_resolve(s.path, base)) for s in train)
-    data = dataclasses.replace(cfg.data, train_file=train, **{k: _resolve(getattr(cfg.data, k), base)
-                                                              for k in ("validation_file", "test_file")})
-    model = dataclasses.replace(cfg.model, name_or_path=_resolve(cfg.model.name_or_path, base),
-                                tokenizer=_resolve(cfg.model.tokenizer, base),
-                                image_processor=_resolve(cfg.model.image_processor, base))
-    ds = dataclasses.replace(cfg.deepspeed, config_file=_resolve(cfg.deepspeed.config_file, base))
-    return dataclasses.replace(cfg, data=data, model=model, deepspeed=ds)
-
-
-def to_dict(cfg: RunConfig) -> dict:
-    """Plain dict (lists, not tuples) that `from_dict` reads back into an equal config."""
-    def plain(value: Any) -> Any:
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return value
-    return plain(dataclasses.asdict(cfg))
-
-
-# ---------------------------------------------------------------- search trials
-
-TRIAL = "tune trial"  # the `where` of a trial's config errors
-
-
-def trial_config(cfg: RunConfig, values: dict, output_dir: Optional[str] = None) -> RunConfig:
-    """The plain run config of one search trial: `cfg` with each searched key set to its value and
-    no tune section, checked like any config."""
-    raw = to_dict(cfg)
-    raw["tune"] = None
-    for key, value in values.items():
-        node, parts = raw, key.split(".")
-        for part in parts[:-1]:
-            node = node.get(part) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or parts[-1] not in node:
-            raise ConfigError(f"tune.space.{key}: no such config key (a searched key is a dotted key of the "
-                              f"run config, e.g. optim.lr or train.micro_batch_size)")
-        node[parts[-1]] = value
-    if output_dir is not None:
-        raw["output_dir"] = output_dir
-    return from_dict(raw, TRIAL)
-
-
-def check_space(cfg: RunConfig) -> None:
-    """Every key of tune.space exists and accepts every value the search can give it (each choice and
-    grid value, both ends of a range), through the normal config checks, before any trial starts."""
-    for key, spec in cfg.tune.space.items():
-        if key.split(".")[0] in UNSEARCHABLE:
-            raise ValueError(f"tune.space.{key}: {', '.join(UNSEARCHABLE)} are the search's own settings; "
-                             f"a trial cannot change them")
-        kind, args = distribution(key, spec)
-        for value in checked_values(kind, args):
-            try:
-                trial_config(cfg, {key: value})
-            except ConfigError as err:
-                reason = str(err).removeprefix(f"{TRIAL}: ")
-                if reason.startswith(f"tune.space.{key}:"):
-                    raise ValueError(reason) from None
-                raise ValueError(f"tune.space.{key}: the search could give it {value!r}, which the config "
-                                 f"refuses: {reason}") from None

@@ -32,6 +32,19 @@ COLUMNS = {"pair": {"prompt": "prompt", "response": "response"},
 SAMPLE = 20  # rows auto detection looks at
 
 
+class BadRow(ValueError):
+    """What is wrong with one row (not with the settings: that is a ConfigError): the run stops naming
+    file, row and column, or data.skip_bad_rows skips the row. `column`: the cell at fault (None: the
+    conversation as a whole, in whichever column holds it)."""
+
+    def __init__(self, column: Optional[str], problem: str) -> None:
+        super().__init__(problem)
+        self.column, self.problem = column, problem
+
+    def __reduce__(self):  # rebuilt with both fields where it crosses a process (datasets.map workers)
+        return type(self), (self.column, self.problem)
+
+
 @dataclass(frozen=True)
 class Turn:
     role: str  # system | user | assistant | tool
@@ -181,9 +194,9 @@ def _text(value: Any, column: str, what: str = "") -> str:
     """`what`: the part of the cell at fault ("" for the whole cell)."""
     what = what + " " if what else ""
     if not isinstance(value, str):
-        raise ValueError(column, f"{what}must be text, got {value!r}")
+        raise BadRow(column, f"{what}must be text, got {value!r}")
     if not value.strip():
-        raise ValueError(column, f"{what}is empty")
+        raise BadRow(column, f"{what}is empty")
     return value
 
 
@@ -203,7 +216,7 @@ def _calls(value: Any, column: str, where: str) -> tuple[dict, ...]:
     for call in calls:
         call = call.get("function", call) if isinstance(call, dict) else call
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-            raise ValueError(column, f"{where}: a tool call must be {{name, arguments}}, got {value!r}")
+            raise BadRow(column, f"{where}: a tool call must be {{name, arguments}}, got {value!r}")
         out.append({"name": call["name"], "arguments": _arguments(call.get("arguments", {}))})
     return tuple(out)
 
@@ -216,32 +229,32 @@ def _tools(value: Any, column: str) -> tuple[dict, ...]:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as err:
-            raise ValueError(column, f"is neither a list of tool definitions nor a JSON string of one ({err.msg})") from None
+            raise BadRow(column, f"is neither a list of tool definitions nor a JSON string of one ({err.msg})") from None
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
-        raise ValueError(column, f"is neither a list of tool definitions nor a JSON string of one: {value!r:.80}")
+        raise BadRow(column, f"is neither a list of tool definitions nor a JSON string of one: {value!r:.80}")
     return tuple(t if "function" in t else {"type": "function", "function": t} for t in value)
 
 
 def _chat_turns(value: Any, r: Reading) -> list[Turn]:
     column = r.messages
     if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
-        raise ValueError(column, f"must be a non-empty list of {{{r.role_key}, {r.content_key}}} turns")
+        raise BadRow(column, f"must be a non-empty list of {{{r.role_key}, {r.content_key}}} turns")
     turns = []
     for n, m in enumerate(value, 1):
         name = m.get(r.role_key)
         role = r.roles.get(name) if isinstance(name, str) else None
         if role is None:
             known = ", ".join(sorted(r.roles))
-            raise ValueError(column, f"turn {n} has the role {name!r} ({r.role_key!r}), which is not one the data "
+            raise BadRow(column, f"turn {n} has the role {name!r} ({r.role_key!r}), which is not one the data "
                                      f"knows ({known}; add names with data.roles)")
         content = m.get(r.content_key)
         if role == "function_call":  # ShareGPT: the assistant's call, its JSON as the content
             try:
                 parsed = json.loads(content) if isinstance(content, str) else content
             except json.JSONDecodeError:
-                raise ValueError(column, f"turn {n} is a function call whose {r.content_key!r} is not JSON") from None
+                raise BadRow(column, f"turn {n} is a function call whose {r.content_key!r} is not JSON") from None
             turns.append(Turn("assistant", "", _calls(parsed, column, f"turn {n}")))
             continue
         calls = _calls(m[r.calls_key], column, f"turn {n}") if role == "assistant" and m.get(r.calls_key) else ()
@@ -253,7 +266,7 @@ def _chat_turns(value: Any, r: Reading) -> list[Turn]:
 
 
 def read(record: dict, r: Reading) -> Conversation:
-    """One row as a conversation; a ValueError(column, problem) says what is wrong with it."""
+    """One row as a conversation; a BadRow says what is wrong with it."""
     if r.format == "pair":
         turns = [Turn("user", _text(record[r.prompt], r.prompt)),
                  Turn("assistant", _text(record[r.response], r.response))]
@@ -261,11 +274,11 @@ def read(record: dict, r: Reading) -> Conversation:
         instruction = _text(record[r.prompt], r.prompt)
         extra = record.get(r.query)
         if extra is not None and not isinstance(extra, str):
-            raise ValueError(r.query, f"must be text, got {extra!r}")
+            raise BadRow(r.query, f"must be text, got {extra!r}")
         turns = []
         for n, pair in enumerate(record.get(r.history) or [], 1):
             if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
-                raise ValueError(r.history, f"entry {n} must be an [instruction, output] pair, got {pair!r}")
+                raise BadRow(r.history, f"entry {n} must be an [instruction, output] pair, got {pair!r}")
             turns += [Turn("user", _text(pair[0], r.history, f"entry {n}'s instruction")),
                       Turn("assistant", _text(pair[1], r.history, f"entry {n}'s output"))]
         turns += [Turn("user", instruction + ("\n" + extra if extra and extra.strip() else "")),
@@ -274,11 +287,11 @@ def read(record: dict, r: Reading) -> Conversation:
         turns = _chat_turns(record[r.messages], r)
     system = record.get(r.system)
     if system is not None and not isinstance(system, str):
-        raise ValueError(r.system, f"must be text, got {system!r}")
+        raise BadRow(r.system, f"must be text, got {system!r}")
     if not any(t.role == "system" for t in turns):
         default = system if system and system.strip() else r.system_prompt
         if default:
             turns.insert(0, Turn("system", default))
     if not any(t.role == "assistant" for t in turns):
-        raise ValueError(r.messages or r.response, "the conversation has no assistant turn to learn")
+        raise BadRow(r.messages or r.response, "the conversation has no assistant turn to learn")
     return Conversation(tuple(turns), _tools(record.get(r.tools), r.tools))

@@ -77,7 +77,7 @@ def cache_key(cfg: RunConfig, processor) -> str:
             h.update(_file_digest(path).encode())
     h.update(Hasher.hash(processor).encode())
     root = Path(__file__).resolve().parents[1]
-    for source in (*CODE, TASKS[cfg.model.task].replace(".", "/") + ".py"):
+    for source in (*CODE, TASKS[cfg.model.task].module.replace(".", "/") + ".py"):
         h.update((root / source).read_bytes())
     return h.hexdigest()[:20]
 

@@ -24,6 +24,7 @@ from typing import Any, Callable, ContextManager, Iterator, Optional
 from trainer import checkpoints, data_cache, early_stopping, mixing
 from trainer.checkpoints import TrainState
 from trainer.config import ConfigError, RunConfig
+from trainer.config_checks import generate_examples, generates_test
 from trainer.data import MicroBatches
 from trainer.ds_config import deepspeed_config, resolve_precision
 from trainer.evaluation import Shard, generator
@@ -37,7 +38,7 @@ from trainer.report import Phases, Reporter
 from trainer.splits import total_steps
 from trainer.storage import writing
 from trainer.tasks.common import Prepared
-from trainer.tasks.registry import Task, get_task
+from trainer.tasks.registry import TASKS, Task, get_task
 from trainer.zero3_generation import GenerationWeights, generation_weights
 
 
@@ -256,7 +257,7 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
         (state.best_metric, state.bad_evaluations), state.best_of = kept, early_stopping.counted(early)
 
     track = reporter.track if rank == 0 else (lambda metrics: None)  # the controller writes the tracker
-    accumulation, unit = cfg.train.gradient_accumulation, s.task.UNIT
+    accumulation, unit = cfg.train.gradient_accumulation, TASKS[cfg.model.task].unit
     batches = micro_batches(cfg, s.data["train"], rank, s.world, state)
     rows = "packed rows" if s.data["train"].packed else "examples"
     log(f"training steps {state.step + 1}..{s.total_steps} on {s.world} worker(s), "
@@ -306,7 +307,7 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
         if step % cfg.train.eval_every == 0 or is_last:
             with one_pass(s):  # ZeRO-3: one gather for both
                 validation = scalars(evaluate_split(s, "validation")[0])
-                answers = generate_split(s, cfg, "validation", cfg.generate_examples, reporter)
+                answers = generate_split(s, cfg, "validation", generate_examples(cfg), reporter)
             if rank == 0 and answers and args.generations_dir:
                 target = Path(args.generations_dir) / f"{checkpoints.dir_name(step)}.jsonl"
                 with writing(f"the generated answers of step {step}", target):
@@ -347,7 +348,7 @@ def run_test(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TestResult
 
     phases = Phases(reporter if dist.get_rank() == 0 else None)  # each part's seconds, on the console
     s = setup(cfg, args, ("test",), reporter)
-    answering = len(s.data["test"]) if cfg.generates_test else 0  # every test prompt, or none
+    answering = len(s.data["test"]) if generates_test(cfg) else 0  # every test prompt, or none
     phases.done("test phase: the model and engine built")
     with one_pass(s):
         before, _ = evaluate_split(s, "test")

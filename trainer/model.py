@@ -111,9 +111,9 @@ def auto_class(task: str):
     """The transformers Auto class of the task's model (AutoModelForCausalLM, ...)."""
     import transformers
 
-    from trainer.tasks.registry import get_task
+    from trainer.tasks.registry import TASKS
 
-    return getattr(transformers, get_task(task).AUTO_MODEL)
+    return getattr(transformers, TASKS[task].auto_model)
 
 
 def _label_kwargs(labels: list[str]) -> dict:
@@ -208,9 +208,9 @@ def build_skeleton(cfg: ModelConfig, model_dir: str | None, labels: list[str] = 
 
 def load_processor(cfg: ModelConfig, model_dir: str | None):
     """The tokenizer, or the image processor, as the task asks."""
-    from trainer.tasks.registry import get_task
+    from trainer.tasks.registry import TASKS
 
-    if get_task(cfg.task).PROCESSOR == "tokenizer":
+    if TASKS[cfg.task].processor == "tokenizer":
         return load_tokenizer(cfg, model_dir)
     from transformers import AutoImageProcessor
 

@@ -154,7 +154,7 @@ def run_case(case: Case, opts: dict) -> dict:
     import torch
 
     from trainer import data_cache, loop
-    from trainer.config import from_dict
+    from trainer.config_load import from_dict
     from trainer.lora import trainable_model
     from trainer.model import build_skeleton, load_processor
 

@@ -41,7 +41,7 @@ $PY - "$DEST/smollm2-135m" <<'PYEOF'
 import sys
 from transformers import AutoConfig, AutoTokenizer
 sys.path.insert(0, ".")
-from trainer.config import load_config
+from trainer.config_load import load_config
 from trainer.model import resolve_location
 model = load_config("configs/gpt_ft.yaml").model  # the shipped SmolLM2 config names the GGUF
 where = resolve_location(model.name_or_path)

@@ -59,7 +59,7 @@ def test_each_rank_wrote_its_shard_and_retention_kept_last_two(zero2):
 def _final_model_test_loss(out: Path, config: Path) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.config import load_config
+    from trainer.config_load import load_config
     from trainer.data import load_splits
     from trainer.evaluation import Shard
     from trainer.tasks import causal_lm

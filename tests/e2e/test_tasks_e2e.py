@@ -34,7 +34,7 @@ def _single_process_metrics(out: Path, config: Path, task: str):
     """The same checkpoint's export evaluated in this one process (world size 1)."""
     import transformers
 
-    from trainer.config import load_config
+    from trainer.config_load import load_config
     from trainer.data import load_splits
     from trainer.evaluation import Shard
     from trainer.model import auto_class

@@ -95,7 +95,7 @@ def test_hparams_are_written_for_every_trial(search):
 def test_best_config_is_a_plain_run_that_reproduces_the_best_trial(search, process_group, tmp_path):
     """best_config.yaml loads as a plain config (no tune section) and, run by the same worker loop
     (in this process, one worker as in the trial), gives the best trial's validation curve."""
-    from trainer.config import load_config
+    from trainer.config_load import load_config
     from trainer.loop import WorkerArgs, run
     from trainer.report import ListReporter
 

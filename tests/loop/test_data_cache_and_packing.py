@@ -9,7 +9,7 @@ import torch
 
 from tests.helpers import DATA, tiny_config, tiny_llama
 from trainer import data_cache
-from trainer.config import from_dict
+from trainer.config_load import from_dict
 from trainer.loop import WorkerArgs, run
 from trainer.model import build_model, load_tokenizer
 from trainer.report import ListReporter

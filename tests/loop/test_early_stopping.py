@@ -5,7 +5,7 @@ from pathlib import Path
 
 from tests.helpers import tiny_config
 from trainer.checkpoints import dir_name, read_state
-from trainer.config import from_dict, to_dict
+from trainer.config_load import from_dict, to_dict
 from trainer.loop import WorkerArgs, fine_tune, run
 from trainer.messages import TestResult
 from trainer.report import ListReporter

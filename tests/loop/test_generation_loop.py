@@ -10,7 +10,7 @@ import torch
 from functools import partial
 
 from tests.helpers import tiny_config, tiny_gpt2, tiny_llama
-from trainer.config import from_dict
+from trainer.config_load import from_dict
 from trainer.loop import WorkerArgs, run, run_test
 from trainer.report import ListReporter
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.config import from_dict
+from trainer.config_load import from_dict
 from tests.helpers import save_pretrained_llama, tiny_config, tiny_llama
 from trainer.checkpoints import TAG, find_checkpoints, read_state
 from trainer.loop import WorkerArgs, run

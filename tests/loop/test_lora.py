@@ -9,7 +9,7 @@ import torch
 
 from tests.helpers import save_pretrained_llama, tiny_config
 from trainer.checkpoints import TAG, read_state
-from trainer.config import from_dict, to_dict
+from trainer.config_load import from_dict, to_dict
 from trainer.loop import WorkerArgs, run, run_test
 from trainer.report import ListReporter
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from trainer.config import from_dict
+from trainer.config_load import from_dict
 from tests.helpers import make_image_processor, make_wordpiece_tokenizer, task_config
 from trainer.loop import WorkerArgs, run, run_test
 from trainer.report import ListReporter

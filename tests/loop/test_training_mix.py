@@ -10,7 +10,8 @@ from launcher.plan import Plan, describe, mix_shares
 from tests.helpers import DATA, shouted_copy, tiny_config, tiny_llama
 from trainer import data_cache
 from trainer.checkpoints import TrainState, read_state
-from trainer.config import EarlyStoppingConfig, from_dict, to_dict
+from trainer.config import EarlyStoppingConfig
+from trainer.config_load import from_dict, to_dict
 from trainer.loop import WorkerArgs, micro_batches, run
 from trainer.model import load_tokenizer
 from trainer.report import ListReporter

@@ -34,7 +34,7 @@ def _rank(rank: int, world: int, port: int, raw: dict, out: str) -> None:
     import torch.distributed as dist
 
     from trainer import loop
-    from trainer.config import from_dict
+    from trainer.config_load import from_dict
     from trainer.report import ListReporter
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

@@ -30,6 +30,30 @@ def test_imports_run_one_way(folder, banned):
     assert not hits(folder, banned)
 
 
+@pytest.mark.parametrize("module, banned", [
+    ("trainer/config.py", "trainer.tasks"),  # the schema: what a task is, it reads nowhere (config_checks does)
+    ("trainer/config_checks.py", "trainer.tasks.causal_lm"),  # the registry's table, never a task module
+    ("launcher/search_space.py", "ray"),  # the space is pure; launcher/tune.py turns it into Ray Tune's
+])
+def test_a_module_keeps_off(module, banned):
+    found = [name for _, name in imports(REPO / module) if name == banned or name.startswith(banned + ".")]
+    assert not found
+
+
+def test_the_schema_imports_only_the_stdlib():
+    """Both sides import it and it sits at the bottom: no yaml, no task code, no other trainer module."""
+    found = [name for _, name in imports(REPO / "trainer" / "config.py")
+             if name.split(".")[0] not in sys.stdlib_module_names and name != "__future__"]
+    assert not found
+
+
+def test_the_config_checks_import_no_task_module():
+    from trainer.tasks.registry import TASKS
+
+    modules = {spec.module for spec in TASKS.values()} | {"trainer.tasks.common"}
+    assert not [name for _, name in imports(REPO / "trainer" / "config_checks.py") if name in modules]
+
+
 def test_the_boundary_check_sees_imports_inside_functions(tmp_path, monkeypatch):
     probe = tmp_path / "probe.py"
     probe.write_text("def f():\n    from launcher.cli import main\n    import ray.train\n")
@@ -78,18 +102,32 @@ def test_the_task_check_finds_a_comparison(tmp_path, monkeypatch):
 
 
 def test_every_registered_task_implements_the_interface():
-    from trainer.tasks.registry import Task, get_task
+    from trainer.tasks.registry import TASKS, Task, get_task
 
     members = [m for m in dir(Task) if not m.startswith("_")] + list(Task.__annotations__)
     for name in task_names():
-        module = get_task(name)
+        module, spec = get_task(name), TASKS[name]
         assert all(hasattr(module, m) for m in members), name
+        assert hasattr(module, "pack") == spec.packs and hasattr(module, "generate") == spec.generates, name
+        assert spec.metrics[0] == "loss", name  # early stopping and tune.metric default to it
+
+
+def test_what_a_task_is_lives_in_the_registry_only():
+    """TaskSpec is the one copy of a task's capabilities: no task module keeps its own constants."""
+    old = {"AUTO_MODEL", "PROCESSOR", "UNIT", "PACKS", "GENERATES", "METRICS"}
+    found = [f"{f.relative_to(REPO)}:{node.lineno} {t.id}" for f in sorted((REPO / "trainer" / "tasks").glob("*.py"))
+             for node in ast.parse(f.read_text()).body if isinstance(node, (ast.Assign, ast.AnnAssign))
+             for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+             if isinstance(t, ast.Name) and t.id in old]
+    assert not found
 
 
 @pytest.mark.parametrize("module, banned", [
     ("launcher.cli", "deepspeed"), ("launcher.cli", "torch"), ("launcher.cli", "ray"),
     ("trainer.config", "torch"), ("launcher.controller", "deepspeed"), ("trainer.tasks.registry", "torch"),
-    ("trainer.loop", "ray"), ("trainer.freezing", "torch")])
+    ("trainer.loop", "ray"), ("trainer.freezing", "torch"), ("trainer.config_load", "torch"),
+    ("trainer.config", "trainer.tasks.registry"), ("trainer.config_load", "trainer.tasks.causal_lm"),
+    ("launcher.search_space", "ray"), ("launcher.search_space", "torch")])
 def test_importing_a_light_module_loads_no_heavy_one(module, banned):
     probe = f"import sys, {module}; sys.exit({banned!r} in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe]).returncode == 0, f"{module} imports {banned}"

@@ -2,14 +2,17 @@
 and what trains: the labelled tokens, decoded, are exactly the assistant texts (with the end-of-turn
 marker) under real chat templates, tools included; bad rows name file, line and column."""
 import json
+import pickle
 
 import pytest
 
 from tests.helpers import SMOLLM2
 from trainer.chat import TOOLS_HEADER, render, template
-from trainer.config import ConfigError, DataConfig, from_dict
-from trainer.conversation import Turn, detect, read
+from trainer.config import ConfigError, DataConfig
+from trainer.config_load import from_dict
+from trainer.conversation import BadRow, Turn, detect, read
 from trainer.data import Split
+from trainer.tasks.common import NoUsableRows
 from trainer.masking import IGNORE, mask_labels
 from trainer.tasks.registry import get_task
 
@@ -165,7 +168,7 @@ def test_a_template_that_rerenders_earlier_turns_is_labelled_from_its_marks_or_r
                              {"from": "human", "value": "Add 3 and 3."}, {"from": "gpt", "value": "<think>3+3</think>Six."}]}
     # The rendered conversation is what trains: the earlier turn as the template shows it (no reasoning).
     assert learned(tok, row, chat_template=REASONING_MARKED) == ["Four.<|im_end|>", "<think>3+3</think>Six.<|im_end|>"]
-    with pytest.raises(ValueError, match=r"does not render the text of assistant turn 1 of 2 as given .* "
+    with pytest.raises(BadRow, match=r"does not render the text of assistant turn 1 of 2 as given .* "
                                          r"\{% generation %\} markers \(data.chat_template\), or data.train_on: last"):
         rendered(tok, row, chat_template=REASONING)
     assert learned(tok, row, chat_template=REASONING, train_on="last") == ["<think>3+3</think>Six.<|im_end|>"]
@@ -174,8 +177,19 @@ def test_a_template_that_rerenders_earlier_turns_is_labelled_from_its_marks_or_r
 def test_a_template_that_refuses_the_conversation_is_a_bad_row(tok):
     row = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."},
                              {"from": "gpt", "value": "Anything else?"}]}
-    with pytest.raises(ValueError, match=r"the chat template refuses this conversation: Conversation roles must alternate"):
+    with pytest.raises(BadRow, match=r"the chat template refuses this conversation: Conversation roles must alternate"):
         rendered(tok, row, chat_template=ALTERNATING)
+
+
+def test_a_bad_row_and_an_empty_split_are_typed_errors_that_keep_their_fields():
+    """What the task reads off them are fields, never their text (also after crossing a process)."""
+    r = detect(["prompt", "response"], [{"prompt": "Hi", "response": "Hello."}], data(), "d.jsonl")
+    with pytest.raises(BadRow) as caught:
+        read({"prompt": None, "response": "Hello."}, r)
+    again = pickle.loads(pickle.dumps(caught.value))
+    assert (again.column, again.problem, str(again)) == ("prompt", "must be text, got None", "must be text, got None")
+    empty = pickle.loads(pickle.dumps(NoUsableRows("d.jsonl: no usable row in the train split (2 too long)", {"too long": 2})))
+    assert isinstance(empty, ConfigError) and empty.dropped == {"too long": 2} and str(empty).startswith("d.jsonl: no usable")
 
 
 TOOLS = [{"name": "weather", "description": "Weather in a city", "parameters": {"type": "object", "properties": {

@@ -3,7 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import ConfigError, from_dict, load_config, to_dict
+from trainer.config import ConfigError, RunConfig
+from trainer.config_checks import generate_examples, generates_test
+from trainer.config_load import from_dict, load_config, to_dict
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = {"model": {"name_or_path": "gpt2"}, "data": {"train_file": "x.jsonl"}}
@@ -69,13 +71,13 @@ def test_fractions_must_sum_to_one():
 
 def test_generation_defaults_come_from_the_task():
     cfg = build()  # causal_lm
-    assert cfg.eval.generate.num_examples is None and cfg.generate_examples == 8 and cfg.generates_test
+    assert cfg.eval.generate.num_examples is None and generate_examples(cfg) == 8 and generates_test(cfg)
     off = build(eval={"generate": {"num_examples": 0, "test": False}})
-    assert off.generate_examples == 0 and not off.generates_test
+    assert generate_examples(off) == 0 and not generates_test(off)
     classifier = {"name_or_path": "bert", "task": "sequence_classification"}
     cls = build(model=classifier)
-    assert cls.generate_examples == 0 and not cls.generates_test
-    assert build(model=classifier, eval={"generate": {"num_examples": 0}}).generate_examples == 0
+    assert generate_examples(cls) == 0 and not generates_test(cls)
+    assert generate_examples(build(model=classifier, eval={"generate": {"num_examples": 0}})) == 0
     with pytest.raises(ConfigError, match=r"eval.generate.num_examples is 4, but model.task 'sequence_classification' "
                                           r"does not generate text \(only causal_lm does\)"):
         build(model=classifier, eval={"generate": {"num_examples": 4}})
@@ -116,6 +118,22 @@ def test_relative_data_paths_resolve_against_the_config_file(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("model: {name_or_path: gpt2}\ndata: {train_file: d.jsonl}\n")
     assert load_config(p).data.train_file == str((tmp_path / "d.jsonl").resolve())
+
+
+def test_loading_a_config_builds_exactly_one(monkeypatch):
+    """No trial config per searched value, no rebuild to resolve paths: load_config constructs one
+    RunConfig (dataclasses.replace would construct another, and is counted too)."""
+    built, check = [], RunConfig.__post_init__
+
+    def counted(self):
+        built.append(self)
+        check(self)
+
+    monkeypatch.setattr(RunConfig, "__post_init__", counted)
+    cfg = load_config(REPO / "configs" / "gpt_ft.yaml", ["tune.space={optim.lr: {loguniform: [1.0e-5, 1.0e-3]}, "
+                                                         "train.micro_batch_size: {choice: [1, 2, 4]}}"])
+    assert cfg.tune is not None and len(cfg.tune.space) == 2
+    assert len(built) == 1 and built[0] is cfg
 
 
 def test_round_trip_through_plain_dict():

@@ -4,7 +4,7 @@ import pytest
 
 from launcher.controller import Controller, RepeatedFailure
 from tests.helpers import tiny_config
-from trainer.config import from_dict
+from trainer.config_load import from_dict
 from trainer.messages import Received, TrainReport, Where, WorkerFailure
 
 

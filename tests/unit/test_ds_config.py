@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from trainer.config import ConfigError, from_dict
+from trainer.config import ConfigError
+from trainer.config_load import from_dict
 from trainer.ds_config import deepspeed_config, resolve_precision
 
 

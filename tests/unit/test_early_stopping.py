@@ -9,7 +9,8 @@ from tests.helpers import tiny_config
 from tests.unit.test_checkpoints import fake
 from tests.unit.test_controller import report
 from trainer.checkpoints import best, find_checkpoints, read_state
-from trainer.config import ConfigError, EarlyStoppingConfig, from_dict
+from trainer.config import ConfigError, EarlyStoppingConfig
+from trainer.config_load import from_dict
 from trainer.early_stopping import advance, carry_over, counted, score, selection
 
 

@@ -1,7 +1,7 @@
 """Rendering the Slurm batch script: a pure function of the config."""
 from pathlib import Path
 
-from trainer.config import from_dict
+from trainer.config_load import from_dict
 from launcher.slurm import TEMPLATE, render, sbatch_lines
 
 

@@ -32,7 +32,7 @@ def test_a_bare_os_error_is_a_storage_error_only_for_refusals():
 def test_the_failure_log_on_an_unwritable_disk_does_not_end_the_controller(tmp_path, capsys):
     from launcher.controller import Controller
     from tests.helpers import tiny_config
-    from trainer.config import from_dict
+    from trainer.config_load import from_dict
     from trainer.messages import WorkerFailure
 
     out = tmp_path / "out"
@@ -48,7 +48,7 @@ def test_the_failure_log_on_an_unwritable_disk_does_not_end_the_controller(tmp_p
 def test_a_storage_failure_from_a_worker_ends_the_controller(tmp_path):
     from launcher.controller import Controller
     from tests.helpers import tiny_config
-    from trainer.config import from_dict
+    from trainer.config_load import from_dict
     from trainer.messages import StorageFailure
 
     cfg = from_dict(tiny_config(tmp_path, tmp_path))

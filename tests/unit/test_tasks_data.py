@@ -3,7 +3,8 @@ import io
 
 import pytest
 
-from trainer.config import ConfigError, from_dict
+from trainer.config import ConfigError
+from trainer.config_load import from_dict
 from tests.helpers import make_image_processor, make_wordpiece_tokenizer
 from trainer.data import Split
 from trainer.masking import IGNORE

@@ -1,22 +1,11 @@
-"""A search's trial configs, without Ray: the searched values on top of the base, paths a trial in
-another process can read."""
-import pytest
-
+"""A search's trial configs, without Ray: paths a trial in another process can read, trials at once
+(the searched values on top of the base: tests/unit/test_search_space.py)."""
 from launcher.tune import absolute_paths, concurrency
-from trainer.config import ConfigError, from_dict, trial_config
+from trainer.config_load import from_dict
 from tests.helpers import REPO
 
 BASE = {"model": {"name_or_path": "gpt2"}, "output_dir": "runs/search",
         "tune": {"space": {"optim.lr": {"loguniform": [1.0e-5, 1.0e-3]}}}}
-
-
-def test_a_trial_is_the_base_with_its_values_and_no_search():
-    cfg = from_dict({**BASE, "data": {"train_file": "x.jsonl"}})
-    trial = trial_config(cfg, {"optim.lr": 3e-4, "train.micro_batch_size": 8}, "runs/search/trials/t0")
-    assert trial.optim.lr == 3e-4 and trial.train.micro_batch_size == 8 and trial.tune is None
-    assert trial.output_dir == "runs/search/trials/t0" and trial.model == cfg.model
-    with pytest.raises(ConfigError, match="tune.space.optim.beta: no such config key"):
-        trial_config(cfg, {"optim.beta": 0.9})
 
 
 def test_every_path_a_trial_reads_is_absolute_a_training_mix_too(monkeypatch):

@@ -13,14 +13,8 @@ import math
 
 from trainer.config import ConfigError, DataConfig, RunConfig
 from trainer.masking import IGNORE, mask_labels
-from trainer.tasks.common import DROP, ROW, Prepared, bad, encode_split, model_loss, require_rows
+from trainer.tasks.common import DROP, ROW, NoUsableRows, Prepared, bad, encode_split, model_loss, require_rows
 
-AUTO_MODEL = "AutoModelForCausalLM"
-PROCESSOR = "tokenizer"
-UNIT = "tokens"
-PACKS = True  # data.packing applies: pack() below
-METRICS = ("loss", "perplexity", "token_accuracy")  # the validation scalars evaluate() reports
-GENERATES = True  # answers prompts: generate() below (eval.generate)
 loss = model_loss  # the training objective (trainer/tasks/common.py)
 
 
@@ -54,7 +48,7 @@ def prepare(split, cfg: RunConfig, tokenizer, labels: list[str], scratch=None) -
     import numpy as np
 
     from trainer.chat import render, template
-    from trainer.conversation import read
+    from trainer.conversation import BadRow, read
 
     d = cfg.data
     require_rows(split)
@@ -70,11 +64,8 @@ def prepare(split, cfg: RunConfig, tokenizer, labels: list[str], scratch=None) -
             try:
                 out = render(read({k: v[i] for k, v in batch.items()}, r), tpl, tokenizer, d)
                 text, found, cut, reference, drop = out.text, out.spans, out.answer_at, out.reference, ""
-            except ConfigError:
-                raise  # the settings, not this row (a ConfigError is a ValueError too)
-            except ValueError as err:
-                where, problem = err.args if len(err.args) == 2 else (column, err.args[0])
-                text, found, cut, reference, drop = "", (), 0, "", bad(where, problem)
+            except BadRow as err:  # this row, not the settings (those raise a ConfigError)
+                text, found, cut, reference, drop = "", (), 0, "", bad(err.column or column, err.problem)
             texts.append(text)
             spans.append(found)
             cuts.append(cut)
@@ -96,8 +87,8 @@ def prepare(split, cfg: RunConfig, tokenizer, labels: list[str], scratch=None) -
 
     try:
         return encode_split(split, cfg, encode, INPUTS, scratch=scratch)
-    except ConfigError as err:
-        if truncated in str(err) and "no usable row" in str(err):
+    except NoUsableRows as err:
+        if truncated in err.dropped:  # the reason encode() gave those rows
             raise ConfigError(f"{split.source}: every response in the {split.name} split was truncated away by "
                               f"data.max_length = {d.max_length}; raise it") from None
         raise

@@ -17,6 +17,17 @@ DROP = "drop"  # column of an encoder's output: "" keeps the row; bad(column, pr
 _BAD = "bad\t"
 
 
+class NoUsableRows(ConfigError):
+    """Every row of a split was left out; `dropped` says why (reason -> rows), for a task to explain."""
+
+    def __init__(self, message: str, dropped: dict) -> None:
+        super().__init__(message)
+        self.dropped = dropped
+
+    def __reduce__(self):  # rebuilt with its reasons where it crosses a process (a Ray worker's error)
+        return type(self), (str(self), self.dropped)
+
+
 def model_loss(model, batch: dict):
     """The training objective most tasks use: the model's own loss on the batch's labels (token
     cross-entropy for causal LMs, cross-entropy over the label ids for classifiers). `model` is the
@@ -100,8 +111,8 @@ def encode_split(split, cfg: RunConfig, encode: Callable[[dict], dict], inputs: 
         keep = np.flatnonzero(pc.equal(drop, "").to_numpy(zero_copy_only=False))
         table = table.select(keep)
     if not len(table):
-        raise ConfigError(f"{split.source}: no usable row in the {split.name} split "
-                          f"({'; '.join(f'{n} {why}' for why, n in dropped.items())})")
+        raise NoUsableRows(f"{split.source}: no usable row in the {split.name} split "
+                           f"({'; '.join(f'{n} {why}' for why, n in dropped.items())})", dropped)
     return Prepared(table.remove_columns([DROP]), inputs, fmt, len(split), dropped)
 
 

@@ -1,15 +1,19 @@
 """The task interface and the registry: `model.task` names one module of trainer/tasks/.
 
-Each task module implements `Task` with plain module-level names (no classes to inherit from):
-what it reads, how it prepares a split, how batches are collated, which model head it trains and
-how it is evaluated. Everything else (the loop, DeepSpeed, checkpoints, the controller) is shared
-and never compares the task name. Adding a task: copy trainer/tasks/sequence_classification.py,
-change it, and add one line to TASKS. Imports only the stdlib; task modules import torch and
-transformers inside their functions, so looking a task up stays cheap.
+What a task *is* (its model head, its processor, whether it packs or generates, the metrics it
+reports) is data: one `TaskSpec` per task in `TASKS`, read by the config checks, preflight and the
+loop without importing the task's code. What a task *does* (what it reads, how it prepares a split,
+how batches are collated, how it is evaluated) is its module, which implements `Task` with plain
+module-level functions (no classes to inherit from). Everything else (the loop, DeepSpeed,
+checkpoints, the controller) is shared and never compares the task name. Adding a task: copy
+trainer/tasks/sequence_classification.py, change it, and add one line to TASKS. Imports only the
+stdlib; task modules import torch and transformers inside their functions, so looking a task up
+stays cheap.
 """
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Protocol
 
@@ -19,24 +23,35 @@ if TYPE_CHECKING:
     from trainer.evaluation import Shard
     from trainer.tasks.common import Prepared
 
-# model.task -> the module that implements it.
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a task is, readable without importing its module (the config checks read it at load)."""
+    module: str  # the module that implements Task
+    auto_model: str  # the transformers Auto class of the model with this task's head
+    processor: Literal["tokenizer", "image_processor"]  # what turns a row into inputs (model.<processor>)
+    unit: Literal["tokens", "samples"]  # what train/<unit>_per_s counts
+    metrics: tuple[str, ...]  # the scalar metrics evaluate() reports (train.early_stopping.metric is one)
+    packs: bool = False  # data.packing applies; then the module also has pack(prepared, cfg, scratch) -> Prepared
+    # It answers prompts (eval.generate); then the module also has generate(shard, prepared, processor,
+    # count, settings) -> [{"id", "prompt", "reference", "answer"}] (trainer/tasks/causal_lm.py).
+    generates: bool = False
+
+
+# model.task -> what the task is and the module that implements it.
 TASKS = {
-    "causal_lm": "trainer.tasks.causal_lm",
-    "sequence_classification": "trainer.tasks.sequence_classification",
-    "token_classification": "trainer.tasks.token_classification",
-    "image_classification": "trainer.tasks.image_classification",
+    "causal_lm": TaskSpec("trainer.tasks.causal_lm", "AutoModelForCausalLM", "tokenizer", "tokens",
+                          ("loss", "perplexity", "token_accuracy"), packs=True, generates=True),
+    "sequence_classification": TaskSpec("trainer.tasks.sequence_classification", "AutoModelForSequenceClassification",
+                                        "tokenizer", "tokens", ("loss", "accuracy", "macro_f1")),
+    "token_classification": TaskSpec("trainer.tasks.token_classification", "AutoModelForTokenClassification",
+                                     "tokenizer", "tokens", ("loss", "precision", "recall", "f1", "token_accuracy")),
+    "image_classification": TaskSpec("trainer.tasks.image_classification", "AutoModelForImageClassification",
+                                     "image_processor", "samples", ("loss", "accuracy", "macro_f1")),
 }
 
 
 class Task(Protocol):
-    AUTO_MODEL: str  # the transformers Auto class of the model with this task's head
-    PROCESSOR: Literal["tokenizer", "image_processor"]  # what turns a row into inputs (model.<PROCESSOR>)
-    UNIT: Literal["tokens", "samples"]  # what train/<UNIT>_per_s counts
-    PACKS: bool  # data.packing applies; then the module also has pack(prepared, cfg, scratch) -> Prepared
-    METRICS: tuple[str, ...]  # the scalar metrics evaluate() reports (train.early_stopping.metric is one)
-    # It answers prompts (eval.generate); then the module also has generate(shard, prepared, processor,
-    # count, settings) -> [{"id", "prompt", "reference", "answer"}] (trainer/tasks/causal_lm.py).
-    GENERATES: bool
+    """The functions of a task's module; what the task is (its TaskSpec) lives in TASKS."""
 
     def check_columns(self, split: Split, d: DataConfig) -> Optional[str]:
         """A ConfigError naming the data.*_column key when a column the task reads is missing; else
@@ -54,7 +69,7 @@ class Task(Protocol):
         """Pads a list of prepared examples into a batch of tensors."""
 
     def count(self, examples: list[dict]) -> int:
-        """How many UNITs a micro-batch's examples hold (real tokens, not padding; or samples)."""
+        """How many units (TaskSpec.unit) a micro-batch's examples hold (real tokens, not padding; or samples)."""
 
     def loss(self, model: Any, batch: dict) -> Any:
         """The training objective of one micro-batch, a scalar tensor the engine backpropagates.
@@ -70,6 +85,7 @@ class Task(Protocol):
 
 
 def get_task(name: str) -> Task:
+    """The module of a task (imports it; TASKS[name] alone says what the task is)."""
     if name not in TASKS:
         raise KeyError(name)
-    return importlib.import_module(TASKS[name])  # a module implements the Protocol
+    return importlib.import_module(TASKS[name].module)  # a module implements the Protocol

@@ -10,12 +10,6 @@ from trainer.config import DataConfig, RunConfig
 from trainer.tasks.common import DROP, Prepared, bad, encode_split, evaluate_labels, label_id, label_set, model_loss, \
     require_columns, require_rows, unknown_label
 
-AUTO_MODEL = "AutoModelForSequenceClassification"
-PROCESSOR = "tokenizer"
-UNIT = "tokens"
-PACKS = False  # data.packing is for causal_lm
-METRICS = ("loss", "accuracy", "macro_f1")  # the validation scalars evaluate() reports
-GENERATES = False  # eval.generate is for causal_lm
 loss = model_loss  # the training objective (trainer/tasks/common.py)
 
 

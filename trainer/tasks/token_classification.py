@@ -13,12 +13,6 @@ from trainer.metrics import accuracy, span_prf
 from trainer.tasks.common import DROP, Prepared, bad, classify, encode_split, label_id, label_set, model_loss, \
     require_columns, require_rows
 
-AUTO_MODEL = "AutoModelForTokenClassification"
-PROCESSOR = "tokenizer"
-UNIT = "tokens"
-PACKS = False  # data.packing is for causal_lm
-METRICS = ("loss", "precision", "recall", "f1", "token_accuracy")  # the validation scalars evaluate() reports
-GENERATES = False  # eval.generate is for causal_lm
 loss = model_loss  # the training objective (trainer/tasks/common.py)
 
 

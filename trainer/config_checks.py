@@ -1,0 +1,55 @@
+"""The config checks that need to know what the task is, and the defaults that depend on it.
+
+What a task is (its processor, whether it packs or generates, the metrics it reports) is data in
+trainer/tasks/registry.py's TASKS table; this module reads that table, never a task module. The
+loader (trainer/config_load.py: from_dict) runs `check` on every config it builds, after the
+schema's own checks (trainer/config.py), so a config that names a task cannot ask what the task
+lacks. Imports the stdlib, the schema and the registry only.
+"""
+from __future__ import annotations
+
+from trainer.config import RunConfig
+from trainer.tasks.registry import TASKS
+
+# eval.generate.num_examples when it is not set, for tasks that generate text (causal_lm).
+GENERATE_EXAMPLES = 8
+
+
+def check(cfg: RunConfig) -> None:
+    """A ValueError naming the dotted key when the config asks of its task what the task cannot do
+    (the loader adds the file)."""
+    m = cfg.model
+    task = TASKS.get(m.task)
+    if task is None:
+        raise ValueError(f"model.task must be one of {', '.join(TASKS)}, got {m.task!r}")
+    needs = task.processor
+    if m.architecture is not None and getattr(m, needs) is None:
+        raise ValueError(f"model.{needs} is required with model.architecture: a model built "
+                         f"from scratch has no {needs.replace('_', ' ')} of its own")
+    if cfg.data.packing and not task.packs:
+        raise ValueError(f"data.packing is set, but model.task {m.task!r} has no packing "
+                         f"(only tasks that train on token sequences pack examples into rows)")
+    stopping = cfg.train.early_stopping
+    if stopping is not None and stopping.metric not in task.metrics:
+        raise ValueError(f"train.early_stopping.metric is {stopping.metric!r}, but model.task "
+                         f"{m.task!r} reports {', '.join(task.metrics)} at validation")
+    if cfg.tune is not None and cfg.tune.metric not in task.metrics:
+        raise ValueError(f"tune.metric is {cfg.tune.metric!r}, but model.task {m.task!r} reports "
+                         f"{', '.join(task.metrics)} at validation")
+    g = cfg.eval.generate
+    if not task.generates and (g.num_examples or g.test):
+        key, value = ("num_examples", g.num_examples) if g.num_examples else ("test", "true")
+        raise ValueError(f"eval.generate.{key} is {value}, but model.task {m.task!r} does not "
+                         f"generate text (only causal_lm does); remove it or set it to 0 / false")
+
+
+def generate_examples(cfg: RunConfig) -> int:
+    """Validation prompts answered at each evaluation (eval.generate.num_examples or the task's default)."""
+    n = cfg.eval.generate.num_examples
+    return n if n is not None else (GENERATE_EXAMPLES if TASKS[cfg.model.task].generates else 0)
+
+
+def generates_test(cfg: RunConfig) -> bool:
+    """Whether every test prompt is answered before and after fine-tuning."""
+    test = cfg.eval.generate.test
+    return test if test is not None else TASKS[cfg.model.task].generates
