@@ -240,7 +240,7 @@ def search(cfg: RunConfig, opts: LaunchOptions, resume: bool = False) -> dict:
         stopper = controller.Stopper(out / ".stop-request", cfg.train.stop_grace_s)
         with stopper.installed():
             _check_trial_plans(cfg, opts.cache_dir)
-            plan, _ = controller.preflight(cfg, controller.Paths(out, "", None), opts)
+            plan = controller.preflight(cfg, controller.Paths(out, "", None), opts)
             describe_search(cfg.tune, resume)
             if stopper.requested:
                 return {"status": "stopped"}

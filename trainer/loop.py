@@ -54,7 +54,6 @@ class Setup:
     world: int
     model_id: str
     trainable_digest: str
-    universal: bool  # the resume checkpoint is read in DeepSpeed's universal format
     precision: str  # fp32, bf16 or fp16: what the engine trains in
     # () -> a context around an evaluation or generation pass: under ZeRO-3 the whole model gathered
     # for it, or synced (trainer/zero3_generation.py); other stages hold the whole model already.
@@ -63,8 +62,10 @@ class Setup:
     passing: Optional[GenerationWeights] = None  # the pass in progress (see one_pass)
 
 
-def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: Reporter) -> Setup:
-    """Model, freezing, data and DeepSpeed engine, identical on every rank."""
+def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: Reporter,
+          checkpoint: Optional[str] = None) -> Setup:
+    """Model, freezing, data and DeepSpeed engine, identical on every rank; the engine ready to load
+    `checkpoint` (of another world size too: checkpoints.universal_copy)."""
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -94,7 +95,9 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: R
     else:
         prepared = data_cache.prepare(cfg, processor, None)
     labels, data = prepared.labels, {name: prepared.splits[name] for name in splits}
-    universal = args.universal and args.restart_from is None and args.resume_from is not None
+    model_id = checkpoints.model_identity(cfg.model)
+    universal = checkpoint is not None and checkpoints.universal_copy(
+        Path(checkpoint), model_id, world, rank, reporter.log if rank == 0 else (lambda text: None))
     ds_config = deepspeed_config(cfg, world, precision, load_universal=universal,
                                  hidden_size=getattr(model_config(cfg.model, model_dir), "hidden_size", None))
     torch.manual_seed(cfg.seed)  # same seed on all ranks: identical initial weights and heads
@@ -131,8 +134,7 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: R
                   cfg.train.micro_batch_size, device, model=engine)
     whole_model = partial(generation_weights, engine, cfg.eval.generate.zero3, cfg.deepspeed.zero_stage, world, device)
     return Setup(task, engine, processor, shard, data, labels, steps, rank, world,
-                 checkpoints.model_identity(cfg.model), checkpoints.trainable_digest(trainable), universal, precision,
-                 whole_model)
+                 model_id, checkpoints.trainable_digest(trainable), precision, whole_model)
 
 
 @contextmanager
@@ -203,20 +205,17 @@ def fine_tune(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> None:
     if stopped or not args.test_after:
         return
     gc.collect()  # the training engine (weights, gradients, optimizer states) goes before the test's
-    written = Path(args.checkpoint_root) / checkpoints.dir_name(state.step)
+    root = Path(args.checkpoint_root)
+    written = root / checkpoints.dir_name(state.step)
     final = written if written.is_dir() else Path(args.restart_from or args.resume_from)
-    which = "final"
-    if cfg.test.checkpoint == "best":
-        # Rank 0 chooses and tells the others: the controller may be pruning while the ranks look.
-        root, chosen = Path(args.checkpoint_root), [None]
-        if dist.get_rank() == 0:
-            chosen = [str(checkpoints.best_checkpoint(root.parent, root, *early_stopping.selection(cfg)) or final)]
-        dist.broadcast_object_list(chosen, src=0)
-        final, which = Path(chosen[0]), "best"
+    # Rank 0 chooses and tells the others: the ranks test the same one, whatever the controller prunes.
+    chosen = [str(checkpoints.to_test(root.parent, root, cfg.test.checkpoint, *early_stopping.selection(cfg), final))
+              if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(chosen, src=0)
     if dist.get_rank() == 0:
-        reporter.log(f"test evaluation on the {which} checkpoint {final} (and on the model before fine-tuning)",
-                     after_training=True)
-    run_test(cfg, reporter, replace(args, final_checkpoint=str(final)))
+        reporter.log(f"test evaluation on the {cfg.test.checkpoint} checkpoint {chosen[0]} (and on the model "
+                     f"before fine-tuning)", after_training=True)
+    run_test(cfg, reporter, replace(args, final_checkpoint=chosen[0]))
 
 
 def micro_batches(cfg: RunConfig, train: Prepared, rank: int, world: int, state: TrainState) -> MicroBatches:
@@ -234,18 +233,14 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
     stopped on request (before its end: no test evaluation follows)."""
     import torch.distributed as dist
 
-    s = setup(cfg, args, ("train", "validation"), reporter)
+    start_from = args.restart_from or args.resume_from
+    s = setup(cfg, args, ("train", "validation"), reporter, start_from)
     engine, rank = s.engine, s.rank
     log = reporter.log if rank == 0 else (lambda text: None)
     state = TrainState(step=0, micro_step=0, world_size=s.world, zero_stage=cfg.deepspeed.zero_stage,
                        model=s.model_id, trainable=s.trainable_digest, lean=checkpoints.is_lean(cfg))
-    start_from = args.restart_from or args.resume_from
     if start_from:
-        saved = checkpoints.read_state(Path(start_from))
-        if saved.model != s.model_id:
-            raise ConfigError(f"--resume: {start_from} holds a checkpoint of {saved.model!r}, "
-                              f"not of {s.model_id!r}")
-        state = checkpoints.load(engine, Path(start_from), rank, universal=s.universal)
+        state = checkpoints.load(engine, Path(start_from), rank)
         state.trainable, state.world_size, state.lean = s.trainable_digest, s.world, checkpoints.is_lean(cfg)
         log(f"resumed from {start_from} at step {state.step}")
     if cfg.train.early_stopping is not None:
@@ -346,7 +341,7 @@ def run_test(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TestResult
     import torch.distributed as dist
 
     phases = Phases(reporter if dist.get_rank() == 0 else None)  # each part's seconds, on the console
-    s = setup(cfg, args, ("test",), reporter)
+    s = setup(cfg, args, ("test",), reporter, args.final_checkpoint)
     answering = len(s.data["test"]) if cfg.generates_test else 0  # every test prompt, or none
     phases.done("test phase: the model and engine built")
     with one_pass(s):
