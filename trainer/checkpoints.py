@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from trainer.config import ConfigError
+from trainer.early_stopping import carry_over, counted, score
 from trainer.storage import StorageError, writing
 
 TAG = "ds"
@@ -210,6 +211,25 @@ def load(engine, directory: Path, rank: int, load_optimizer: bool = True) -> Tra
     return state
 
 
+def restore(engine, directory: Optional[str], fresh: TrainState, rank: int, early,
+            log: Callable[[str], None]) -> TrainState:
+    """Where training goes on from: `fresh` (step 0) without a checkpoint, else the checkpoint's state
+    with its weights, optimizer, LR schedule and RNG streams loaded (`load`), and this run's own facts
+    (trainable digest, world size, lean). Early stopping's best and patience (`early`, the config's
+    train.early_stopping) carry over when its metric and mode stay (trainer/early_stopping.py)."""
+    state = fresh
+    if directory:
+        state = load(engine, Path(directory), rank)
+        state.trainable, state.world_size, state.lean = fresh.trainable, fresh.world_size, fresh.lean
+        log(f"resumed from {directory} at step {state.step}")
+    if early is not None:
+        kept = carry_over(state.best_metric, state.bad_evaluations, state.best_of, early)
+        if state.best_metric is not None and kept[0] is None:
+            log(f"early stopping now counts {counted(early)}, not {state.best_of}: patience starts again")
+        (state.best_metric, state.bad_evaluations), state.best_of = kept, counted(early)
+    return state
+
+
 def universal_copy(path: Path, model: str, world: int, rank: int, log: Callable[[str], None]) -> bool:
     """Whether this world reads checkpoint `path` in DeepSpeed's universal format (decided before the
     engine is built: DeepSpeed's load_universal is part of its config). ZeRO 1-3 partition the
@@ -298,8 +318,6 @@ def best(checkpoints: list[tuple[int, Path, float | None]]) -> Path | None:
 def best_checkpoint(root: Path, own: Optional[Path], metric: str, mode: str) -> Path | None:
     """The run's best checkpoint by validation `metric` (every launch's under `root`, this launch's
     `own` folder's too before the orchestrator marks them): the one retention keeps as best."""
-    from trainer.early_stopping import score
-
     scored = []
     for step, path in find_checkpoints(root, written_under=own):
         try:

@@ -121,7 +121,7 @@ def test_a_lora_checkpoint_of_two_ranks_continues_on_one(tmp_path, tokenizer_dir
     import torch.multiprocessing as mp
 
     from trainer import checkpoints, loop
-    from trainer.loop import evaluate_split, setup
+    from trainer.worker import evaluate_split, setup
 
     cfg = _cfg(tmp_path, tokenizer_dir, stage=2, train={"max_steps": 4, "eval_every": 2, "save_every": 2,
                                                         "micro_batch_size": 8})

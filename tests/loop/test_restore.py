@@ -15,7 +15,8 @@ from tests.helpers import tiny_config, tiny_llama
 from trainer import checkpoints
 from trainer.checkpoints import TAG, UNIVERSAL_TAG, TrainState, read_state
 from trainer.config import from_dict
-from trainer.loop import WorkerArgs, evaluate_split, run, setup
+from trainer.loop import WorkerArgs, run
+from trainer.worker import evaluate_split, setup
 from trainer.report import ListReporter
 
 

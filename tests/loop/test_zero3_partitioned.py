@@ -33,7 +33,8 @@ def _rank(rank: int, world: int, port: int, raw: dict, out: str) -> None:
     import deepspeed  # noqa: F401  (imported before measuring, as in a worker)
     import torch.distributed as dist
 
-    from trainer import loop
+    from trainer import worker
+    from trainer.jobs import WorkerArgs
     from trainer.config import from_dict
     from trainer.report import ListReporter
 
@@ -52,7 +53,7 @@ def _rank(rank: int, world: int, port: int, raw: dict, out: str) -> None:
         return model
 
     loop.build_model = measured_build
-    s = loop.setup(from_dict(raw), loop.WorkerArgs(cache_dir=os.path.join(out, "cache")), ("validation",),
+    s = worker.setup(from_dict(raw), WorkerArgs(cache_dir=os.path.join(out, "cache")), ("validation",),
                    ListReporter())
     params = list(s.engine.module.parameters())
     seen["local"] = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)

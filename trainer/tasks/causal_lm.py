@@ -13,7 +13,8 @@ import math
 
 from trainer.config import ConfigError, DataConfig, RunConfig
 from trainer.masking import IGNORE, mask_labels
-from trainer.tasks.common import DROP, ROW, Prepared, bad, encode_split, model_loss, require_rows
+from trainer.data import Prepared
+from trainer.tasks.common import DROP, ROW, bad, encode_split, model_loss, require_rows
 
 AUTO_MODEL = "AutoModelForCausalLM"
 PROCESSOR = "tokenizer"
