@@ -43,7 +43,7 @@ def main() -> None:
 
     import deepspeed
 
-    # As trainer/loop.py does: never JIT-compile DeepSpeed's shared-memory op (inference only).
+    # As trainer/engine.py does: never JIT-compile DeepSpeed's shared-memory op (inference only).
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     dist.init_process_group("gloo")
     world = dist.get_world_size()

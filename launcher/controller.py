@@ -107,37 +107,6 @@ def check_resume(path: Path, cfg: RunConfig, plan, out: Path) -> None:
                           f"{hint}")
 
 
-def ensure_universal(path: Path) -> None:
-    """Convert a sharded checkpoint to DeepSpeed's universal format once, cached beside the original
-    (`ds_universal/`), so it loads on any number of workers with its optimizer state."""
-    import subprocess
-    import sys
-
-    target = path / checkpoints.UNIVERSAL_TAG
-    if (target / "zero").is_dir():
-        return
-    staging = path / f".{checkpoints.UNIVERSAL_TAG}-converting"
-    shutil.rmtree(staging, ignore_errors=True)
-    say(f"converting {path} to DeepSpeed's universal format for the new world size")
-    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                           str(path / checkpoints.TAG), "--output_folder", str(staging), "--inject_missing_state"],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        # A conversion that ran out of space is a storage fault, not a bad checkpoint: a probe of the
-        # same size class (1 MiB) beside it tells, without reading the converter's message.
-        with writing("the universal conversion of the checkpoint", staging.parent):
-            probe = staging.parent / f".{checkpoints.UNIVERSAL_TAG}-probe"
-            try:
-                probe.write_bytes(bytes(2**20))
-            finally:
-                probe.unlink(missing_ok=True)
-        raise ConfigError(f"--resume {path}: converting the checkpoint to the universal format failed ({tail})")
-    shutil.rmtree(target, ignore_errors=True)  # a conversion left half-done by an earlier launch
-    staging.rename(target)
-
-
 def check_disk(out: Path, needed: int) -> None:
     free = shutil.disk_usage(out).free
     if free < needed:
@@ -466,12 +435,12 @@ def launch(cfg: RunConfig, opts: LaunchOptions, resume: Optional[str] = None) ->
         guard_output(out, resuming=resume is not None)
         paths, ctl = open_run(cfg, out, resume_from)
         try:
-            plan, universal = preflight(cfg, paths, opts)
+            plan = preflight(cfg, paths, opts)
             if not stopper.requested:
                 try:
                     ray_job.start_ray(opts.address, opts.verbose)  # keeps the launcher's signal handlers
                     if not stopper.requested:
-                        train_and_test(cfg, paths, ctl, stopper, opts, plan.data_dir, universal)
+                        train_and_test(cfg, paths, ctl, stopper, opts, plan.data_dir)
                 finally:
                     ray_job.stop_ray()
                 if ctl.test is None and not stopper.requested:
@@ -502,32 +471,28 @@ def storage_faults(out: Path):
 
 
 def preflight(cfg: RunConfig, paths: Paths, opts: LaunchOptions):
-    """Everything checkable before Ray starts (exit 2 on bad input); prints the plan. Returns the plan
-    and whether the resume checkpoint is read in DeepSpeed's universal format."""
+    """Everything checkable before Ray starts (exit 2 on bad input); prints the plan and returns it."""
     from launcher import plan as plan_mod
     from trainer import data_cache
 
     say("preflight: checking data, tokenizer, model config and freezing rules")
     plan = plan_mod.make_plan(cfg, opts.cache_dir)
     check_disk(paths.out, plan.checkpoint_bytes)
-    universal, saved = False, None
+    saved = None
     if paths.resume_from:
         check_resume(paths.resume_from, cfg, plan, paths.out)
         saved = checkpoints.read_state(paths.resume_from)
-        universal = saved.world_size != cfg.scaling.world_size and saved.zero_stage > 0
     with writing("the prepared data", data_cache.cache_root(cfg), refusals_only=True):
         plan = plan_mod.with_prepared_data(plan, cfg, data_cache.cache_root(cfg), say)
     for line in plan_mod.describe(plan, cfg).splitlines():
         say(line)
     if saved is not None:
-        if universal:
-            ensure_universal(paths.resume_from)
         say(f"resuming from {paths.resume_from} (step {saved.step})")
-    return plan, universal
+    return plan
 
 
 def train_and_test(cfg: RunConfig, paths: Paths, ctl: Controller, stopper: Stopper, opts: LaunchOptions,
-                   data_dir: Optional[str], universal: bool) -> None:
+                   data_dir: Optional[str]) -> None:
     """One worker group trains, then (unless stopped) evaluates the test split before fine-tuning and
     from the final sharded checkpoint on disk, with a fresh model, and rank 0 exports the model."""
     from launcher import ray_job
@@ -538,7 +503,7 @@ def train_and_test(cfg: RunConfig, paths: Paths, ctl: Controller, stopper: Stopp
         return stopper.abort_reason()
 
     say(f"training: {cfg.scaling.world_size} worker(s), checkpoints in {paths.checkpoints / paths.attempt}")
-    args = dataclasses.replace(training_args(paths, opts, data_dir, stopper.stop_file, test=True), universal=universal)
+    args = training_args(paths, opts, data_dir, stopper.stop_file, test=True)
     try:
         run_group(cfg, ray_job.train_worker, args, paths.checkpoints, paths.attempt, ctl, abort_reason,
                   finished=lambda: ctl.test is not None or ctl.stopped)

@@ -51,7 +51,7 @@ def make_plan(cfg: RunConfig, cache_dir: str) -> Plan:
     from trainer.freezing import describe_layout, summarize
     from trainer.lora import lora_layout, trainable_model
     from trainer.model import build_skeleton, load_processor, prepare_pretrained
-    from trainer.splits import total_steps
+    from trainer.schedule import total_steps
     from trainer.tasks.common import require_rows
     from trainer.tasks.registry import get_task
 
@@ -113,7 +113,7 @@ def with_prepared_data(plan: Plan, cfg: RunConfig, data_root: Path, log: Callabl
 
     from trainer import data_cache
     from trainer.model import load_processor
-    from trainer.splits import total_steps
+    from trainer.schedule import total_steps
 
     prepared = data_cache.prepare(cfg, load_processor(cfg.model, plan.model_dir), data_root, log)
     for line in prepared.describe():

@@ -26,6 +26,7 @@ from launcher.tracking import open_tracker
 from launcher.tune_results import (EXPERIMENT, TRIALS, collect, pick_best, top_lines, trial_dir, trial_line,
                                    trial_status, values_text, write_hparams, write_results)
 from trainer import checkpoints
+from trainer.early_stopping import selection
 from trainer.config import ConfigError, RunConfig, TuneConfig
 from trainer.config_load import resolve_paths, to_dict
 
@@ -227,7 +228,7 @@ def search(cfg: RunConfig, opts: LaunchOptions, resume: bool = False) -> Outcome
         stopper = controller.Stopper(out / ".stop-request", cfg.train.stop_grace_s)
         with stopper.installed():
             _check_trial_plans(cfg, opts.cache_dir)
-            plan, _ = controller.preflight(cfg, controller.Paths(out, None, None), opts)
+            plan = controller.preflight(cfg, controller.Paths(out, None, None), opts)
             describe_search(cfg.tune, resume)
             if stopper.requested:
                 return Outcome("stopped")
@@ -376,12 +377,10 @@ def evaluate_best(cfg: RunConfig, best: TrialRecord, out: Path, opts: LaunchOpti
     if any(k.split(".")[0] in ("data", "model") for k in best.values):
         data_dir = _prepare(best_cfg, opts.cache_dir, cfg)
     ctl = controller.Controller(best_cfg, out, tracker=open_tracker(out / "tensorboard"))  # the search's run
-    tested = best.final_checkpoint
-    if best_cfg.test.checkpoint == "best":  # the trial's best checkpoint by validation, as in a plain run
-        from trainer.early_stopping import selection
-
-        root = trial_dir(out, best.trial) / "checkpoints"
-        tested = str(checkpoints.best_checkpoint(root, root, *selection(best_cfg)) or tested)
+    # The checkpoint a plain run would test (test.checkpoint: final, or the best by validation), found
+    # the way its workers find it; the trial has ended, so every checkpoint it reported is complete.
+    tested = str(checkpoints.to_test(trial_dir(out, best.trial) / "checkpoints", None, best_cfg.test.checkpoint,
+                                     *selection(best_cfg), Path(best.final_checkpoint)))
     controller.run_group(best_cfg, ray_job.test_worker, controller.test_args(out, opts, data_dir, tested),
                          out / "test_evaluation", "test", ctl, stopper.abort_reason,
                          finished=lambda: ctl.test is not None)

@@ -4,20 +4,31 @@ A checkpoint folder holds DeepSpeed's sharded checkpoint (tag `ds`: each rank wr
 each rank's RNG states (`rng_rank<r>.pt`), and `trainer_state.json` (step, data position, metrics),
 written by rank 0 after its shard. Ray merges the ranks' folders into one. A folder is complete only
 once the orchestrator, having seen every rank's part persisted, writes the `.complete` marker: a
-save interrupted at any point is never taken for the latest checkpoint. Imports torch inside
-functions; never ray.
+save interrupted at any point is never taken for the latest checkpoint.
+
+A checkpoint of another world size (ZeRO 1-3 partition the optimizer state by rank) is read through
+DeepSpeed's universal format: on every (re)start the workers decide it themselves, and rank 0 converts
+once (`universal_copy`). Which checkpoint the test evaluates comes from one function, `to_test`.
+Imports torch inside functions; never ray.
 """
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
 import json
+import os
 import random
+import shutil
+import subprocess
+import sys
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
+
+from trainer.config import ConfigError
+from trainer.early_stopping import carry_over, counted, score
+from trainer.storage import StorageError, writing
 
 TAG = "ds"
 UNIVERSAL_TAG = "ds_universal"  # DeepSpeed's universal format, made beside TAG to change world size
@@ -92,13 +103,18 @@ def read_state(path: Path) -> TrainState:
 
 def is_complete(path: Path, marked: bool = True) -> bool:
     """`marked=False`: every part is written, but the orchestrator may not have marked it yet."""
-    path = Path(path)
+    return _complete_state(Path(path), marked) is not None
+
+
+def _complete_state(path: Path, marked: bool) -> Optional[TrainState]:
+    """The saved state of a complete checkpoint; None for an incomplete (or vanished) one."""
     try:
         state = read_state(path)
     except (OSError, ValueError, TypeError):
-        return False
-    return (((path / MARKER).is_file() or not marked) and (path / TAG).is_dir()
-            and all((path / f"rng_rank{r}.pt").is_file() for r in range(state.world_size)))
+        return None
+    complete = (((path / MARKER).is_file() or not marked) and (path / TAG).is_dir()
+                and all((path / f"rng_rank{r}.pt").is_file() for r in range(state.world_size)))
+    return state if complete else None
 
 
 def mark_complete(path: Path) -> None:
@@ -117,13 +133,18 @@ def find_checkpoints(root: Path, written_under: Optional[Path] = None) -> list[t
     """Complete checkpoints under `root` (any depth) as (step, path), oldest first: by launch attempt,
     then step, so a run resumed from an earlier step never mistakes an older attempt's later step
     for its newest checkpoint. Under `written_under` (a worker's own launch, whose last checkpoint the
-    orchestrator may not have marked yet) every fully written one counts."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
+    orchestrator may not have marked yet) every fully written one counts. A folder deleted while this
+    looks (the orchestrator prunes) is left out, not an error: os.walk skips what it cannot list."""
     mine = Path(written_under) if written_under is not None else None
-    found = [(read_state(p).step, p) for p in root.rglob(f"{PREFIX}*")
-             if p.is_dir() and is_complete(p, marked=mine is None or p.parent != mine)]
+    found = []
+    for folder, subfolders, _ in os.walk(root):
+        steps = [name for name in subfolders if name.startswith(PREFIX)]
+        subfolders[:] = [name for name in subfolders if not name.startswith(PREFIX)]  # never into a checkpoint
+        for name in steps:
+            path = Path(folder) / name
+            state = _complete_state(path, marked=mine is None or path.parent != mine)
+            if state is not None:
+                found.append((state.step, path))
     return sorted(found, key=lambda sp: (_attempt(sp[1]), sp[0], str(sp[1])))
 
 
@@ -163,16 +184,16 @@ def save(engine, directory: Path, state: TrainState, rank: int) -> None:
         (Path(directory) / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
 
 
-def load(engine, directory: Path, rank: int, load_optimizer: bool = True, universal: bool = False) -> TrainState:
+def load(engine, directory: Path, rank: int, load_optimizer: bool = True) -> TrainState:
     """Restore weights, optimizer, LR schedule and this rank's RNG streams; returns the saved state.
 
-    `universal` reads the universal-format copy (written by the launcher when the world size changed);
-    ranks the old run did not have keep their fresh RNG streams."""
+    An engine built with DeepSpeed's load_universal reads the universal copy (`universal_copy` made it:
+    the world size changed); ranks the old run did not have keep their fresh RNG streams."""
     import numpy as np
     import torch
 
     directory = Path(directory)
-    tag = UNIVERSAL_TAG if universal else TAG
+    tag = UNIVERSAL_TAG if engine.load_universal_checkpoint() else TAG
     state = read_state(directory)
     # A lean checkpoint lacks the frozen weights: the engine's model already holds them.
     load_path, _ = engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=load_optimizer,
@@ -188,6 +209,92 @@ def load(engine, directory: Path, rank: int, load_optimizer: bool = True, univer
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
     return state
+
+
+def restore(engine, directory: Optional[str], fresh: TrainState, rank: int, early,
+            log: Callable[[str], None]) -> TrainState:
+    """Where training goes on from: `fresh` (step 0) without a checkpoint, else the checkpoint's state
+    with its weights, optimizer, LR schedule and RNG streams loaded (`load`), and this run's own facts
+    (trainable digest, world size, lean). Early stopping's best and patience (`early`, the config's
+    train.early_stopping) carry over when its metric and mode stay (trainer/early_stopping.py)."""
+    state = fresh
+    if directory:
+        state = load(engine, Path(directory), rank)
+        state.trainable, state.world_size, state.lean = fresh.trainable, fresh.world_size, fresh.lean
+        log(f"resumed from {directory} at step {state.step}")
+    if early is not None:
+        kept = carry_over(state.best_metric, state.bad_evaluations, state.best_of, early)
+        if state.best_metric is not None and kept[0] is None:
+            log(f"early stopping now counts {counted(early)}, not {state.best_of}: patience starts again")
+        (state.best_metric, state.bad_evaluations), state.best_of = kept, counted(early)
+    return state
+
+
+def universal_copy(path: Path, model: str, world: int, rank: int, log: Callable[[str], None]) -> bool:
+    """Whether this world reads checkpoint `path` in DeepSpeed's universal format (decided before the
+    engine is built: DeepSpeed's load_universal is part of its config). ZeRO 1-3 partition the
+    optimizer state by rank, so a checkpoint of another world size needs it; then rank 0 converts
+    (once: a copy already made is kept) while the others wait. Every rank calls this at the same point
+    and ends the same way: rank 0 sends the outcome to all, so a failed conversion raises the same
+    ConfigError or StorageError on every rank instead of leaving the others waiting. A checkpoint of
+    another model is refused here, before anything is converted."""
+    import torch.distributed as dist
+
+    saved = read_state(path)
+    if saved.model != model:
+        raise ConfigError(f"{path} holds a checkpoint of {saved.model!r}, not of {model!r}")
+    if saved.world_size == world or saved.zero_stage == 0:
+        return False
+    outcome: list = [None]
+    if rank == 0:
+        try:
+            if not (path / UNIVERSAL_TAG / "zero").is_dir():
+                log(f"converting {path} (written by {saved.world_size} worker(s)) to DeepSpeed's universal format "
+                    f"for the new world size ({world})")
+                convert_to_universal(path)
+        except ConfigError as err:
+            outcome = [("config", str(err))]
+        except StorageError as err:
+            outcome = [("storage", err.what, err.where, err.error)]
+        except Exception as err:
+            outcome = [("other", f"{type(err).__name__}: {err}")]
+            dist.broadcast_object_list(outcome, src=0)
+            raise
+    dist.broadcast_object_list(outcome, src=0)  # the others wait here for rank 0's conversion
+    if outcome[0] is not None:
+        kind, *details = outcome[0]
+        if kind == "config":
+            raise ConfigError(details[0])
+        if kind == "storage":
+            raise StorageError(*details)
+        raise RuntimeError(f"rank 0 failed to convert {path} to the universal format ({details[0]})")
+    return True
+
+
+def convert_to_universal(path: Path) -> None:
+    """Convert a sharded checkpoint to DeepSpeed's universal format, beside the original
+    (`ds_universal/`): staged, then renamed, so a conversion cut short is never taken for one."""
+    target = path / UNIVERSAL_TAG
+    staging = path / f".{UNIVERSAL_TAG}-converting"
+    shutil.rmtree(staging, ignore_errors=True)
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                           str(path / TAG), "--output_folder", str(staging), "--inject_missing_state"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        # A conversion that ran out of space is a storage fault, not a bad checkpoint: a probe of the
+        # same size class (1 MiB) beside it tells, without reading the converter's message.
+        with writing("the universal conversion of the checkpoint", staging.parent):
+            probe = staging.parent / f".{UNIVERSAL_TAG}-probe"
+            try:
+                probe.write_bytes(bytes(2**20))
+            finally:
+                probe.unlink(missing_ok=True)
+        raise ConfigError(f"{path}: converting the checkpoint to DeepSpeed's universal format failed ({tail})")
+    with writing("the universal conversion of the checkpoint", path):
+        shutil.rmtree(target, ignore_errors=True)  # a conversion left half-done by an earlier launch
+        staging.rename(target)
 
 
 def retained(checkpoints: list[tuple[int, Path, float | None]], keep_last: int,
@@ -208,18 +315,29 @@ def best(checkpoints: list[tuple[int, Path, float | None]]) -> Path | None:
     return min(scored, key=lambda c: (c[2], -c[0]))[1] if scored else None
 
 
-def best_checkpoint(root: Path, own: Path, metric: str, mode: str) -> Path | None:
+def best_checkpoint(root: Path, own: Optional[Path], metric: str, mode: str) -> Path | None:
     """The run's best checkpoint by validation `metric` (every launch's under `root`, this launch's
     `own` folder's too before the orchestrator marks them): the one retention keeps as best."""
-    from trainer.early_stopping import score
-
-    def look() -> Path | None:
-        return best([(step, path, score(read_state(path).validation, metric, mode))
-                     for step, path in find_checkpoints(root, written_under=own)])
-
-    for _ in range(2):  # the orchestrator may delete a checkpoint (never the best) while we look
+    scored = []
+    for step, path in find_checkpoints(root, written_under=own):
         try:
-            return look()
-        except (OSError, ValueError):
-            pass
-    return look()
+            scored.append((step, path, score(read_state(path).validation, metric, mode)))
+        except (OSError, ValueError, TypeError):
+            continue  # pruned while we looked: never the best (see to_test)
+    return best(scored)
+
+
+def to_test(root: Path, own: Optional[Path], choice: str, metric: str, mode: str, final: Path) -> Path:
+    """The checkpoint the test evaluates: `final` (the run's last) for test.checkpoint: final, else the
+    best by validation `metric` under `root` (`own`: the launch whose last checkpoints count before
+    the orchestrator marks them), or `final` when no checkpoint measured it. The one source for the
+    workers (trainer/loop.py fine_tune) and a search's best-trial test (launcher/tune.py).
+
+    No retry is needed while the orchestrator prunes: it deletes only what retention drops (checkpoints
+    .retained), never the newest nor the best by this same metric, and it deletes a best only once a
+    better checkpoint is complete, which this then finds. Every checkpoint it lists is complete when
+    the test starts (the ranks wrote theirs and met at a barrier), so none appears while it looks; one
+    that vanishes while it looks was pruned, hence not the best, and is skipped."""
+    if choice == "best":
+        return best_checkpoint(root, own, metric, mode) or Path(final)
+    return Path(final)

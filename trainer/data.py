@@ -3,8 +3,8 @@
 Reading uses `datasets` (jsonl/json/csv/parquet files or a datasets name): a split is an Arrow
 table, memory-mapped from disk, never a list of Python records; every record keeps its row in the
 source file, so errors name the row a user can find. How a task turns records into model inputs
-lives in its module (trainer/tasks/); trainer/data_cache.py keeps the result. The loop sees an
-endless, resumable stream of micro-batches. Never imports ray.
+lives in its module (trainer/tasks/); the result is a `Prepared` split, which trainer/data_cache.py
+keeps. The loop sees an endless, resumable stream of micro-batches (`micro_batches`). Never imports ray.
 """
 from __future__ import annotations
 
@@ -140,6 +140,38 @@ def load_splits(cfg: RunConfig) -> tuple[tuple[Split, ...], Split, Split]:
     return (first, *others), validation, test
 
 
+@dataclass
+class Prepared:
+    """A split as model inputs (a task's `prepare` makes it): an Arrow table (memory-mapped when it
+    comes from the data cache) with the model's input columns, each example's source row (ROW of
+    trainer/tasks/common.py) and the task's own columns (gold answers, what its evaluation needs).
+    Examples are read a micro-batch at a time."""
+    table: Any  # datasets.Dataset
+    inputs: tuple[str, ...]  # the columns the collator gets
+    fmt: Optional[str] = None  # the datasets format of the inputs (None: Python lists; "numpy" for pixels)
+    rows_read: int = 0  # rows of the split before any was left out
+    dropped: dict = field(default_factory=dict)  # why -> rows left out
+    packed: bool = False  # each row holds several examples (data.packing)
+    # A training mix: each source's rows, its sources' tables concatenated in this order (trainer/mixing.py).
+    parts: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        self._inputs = self.table.select_columns(list(self.inputs)).with_format(self.fmt)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def examples(self, positions: Sequence[int]) -> list[dict]:
+        """The model inputs of these examples, for the collator."""
+        return self._inputs.__getitems__(list(positions))
+
+    def column(self, name: str, positions: Sequence[int]) -> list:
+        return self.table.select_columns([name])[list(positions)][name]
+
+    def describe_dropped(self) -> str:
+        return "; ".join(f"{n} {why}" for why, n in self.dropped.items())
+
+
 class MicroBatches:
     """Endless micro-batches for one rank, resumable at a global position, also on another world size.
 
@@ -192,3 +224,14 @@ class MicroBatches:
         if self._next * m >= len(self._mine):  # the epoch is used up
             self.epoch, self.position, self._mine = self.epoch + 1, 0, None
         return self.examples.examples(chunk)
+
+
+def micro_batches(cfg: RunConfig, train: Prepared, rank: int, world: int, epoch: int, position: int) -> MicroBatches:
+    """This rank's stream of training micro-batches from the saved data position (epoch, position);
+    a training mix draws from its sources by their weights (trainer/mixing.py)."""
+    from trainer import mixing
+
+    parts, weights = train.parts, [source.weight for source in cfg.data.sources]
+    order = (lambda e: mixing.epoch_order(parts, weights, cfg.seed, e)) if len(parts) > 1 else None
+    return MicroBatches(train, rank, world, cfg.train.micro_batch_size, cfg.seed, epoch=epoch, position=position,
+                        order=order)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from trainer.config import ConfigError, RunConfig
-from trainer.tasks.common import Prepared
+from trainer.data import Prepared
 from trainer.tasks.registry import TASKS, get_task
 
 META = "prepared.json"  # written last: a folder without it is not a cache

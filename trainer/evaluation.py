@@ -96,3 +96,8 @@ def generator(model, synced: bool) -> Callable[..., Any]:
                                   use_cache=True, synced_gpus=synced, **settings)
 
     return generate
+
+
+def scalars(metrics: dict) -> dict[str, float]:
+    """An evaluation's metrics as reported and tracked: the numbers, without the counts behind them."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k not in ("tokens", "examples")}

@@ -21,7 +21,6 @@ class WorkerArgs:
     generations_dir: Optional[str] = None  # run: where rank 0 writes each evaluation's generated answers
     test_generations_path: Optional[str] = None  # run_test: where rank 0 writes the test answers
     stop_file: Optional[str] = None  # when it exists, every rank checkpoints after this step and stops
-    universal: bool = False  # resume_from is read in DeepSpeed's universal format (world size changed)
     final_checkpoint: Optional[str] = None  # run_test: the checkpoint to evaluate
     checkpoint_root: Optional[str] = None  # fine_tune: where this launch's checkpoints are persisted
     test_after: bool = True  # fine_tune: go on to the test evaluation (a search trial does not)

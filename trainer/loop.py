@@ -3,195 +3,34 @@
 `run` trains (with validation and checkpoints); `run_test` evaluates the test split before
 fine-tuning and from the final sharded checkpoint on disk, then rank 0 exports the consolidated
 model; `fine_tune` does one after the other in the same processes, with a fresh model and engine
-for the test. The process group exists already (the orchestrator made it). Talks to the
-orchestrator only through `reporter`; never imports ray. What differs between tasks comes from the
-task's module.
+for the test (trainer/worker.py builds them). The process group exists already (the orchestrator
+made it). Talks to the orchestrator only through `reporter`; never imports ray. What differs
+between tasks comes from the task's module.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from functools import partial
+from dataclasses import replace
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Optional
 
-from trainer import checkpoints, data_cache, early_stopping, mixing
+from trainer import checkpoints, early_stopping
 from trainer.checkpoints import TrainState
-from trainer.config import ConfigError, RunConfig
+from trainer.config import RunConfig
 from trainer.config_checks import generate_examples, generates_test
-from trainer.data import MicroBatches
-from trainer.ds_config import deepspeed_config, resolve_precision
-from trainer.evaluation import Shard, generator
+from trainer.data import micro_batches
+from trainer.engine import grad_norm
+from trainer.evaluation import scalars
 from trainer.generation import before_after, markdown_table, text_metrics, write_jsonl
 from trainer.jobs import WorkerArgs
-from trainer.lora import trainable_model
 from trainer.messages import StepMetrics, TestResult, TrainReport
-from trainer.model import (build_model, full_shape, load_processor, model_config, partitioned_build, prepare_pretrained,
-                           share_fp32_partitions)
 from trainer.report import Phases, Reporter
-from trainer.splits import total_steps
 from trainer.storage import writing
-from trainer.tasks.common import Prepared
-from trainer.tasks.registry import TASKS, Task, get_task
-from trainer.zero3_generation import GenerationWeights, generation_weights
-
-
-@dataclass
-class Setup:
-    task: Task
-    engine: Any
-    processor: Any  # tokenizer, or image processor
-    shard: Shard  # this rank's part of an evaluation
-    data: dict[str, Prepared]
-    labels: list[str]  # label names of classification tasks
-    total_steps: int
-    rank: int
-    world: int
-    model_id: str
-    trainable_digest: str
-    universal: bool  # the resume checkpoint is read in DeepSpeed's universal format
-    precision: str  # fp32, bf16 or fp16: what the engine trains in
-    # () -> a context around an evaluation or generation pass: under ZeRO-3 the whole model gathered
-    # for it, or synced (trainer/zero3_generation.py); other stages hold the whole model already.
-    whole_model: Callable[[], ContextManager[GenerationWeights]]
-    generation: Optional[GenerationWeights] = None  # how the last generation pass ran
-    passing: Optional[GenerationWeights] = None  # the pass in progress (see one_pass)
-
-
-def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: Reporter) -> Setup:
-    """Model, freezing, data and DeepSpeed engine, identical on every rank."""
-    import deepspeed
-    import torch
-    import torch.distributed as dist
-
-    rank, world = dist.get_rank(), dist.get_world_size()
-    # DeepSpeed 0.19.8 (private): the shared-memory all-reduce op is JIT-compiled on first use (by
-    # init_distributed) and serves only inference; mark it incompatible so it is never built.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed()  # adopts the orchestrator's process group; zero.Init needs it to build
-    on_gpu = torch.cuda.is_available()
-    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    if not on_gpu:
-        torch.set_num_threads(args.threads)
-    if not args.verbose:
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()  # one "Loading weights" bar per rank otherwise
-    precision = resolve_precision(cfg.deepspeed.precision, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
-
-    task = get_task(cfg.model.task)
-    model_dir = prepare_pretrained(cfg.model, args.cache_dir)
-    processor = load_processor(cfg.model, model_dir)
-    if args.data_dir:
-        prepared = data_cache.load(Path(args.data_dir))  # memory-mapped
-        if rank == 0:
-            reporter.log(f"data: cached ({args.data_dir})")
-    else:
-        prepared = data_cache.prepare(cfg, processor, None)
-    labels, data = prepared.labels, {name: prepared.splits[name] for name in splits}
-    universal = args.universal and args.restart_from is None and args.resume_from is not None
-    ds_config = deepspeed_config(cfg, world, precision, load_universal=universal,
-                                 hidden_size=getattr(model_config(cfg.model, model_dir), "hidden_size", None))
-    torch.manual_seed(cfg.seed)  # same seed on all ranks: identical initial weights and heads
-    with partitioned_build(ds_config):  # ZeRO-3: no rank ever holds the whole model
-        model = build_model(cfg.model, model_dir, labels)
-    if getattr(model.config, "use_cache", False):
-        # Training needs no key/value cache; without one, transformers reads packed rows' position_ids
-        # as separate sequences (no attention across examples).
-        model.config.use_cache = False
-    if cfg.train.gradient_checkpointing:
-        # use_reentrant=False: correct with frozen blocks (no input needs a gradient) and with ZeRO-3.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model, trainable = trainable_model(model, cfg.finetune)  # freezing rules, or LoRA adapters
-    torch.manual_seed(cfg.seed + 1000 * (rank + 1))  # dropout differs across ranks, reproducibly
-
-    t = cfg.train
-    steps = total_steps(len(prepared.splits["train"]), world, t.micro_batch_size, t.gradient_accumulation, t.epochs,
-                        t.max_steps)
-
-    # Freeze first: ZeRO partitions and the optimizer hold only what they are given.
-    decay = [p for p in model.parameters() if p.requires_grad and len(full_shape(p)) >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and len(full_shape(p)) < 2]
-    groups = [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    warmup = cfg.optim.warmup_steps or math.ceil(cfg.optim.warmup_ratio * steps)
-
-    def scheduler(optimizer):
-        from transformers import get_scheduler
-        return get_scheduler(cfg.optim.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
-
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, lr_scheduler=scheduler,
-                                      config=ds_config)
-    share_fp32_partitions(engine)  # ZeRO-3 in fp32: no second copy of the weights' partition
-    shard = Shard(lambda batch: engine(**batch).logits, task.collator(processor), rank, world,
-                  cfg.train.micro_batch_size, device, model=engine)
-    whole_model = partial(generation_weights, engine, cfg.eval.generate.zero3, cfg.deepspeed.zero_stage, world, device)
-    return Setup(task, engine, processor, shard, data, labels, steps, rank, world,
-                 checkpoints.model_identity(cfg.model), checkpoints.trainable_digest(trainable), universal, precision,
-                 whole_model)
-
-
-@contextmanager
-def one_pass(s: Setup) -> Iterator[GenerationWeights]:
-    """The weights for the evaluation and generation passes inside: under ZeRO-3 gathered once for
-    all of them (s.whole_model); a pass opened inside another joins it, gathering nothing again."""
-    if s.passing is not None:
-        yield s.passing
-        return
-    with s.whole_model() as way:
-        s.passing = way
-        try:
-            yield way
-        finally:
-            s.passing = None
-
-
-def evaluate_split(s: Setup, split: str) -> tuple[dict, list[dict]]:
-    """Metrics of the engine's current weights on a split (each example counted once across ranks),
-    and the per-example predictions of tasks that have them. Under ZeRO-3 on the whole model gathered
-    where eval.generate.zero3 allows (no all-gather per forward pass)."""
-    s.engine.eval()
-    try:
-        with one_pass(s):
-            return s.task.evaluate(s.shard, s.data[split], s.labels)
-    finally:
-        s.engine.train()
-
-
-def generate_split(s: Setup, cfg: RunConfig, split: str, count: int, reporter: Reporter) -> list[dict]:
-    """Answers to the first `count` prompts of a split with the engine's current weights (every rank
-    together; each example once), by id; [] when count is 0. Under ZeRO-3 the pass runs on the whole
-    model gathered, or synced (trainer/zero3_generation.py); rank 0 says which when it changes."""
-    count = min(count, len(s.data[split]))
-    if not count:
-        return []
-    s.engine.eval()
-    try:
-        with one_pass(s) as way:
-            if s.rank == 0 and cfg.deepspeed.zero_stage == 3 and way.gathered != getattr(s.generation, "gathered", None):
-                reporter.log(way.describe())
-            s.generation = way
-            shard = replace(s.shard, generate=generator(s.engine.module, synced=way.synced))
-            return s.task.generate(shard, s.data[split], s.processor, count, cfg.eval.generate)
-    finally:
-        s.engine.train()
-
-
-def scalars(metrics: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k not in ("tokens", "examples")}
-
-
-def grad_norm(parameters) -> float:
-    """The global L2 norm of the gradients (the averaged ones, at an accumulation boundary)."""
-    import torch
-
-    norms = [torch.linalg.vector_norm(p.grad.float()) for p in parameters if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+from trainer.tasks.registry import TASKS
+from trainer.worker import evaluate_split, generate_split, one_pass, setup
 
 
 def fine_tune(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> None:
@@ -204,29 +43,17 @@ def fine_tune(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> None:
     if stopped or not args.test_after:
         return
     gc.collect()  # the training engine (weights, gradients, optimizer states) goes before the test's
-    written = Path(args.checkpoint_root) / checkpoints.dir_name(state.step)
+    root = Path(args.checkpoint_root)
+    written = root / checkpoints.dir_name(state.step)
     final = written if written.is_dir() else Path(args.restart_from or args.resume_from)
-    which = "final"
-    if cfg.test.checkpoint == "best":
-        # Rank 0 chooses and tells the others: the controller may be pruning while the ranks look.
-        root, chosen = Path(args.checkpoint_root), [None]
-        if dist.get_rank() == 0:
-            chosen = [str(checkpoints.best_checkpoint(root.parent, root, *early_stopping.selection(cfg)) or final)]
-        dist.broadcast_object_list(chosen, src=0)
-        final, which = Path(chosen[0]), "best"
+    # Rank 0 chooses and tells the others: the ranks test the same one, whatever the controller prunes.
+    chosen = [str(checkpoints.to_test(root.parent, root, cfg.test.checkpoint, *early_stopping.selection(cfg), final))
+              if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(chosen, src=0)
     if dist.get_rank() == 0:
-        reporter.log(f"test evaluation on the {which} checkpoint {final} (and on the model before fine-tuning)",
-                     after_training=True)
-    run_test(cfg, reporter, replace(args, final_checkpoint=str(final)))
-
-
-def micro_batches(cfg: RunConfig, train: Prepared, rank: int, world: int, state: TrainState) -> MicroBatches:
-    """This rank's stream of training micro-batches from the saved data position; a training mix
-    draws from its sources by their weights (trainer/mixing.py)."""
-    parts, weights = train.parts, [source.weight for source in cfg.data.sources]
-    order = (lambda epoch: mixing.epoch_order(parts, weights, cfg.seed, epoch)) if len(parts) > 1 else None
-    return MicroBatches(train, rank, world, cfg.train.micro_batch_size, cfg.seed, epoch=state.epoch,
-                        position=state.position, order=order)
+        reporter.log(f"test evaluation on the {cfg.test.checkpoint} checkpoint {chosen[0]} (and on the model "
+                     f"before fine-tuning)", after_training=True)
+    run_test(cfg, reporter, replace(args, final_checkpoint=chosen[0]))
 
 
 def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainState, bool]:
@@ -235,30 +62,17 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
     stopped on request (before its end: no test evaluation follows)."""
     import torch.distributed as dist
 
-    s = setup(cfg, args, ("train", "validation"), reporter)
+    start_from = args.restart_from or args.resume_from
+    s = setup(cfg, args, ("train", "validation"), reporter, start_from)
     engine, rank = s.engine, s.rank
     log = reporter.log if rank == 0 else (lambda text: None)
-    state = TrainState(step=0, micro_step=0, world_size=s.world, zero_stage=cfg.deepspeed.zero_stage,
+    fresh = TrainState(step=0, micro_step=0, world_size=s.world, zero_stage=cfg.deepspeed.zero_stage,
                        model=s.model_id, trainable=s.trainable_digest, lean=checkpoints.is_lean(cfg))
-    start_from = args.restart_from or args.resume_from
-    if start_from:
-        saved = checkpoints.read_state(Path(start_from))
-        if saved.model != s.model_id:
-            raise ConfigError(f"--resume: {start_from} holds a checkpoint of {saved.model!r}, "
-                              f"not of {s.model_id!r}")
-        state = checkpoints.load(engine, Path(start_from), rank, universal=s.universal)
-        state.trainable, state.world_size, state.lean = s.trainable_digest, s.world, checkpoints.is_lean(cfg)
-        log(f"resumed from {start_from} at step {state.step}")
-    if cfg.train.early_stopping is not None:
-        early = cfg.train.early_stopping
-        kept = early_stopping.carry_over(state.best_metric, state.bad_evaluations, state.best_of, early)
-        if state.best_metric is not None and kept[0] is None:
-            log(f"early stopping now counts {early_stopping.counted(early)}, not {state.best_of}: patience starts again")
-        (state.best_metric, state.bad_evaluations), state.best_of = kept, early_stopping.counted(early)
+    state = checkpoints.restore(engine, start_from, fresh, rank, cfg.train.early_stopping, log)
 
     track = reporter.track if rank == 0 else (lambda metrics: None)  # the controller writes the tracker
     accumulation, unit = cfg.train.gradient_accumulation, TASKS[cfg.model.task].unit
-    batches = micro_batches(cfg, s.data["train"], rank, s.world, state)
+    batches = micro_batches(cfg, s.data["train"], rank, s.world, state.epoch, state.position)
     rows = "packed rows" if s.data["train"].packed else "examples"
     log(f"training steps {state.step + 1}..{s.total_steps} on {s.world} worker(s), "
         f"{len(s.data['train']):,} training {rows}, {len(s.data['validation']):,} validation examples")
@@ -347,7 +161,7 @@ def run_test(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TestResult
     import torch.distributed as dist
 
     phases = Phases(reporter if dist.get_rank() == 0 else None)  # each part's seconds, on the console
-    s = setup(cfg, args, ("test",), reporter)
+    s = setup(cfg, args, ("test",), reporter, args.final_checkpoint)
     answering = len(s.data["test"]) if generates_test(cfg) else 0  # every test prompt, or none
     phases.done("test phase: the model and engine built")
     with one_pass(s):

@@ -11,7 +11,6 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 from trainer.config import ConfigError, ModelConfig
@@ -151,43 +150,6 @@ def attention_kwargs(choice: str, has_cuda: bool) -> dict:
         return {"attn_implementation": "flash_attention_2"} if has_cuda and importlib.util.find_spec("flash_attn") \
             else {}
     return {"attn_implementation": choice}
-
-
-@contextmanager
-def partitioned_build(ds_config: dict):
-    """Under ZeRO-3, models built inside this block are created partitioned across the ranks: the
-    transformers DeepSpeed integration wraps from_pretrained / from_config in deepspeed.zero.Init
-    while an HfDeepSpeedConfig is alive (every rank must build together). Other stages: no effect."""
-    if ds_config.get("zero_optimization", {}).get("stage") != 3:
-        yield
-        return
-    from transformers.integrations import HfDeepSpeedConfig
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    alive = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference to it
-    try:
-        yield
-    finally:
-        del alive
-        unset_hf_deepspeed_config()  # later builds (rank 0's export) are plain again
-
-
-def share_fp32_partitions(engine) -> None:
-    """ZeRO-3 with weights in fp32 already: the optimizer's fp32 partition becomes the weights'
-    partition itself, as DeepSpeed means it to (stage3.py, _create_fp32_partitions), instead of a
-    copy that doubles every rank's share of the weights.
-
-    DeepSpeed 0.19.8 (private attributes): that check compares a tensor's torch.device with the
-    accelerator's device name, which is never equal ('cpu' != device('cpu')), so it always copies
-    (257 MB per worker for SmolLM2-135M at 2 workers). Called before the first step, while the copy
-    still equals the weights; every later update then writes the weights in place, as with autocast."""
-    optimizer = getattr(engine, "optimizer", None)
-    weights = getattr(optimizer, "fp16_partitioned_groups_flat", None) or []
-    masters = getattr(optimizer, "fp32_partitioned_groups_flat", None) or []
-    for weight, master in zip(weights, masters):
-        if (weight is not None and weight.dtype == master.dtype and weight.device == master.device
-                and weight.numel() == master.numel() and weight.data_ptr() != master.data_ptr()):
-            master.data = weight.data
 
 
 def full_shape(param) -> tuple:

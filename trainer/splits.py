@@ -43,21 +43,3 @@ def eval_batch_count(n: int, world: int, batch_size: int) -> int:
     so ranks with a shorter shard run padding batches whose results are discarded."""
     longest = math.ceil(n / world)
     return math.ceil(longest / batch_size)
-
-
-def micro_batches_per_epoch(n_train: int, world: int, micro_batch_size: int) -> int:
-    """DistributedSampler gives each rank ceil(n / world) indices (padding by repetition)."""
-    return math.ceil(math.ceil(n_train / world) / micro_batch_size)
-
-
-def total_steps(n_train: int, world: int, micro_batch_size: int, accumulation: int,
-                epochs: float, max_steps: int | None) -> int:
-    """Optimizer steps of the run: max_steps when given, else epochs over the training split."""
-    if max_steps is not None:
-        return max_steps
-    micro = micro_batches_per_epoch(n_train, world, micro_batch_size)
-    if epochs * micro < accumulation:
-        raise ConfigError(f"train.epochs = {epochs:g} is less than one optimizer step: an epoch is {micro} "
-                          f"micro-batch(es) per worker and a step takes {accumulation} (train.gradient_accumulation); "
-                          f"raise train.epochs or set train.max_steps")
-    return math.ceil(epochs * micro / accumulation)

@@ -15,7 +15,7 @@ from trainer.model import build_model, load_tokenizer
 from trainer.report import ListReporter
 from trainer.tasks import causal_lm
 from trainer.tasks.causal_lm import pack_rows
-from trainer.tasks.common import Prepared
+from trainer.data import Prepared
 
 
 def _cfg(tmp: Path, tokenizer_dir, train=None, **data):

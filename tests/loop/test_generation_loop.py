@@ -73,7 +73,7 @@ def _answer_on_rank(rank: int, port: int, raws: list, out: str) -> None:
     import deepspeed.comm
     import torch.distributed as dist
 
-    from trainer import loop
+    from trainer import worker
     from trainer.evaluation import generator
     from trainer.report import ListReporter
     from trainer.zero3_generation import generation_weights
@@ -90,15 +90,15 @@ def _answer_on_rank(rank: int, port: int, raws: list, out: str) -> None:
 
     cfg = from_dict(raws[rank])
     reporter = ListReporter()
-    s = loop.setup(cfg, WorkerArgs(cache_dir=os.path.join(out, "cache")), ("validation",), reporter)
-    loss = loop.evaluate_split(s, "validation")[0]["loss"]
+    s = worker.setup(cfg, WorkerArgs(cache_dir=os.path.join(out, "cache")), ("validation",), reporter)
+    loss = worker.evaluate_split(s, "validation")[0]["loss"]
     answers, counts = {}, {}
     for mode in ("synced", "gathered"):  # as eval.generate.zero3 chooses them
         s.whole_model = partial(generation_weights, s.engine, mode, 3, 2, s.shard.device)
         gathers[0] = 0
-        answers[mode] = {n: loop.generate_split(s, cfg, "validation", n, reporter) for n in (3, 1)}  # 1: rank 1 joins on a stand-in
+        answers[mode] = {n: worker.generate_split(s, cfg, "validation", n, reporter) for n in (3, 1)}  # 1: rank 1 joins on a stand-in
         counts[mode] = gathers[0]
-    after = loop.evaluate_split(s, "validation")[0]["loss"]
+    after = worker.evaluate_split(s, "validation")[0]["loss"]
     # Partitioned again after the gathered pass: this rank holds its part of each large weight only.
     partitioned = all(p.data.numel() == 0 for p in s.engine.module.parameters() if p.ds_numel > 1000)
     # One budget for all ranks: rank 0's 8-token prompt would allow 64 new tokens, rank 1's 80-token
@@ -115,7 +115,7 @@ def _answer_on_rank(rank: int, port: int, raws: list, out: str) -> None:
     for _ in range(2):  # the first step's learning rate is 0 (warmup)
         s.engine.backward(s.engine(**batch).loss)
         s.engine.step()
-    trained = loop.evaluate_split(s, "validation")[0]["loss"]
+    trained = worker.evaluate_split(s, "validation")[0]["loss"]
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"answers": answers, "gathers": counts, "loss": [loss, after, trained], "partitioned": partitioned,
                    "new_tokens": new, "weights": len(list(model.parameters())), "logs": reporter.lines}, f)

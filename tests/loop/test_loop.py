@@ -99,7 +99,7 @@ def test_grad_norm_is_logged_on_every_stage_and_stage_0_matches_zero(tmp_path, t
 def test_lean_checkpoints_hold_only_the_trainable_part_and_resume_exactly(tmp_path, tokenizer_dir, process_group,
                                                                           stage, tied):
     from trainer.checkpoints import load, size_bytes
-    from trainer.loop import evaluate_split, setup
+    from trainer.worker import evaluate_split, setup
 
     pretrained_llama = save_pretrained_llama(tmp_path / "pretrained", tokenizer_dir, tied)
     local = {"model": {"name_or_path": str(pretrained_llama), "architecture": None, "tokenizer": None},

@@ -114,15 +114,14 @@ def _train_on_rank(rank: int, port: int, raw: dict, out: str) -> None:
 
 def test_a_lora_checkpoint_of_two_ranks_continues_on_one(tmp_path, tokenizer_dir, process_group):
     """World-size change of a lean LoRA checkpoint (adapters + their optimizer state only): DeepSpeed's
-    universal conversion, then one rank reads it: the adapters give the validation loss the two ranks
-    measured at that step, and training goes on with the converted optimizer state."""
+    universal conversion (in the worker), then one rank reads it: the adapters give the validation loss
+    the two ranks measured at that step, and training goes on with the converted optimizer state."""
     import socket
 
     import torch.multiprocessing as mp
 
-    from launcher.controller import ensure_universal
     from trainer import checkpoints, loop
-    from trainer.loop import evaluate_split, setup
+    from trainer.worker import evaluate_split, setup
 
     cfg = _cfg(tmp_path, tokenizer_dir, stage=2, train={"max_steps": 4, "eval_every": 2, "save_every": 2,
                                                         "micro_batch_size": 8})
@@ -134,12 +133,11 @@ def test_a_lora_checkpoint_of_two_ranks_continues_on_one(tmp_path, tokenizer_dir
     saved = read_state(step2)
     assert saved.world_size == 2 and saved.lean and sorted(p.name for p in (step2 / TAG).glob("zero_pp_rank_*")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
-    ensure_universal(step2)
-    assert list((step2 / checkpoints.UNIVERSAL_TAG / "zero").glob("*lora_A*/exp_avg.pt"))
     one = dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, workers_per_node=1))
-    args = WorkerArgs(cache_dir=str(tmp_path / "cache"), resume_from=str(step2), universal=True)
-    s = setup(one, args, ("validation",), ListReporter(tmp_path / "unused"))
-    checkpoints.load(s.engine, step2, 0, universal=True)
+    args = WorkerArgs(cache_dir=str(tmp_path / "cache"), resume_from=str(step2))
+    s = setup(one, args, ("validation",), ListReporter(tmp_path / "unused"), args.resume_from)
+    assert list((step2 / checkpoints.UNIVERSAL_TAG / "zero").glob("*lora_A*/exp_avg.pt"))
+    checkpoints.load(s.engine, step2, 0)
     assert evaluate_split(s, "validation")[0]["loss"] == pytest.approx(saved.validation["loss"], rel=1e-5)
     s.engine.destroy()
     state, _ = loop.run(one, ListReporter(tmp_path / "one"), args)

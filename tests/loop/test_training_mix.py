@@ -12,7 +12,8 @@ from trainer import data_cache
 from trainer.checkpoints import TrainState, read_state
 from trainer.config import EarlyStoppingConfig
 from trainer.config_load import from_dict, to_dict
-from trainer.loop import WorkerArgs, micro_batches, run
+from trainer.data import micro_batches
+from trainer.loop import WorkerArgs, run
 from trainer.model import load_tokenizer
 from trainer.report import ListReporter
 
@@ -33,7 +34,7 @@ def test_a_mix_is_prepared_per_source_and_an_epoch_draws_by_weight(tmp_path, tok
     # validation and test: the first source's split (as if it were alone); its train part + all of the second
     assert len(prepared.splits["validation"]) == len(single.splits["validation"])
     assert train.parts == (len(single.splits["train"]), 80) and len(train) == sum(train.parts)
-    order = micro_batches(cfg, train, 0, 1, TrainState(0, 0, 1, 2, "m")).order(0)
+    order = micro_batches(cfg, train, 0, 1, 0, 0).order(0)
     assert len(order) == len(train)
     assert sum(1 for i in order if i < train.parts[0]) / len(order) == pytest.approx(0.75, abs=0.05)
     # the sources are in the cache key, their weights not (they only order the draws)

@@ -33,8 +33,9 @@ def _rank(rank: int, world: int, port: int, raw: dict, out: str) -> None:
     import deepspeed  # noqa: F401  (imported before measuring, as in a worker)
     import torch.distributed as dist
 
-    from trainer import loop
+    from trainer import worker
     from trainer.config_load import from_dict
+    from trainer.jobs import WorkerArgs
     from trainer.report import ListReporter
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -42,7 +43,7 @@ def _rank(rank: int, world: int, port: int, raw: dict, out: str) -> None:
 
     LlamaForCausalLM(LlamaConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
                                  vocab_size=16))  # import and warm up the model code before measuring
-    real_build, seen = loop.build_model, {}
+    real_build, seen = worker.build_model, {}
 
     def measured_build(*args, **kwargs):  # the real build, with the peak memory it added
         Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from the current RSS
@@ -51,9 +52,9 @@ def _rank(rank: int, world: int, port: int, raw: dict, out: str) -> None:
         seen["build_peak_mb"] = (_status_kb("VmHWM") - before) / 1024
         return model
 
-    loop.build_model = measured_build
-    s = loop.setup(from_dict(raw), loop.WorkerArgs(cache_dir=os.path.join(out, "cache")), ("validation",),
-                   ListReporter())
+    worker.build_model = measured_build
+    s = worker.setup(from_dict(raw), WorkerArgs(cache_dir=os.path.join(out, "cache")), ("validation",),
+                     ListReporter())
     params = list(s.engine.module.parameters())
     seen["local"] = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
     seen["total"] = sum(getattr(p, "ds_numel", p.numel()) for p in params)

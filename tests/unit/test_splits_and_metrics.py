@@ -5,7 +5,8 @@ import pytest
 
 from trainer.config import ConfigError
 from trainer.tasks.causal_lm import metrics_from_sums
-from trainer.splits import eval_batch_count, eval_shard, micro_batches_per_epoch, split_indices, total_steps
+from trainer.schedule import micro_batches_per_epoch, total_steps
+from trainer.splits import eval_batch_count, eval_shard, split_indices
 
 
 def test_split_is_deterministic_disjoint_and_complete():

@@ -13,7 +13,8 @@ import math
 
 from trainer.config import ConfigError, DataConfig, RunConfig
 from trainer.masking import IGNORE, mask_labels
-from trainer.tasks.common import DROP, ROW, NoUsableRows, Prepared, bad, encode_split, model_loss, require_rows
+from trainer.data import Prepared
+from trainer.tasks.common import DROP, ROW, NoUsableRows, bad, encode_split, model_loss, require_rows
 
 loss = model_loss  # the training objective (trainer/tasks/common.py)
 

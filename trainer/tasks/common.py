@@ -1,14 +1,14 @@
-"""Pieces the task modules share by calling them (no base class): prepared examples, bad-row
+"""Pieces the task modules share by calling them (no base class): bad-row
 handling, column checks, label sets and the classification evaluation. Imports torch inside
 functions only; never ray.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional
 
 from trainer.config import ConfigError, RunConfig
+from trainer.data import Prepared
 from trainer.masking import IGNORE
 
 
@@ -39,37 +39,6 @@ def model_loss(model, batch: dict):
 def bad(column: str, problem: str) -> str:
     """An encoder's DROP value for a bad row: stops the run, or is skipped with data.skip_bad_rows."""
     return f"{_BAD}{column}\t{problem}"
-
-
-@dataclass
-class Prepared:
-    """A split as model inputs: an Arrow table (memory-mapped when it comes from the data cache)
-    with the model's input columns, each example's source row (ROW) and the task's own columns
-    (gold answers, what its evaluation needs). Examples are read a micro-batch at a time."""
-    table: Any  # datasets.Dataset
-    inputs: tuple[str, ...]  # the columns the collator gets
-    fmt: Optional[str] = None  # the datasets format of the inputs (None: Python lists; "numpy" for pixels)
-    rows_read: int = 0  # rows of the split before any was left out
-    dropped: dict = field(default_factory=dict)  # why -> rows left out
-    packed: bool = False  # each row holds several examples (data.packing)
-    # A training mix: each source's rows, its sources' tables concatenated in this order (trainer/mixing.py).
-    parts: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        self._inputs = self.table.select_columns(list(self.inputs)).with_format(self.fmt)
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def examples(self, positions: Sequence[int]) -> list[dict]:
-        """The model inputs of these examples, for the collator."""
-        return self._inputs.__getitems__(list(positions))
-
-    def column(self, name: str, positions: Sequence[int]) -> list:
-        return self.table.select_columns([name])[list(positions)][name]
-
-    def describe_dropped(self) -> str:
-        return "; ".join(f"{n} {why}" for why, n in self.dropped.items())
 
 
 def encode_split(split, cfg: RunConfig, encode: Callable[[dict], dict], inputs: tuple[str, ...],

@@ -9,7 +9,8 @@ import io
 from pathlib import Path
 
 from trainer.config import DataConfig, RunConfig
-from trainer.tasks.common import DROP, Prepared, bad, encode_split, evaluate_labels, label_id, label_set, model_loss, \
+from trainer.data import Prepared
+from trainer.tasks.common import DROP, bad, encode_split, evaluate_labels, label_id, label_set, model_loss, \
     require_columns, require_rows, unknown_label
 
 loss = model_loss  # the training objective (trainer/tasks/common.py)

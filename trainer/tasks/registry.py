@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from trainer.config import DataConfig, RunConfig
     from trainer.data import Split
     from trainer.evaluation import Shard
-    from trainer.tasks.common import Prepared
+    from trainer.data import Prepared
 
 @dataclass(frozen=True)
 class TaskSpec:

@@ -7,7 +7,8 @@ gathered predictions. Never imports ray.
 from __future__ import annotations
 
 from trainer.config import DataConfig, RunConfig
-from trainer.tasks.common import DROP, Prepared, bad, encode_split, evaluate_labels, label_id, label_set, model_loss, \
+from trainer.data import Prepared
+from trainer.tasks.common import DROP, bad, encode_split, evaluate_labels, label_id, label_set, model_loss, \
     require_columns, require_rows, unknown_label
 
 loss = model_loss  # the training objective (trainer/tasks/common.py)

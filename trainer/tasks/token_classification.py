@@ -10,7 +10,8 @@ from __future__ import annotations
 from trainer.config import DataConfig, RunConfig
 from trainer.masking import IGNORE
 from trainer.metrics import accuracy, span_prf
-from trainer.tasks.common import DROP, Prepared, bad, classify, encode_split, label_id, label_set, model_loss, \
+from trainer.data import Prepared
+from trainer.tasks.common import DROP, bad, classify, encode_split, label_id, label_set, model_loss, \
     require_columns, require_rows
 
 loss = model_loss  # the training objective (trainer/tasks/common.py)

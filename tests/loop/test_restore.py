@@ -1,0 +1,110 @@
+"""A restart on another worker count, decided and done in the workers (trainer/checkpoints.py
+universal_copy): a ZeRO-3 checkpoint of two ranks continues on one as `restart_from` (what an elastic
+restart hands the workers, not only --resume), one rank's continues on two, and a conversion that
+fails on rank 0 ends every rank with the same error instead of a hang. Two ranks are spawned
+processes (gloo), as tests/loop/test_lora.py does."""
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import tiny_config, tiny_llama
+from trainer import checkpoints
+from trainer.checkpoints import TAG, UNIVERSAL_TAG, TrainState, read_state
+from trainer.config import from_dict
+from trainer.loop import WorkerArgs, run
+from trainer.worker import evaluate_split, setup
+from trainer.report import ListReporter
+
+
+def _raw(tmp: Path, tokenizer_dir, max_steps: int) -> dict:
+    return tiny_config(tmp, tokenizer_dir, model={"architecture": tiny_llama(2), "tokenizer": str(tokenizer_dir)},
+                       deepspeed={"zero_stage": 3}, train={"max_steps": max_steps, "eval_every": 2, "save_every": 2})
+
+
+def _on_rank(rank: int, port: int, raw: dict, out: str, restart_from) -> None:
+    """One of two ranks: run the loop from `restart_from`; write what it raised, if anything."""
+    from datetime import timedelta
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=120))
+    try:
+        # Each rank hands its shard to the same folder per step, as Ray Train merges them.
+        run(from_dict(raw), ListReporter(Path(out) / "ckpt"),
+            WorkerArgs(cache_dir=os.path.join(out, "cache"), restart_from=restart_from))
+        dist.barrier()
+    except Exception as err:
+        Path(out, f"error_rank{rank}.txt").write_text(f"{type(err).__name__}: {err}")
+    os._exit(0)  # the checkpoints are on disk; the native teardown is not what this test is about
+
+
+def _two_ranks(raw: dict, out: Path, restart_from=None, limit_s: float = 300) -> None:
+    """Both ranks to their end within `limit_s`: a rank left waiting for another fails the test."""
+    import torch.multiprocessing as mp
+
+    out.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = mp.spawn(_on_rank, args=(port, raw, str(out), restart_from), nprocs=2, join=False)
+    deadline = time.monotonic() + limit_s
+    while not ranks.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ranks.processes:
+                p.kill()
+            pytest.fail(f"the two ranks did not end within {limit_s} s (a rank waits for another)")
+
+
+def test_zero3_checkpoint_of_two_ranks_restarts_on_one_and_back(tmp_path, tokenizer_dir, process_group):
+    _two_ranks(_raw(tmp_path, tokenizer_dir, max_steps=2), tmp_path / "two")
+    step2 = tmp_path / "two" / "ckpt" / "step_0000002"
+    saved = read_state(step2)
+    assert saved.world_size == 2 and not list((tmp_path / "two").glob("error_rank*"))
+
+    # One rank: the conversion happens in the worker; the weights give the loss the two ranks measured.
+    cfg = from_dict(_raw(tmp_path, tokenizer_dir, max_steps=4))
+    args = WorkerArgs(cache_dir=str(tmp_path / "two" / "cache"), restart_from=str(step2))
+    reporter = ListReporter(tmp_path / "unused")
+    s = setup(cfg, args, ("validation",), reporter, args.restart_from)
+    assert any("universal format" in line for line in reporter.lines), reporter.lines
+    checkpoints.load(s.engine, step2, 0)
+    assert evaluate_split(s, "validation")[0]["loss"] == pytest.approx(saved.validation["loss"], rel=1e-5)
+    s.engine.destroy()
+    one = ListReporter(tmp_path / "one")
+    state, _ = run(cfg, one, args)  # converted once: the copy is used as it is
+    assert not any("universal format" in line for line in one.lines)
+    assert any("training steps 3..4 on 1 worker(s)" in line for line in one.lines), one.lines
+    assert [m.step for m, _ in one.calls] == [4] and state.step == 4 and state.world_size == 1
+    assert list((step2 / UNIVERSAL_TAG / "zero").glob("*/exp_avg.pt"))  # the optimizer state travelled
+
+    # And back: one rank's checkpoint continues on two.
+    step4 = tmp_path / "one" / "step_0000004"
+    _two_ranks(_raw(tmp_path, tokenizer_dir, max_steps=6), tmp_path / "back", restart_from=str(step4))
+    assert not list((tmp_path / "back").glob("error_rank*"))
+    final = read_state(tmp_path / "back" / "ckpt" / "step_0000006")
+    assert final.step == 6 and final.world_size == 2 and final.micro_step == 6
+    assert list((step4 / UNIVERSAL_TAG / "zero").glob("*/exp_avg.pt"))
+
+
+def test_a_failed_conversion_ends_every_rank_with_the_same_error(tmp_path, tokenizer_dir):
+    raw = _raw(tmp_path, tokenizer_dir, max_steps=4)
+    bad = tmp_path / "one" / "step_0000002"  # one rank's ZeRO-3 checkpoint whose shard was cut short
+    (bad / TAG).mkdir(parents=True)
+    (bad / TAG / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"PK\x03\x04" + bytes(100))
+    (bad / TAG / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"PK\x03\x04" + bytes(100))
+    state = TrainState(step=2, micro_step=2, world_size=1, zero_stage=3,
+                       model=checkpoints.model_identity(from_dict(raw).model))
+    (bad / checkpoints.STATE_FILE).write_text(json.dumps(state.__dict__))
+    _two_ranks(raw, tmp_path / "two", restart_from=str(bad), limit_s=240)
+    errors = [(tmp_path / "two" / f"error_rank{r}.txt").read_text() for r in (0, 1)]
+    assert errors[0] == errors[1], errors
+    assert errors[0].startswith(f"ConfigError: {bad}: converting the checkpoint to DeepSpeed's universal format "
+                                f"failed"), errors[0]
+    assert sorted(p.name for p in bad.iterdir()) == [TAG, checkpoints.STATE_FILE]  # nothing half-converted left
