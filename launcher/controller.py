@@ -19,13 +19,15 @@ import shutil
 import signal
 import sys
 import time
+
+import yaml
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from launcher.console import say
 from launcher.records import Evaluation, Outcome, one_per_step
-from launcher.tracking import Tracker, open_tracker
+from launcher.tracking import Parent, Tracker, open_tracker, public_config, run_params
 from trainer import checkpoints, early_stopping
 from trainer.config import ConfigError, RunConfig
 from trainer.config_load import to_dict
@@ -211,6 +213,8 @@ class Controller:
             path = Path(item.checkpoint)
             with writing(f"the completion marker of checkpoint {path.name}", path):
                 checkpoints.mark_complete(path)  # every rank's part is persisted now
+            if self.tracker is not None:
+                self.tracker.commit(report.step)  # what was tracked up to it is final (tracking.Held)
             if self.best is not None and self.best.step == report.step:
                 self.best = dataclasses.replace(self.best, checkpoint=str(path))
             self.prune(keep=path)
@@ -363,13 +367,15 @@ class Paths:
         return cls(out, f"attempt-{max(numbers, default=0) + 1}", resume_from)
 
 
-def open_run(cfg: RunConfig, out: Path, resume_from: Optional[Path]) -> tuple[Paths, Controller]:
-    """The output layout and the controller of one training run (a plain run, or a search trial): a new
-    attempt folder, the run's tracker (its TensorBoard under <out>/tensorboard), the resumed checkpoint
-    protected from pruning, and the tracker rewound to it."""
+def open_run(cfg: RunConfig, out: Path, resume_from: Optional[Path], parent: Optional[Parent] = None,
+             child: Optional[str] = None) -> tuple[Paths, Controller]:
+    """The output layout and the controller of one training run (a plain run, or a search trial, filed
+    under the search's `parent` run as `child`): a new attempt folder, the run's trackers
+    (tracking.report_to; TensorBoard under <out>/tensorboard), the resumed checkpoint protected from
+    pruning, and the trackers rewound to it."""
     paths = Paths.next_attempt(out, resume_from)
     ctl = Controller(cfg, out, protected={resume_from} if resume_from else set(),
-                     tracker=open_tracker(out / "tensorboard"))
+                     tracker=open_tracker(cfg, out, parent, child))
     if resume_from:
         ctl.start_from(checkpoints.read_state(resume_from).step)
     return paths, ctl
@@ -436,6 +442,7 @@ def launch(cfg: RunConfig, opts: LaunchOptions, resume: Optional[str] = None) ->
         paths, ctl = open_run(cfg, out, resume_from)
         try:
             plan = preflight(cfg, paths, opts)
+            ctl.tracker.params(run_params(cfg), run_tags(cfg, plan))
             if not stopper.requested:
                 try:
                     ray_job.start_ray(opts.address, opts.verbose)  # keeps the launcher's signal handlers
@@ -512,6 +519,14 @@ def train_and_test(cfg: RunConfig, paths: Paths, ctl: Controller, stopper: Stopp
             raise
 
 
+def run_tags(cfg: RunConfig, plan) -> dict[str, str]:
+    """What a tracker files beside the parameters: the run's size and what it trains on."""
+    sources = ", ".join(str(source.path) for source in cfg.data.sources)
+    return {"sft.world_size": str(cfg.scaling.world_size), "sft.trainable_parameters": str(plan.trainable),
+            "sft.total_parameters": str(plan.total), "sft.model": checkpoints.model_identity(cfg.model),
+            "sft.data": sources, "sft.prepared_data": str(plan.data_dir or "")}
+
+
 def final_checkpoint(paths: Paths) -> Optional[Path]:
     """The newest complete checkpoint of the run (the resumed one when nothing was left to train)."""
     found = checkpoints.find_checkpoints(paths.checkpoints)
@@ -540,7 +555,7 @@ def summarise(cfg: RunConfig, paths: Paths, ctl: Controller, plan, final: Option
         "trainable_parameters": plan.trainable,
         "total_parameters": plan.total,
         "elapsed_s": round(elapsed, 1),
-        "config": to_dict(cfg),
+        "config": public_config(cfg),
         **(extra or {}),
     }
     if ctl.test:
@@ -553,7 +568,19 @@ def summarise(cfg: RunConfig, paths: Paths, ctl: Controller, plan, final: Option
             ctl.tracker.scalars(test_scalars(before, after), step)
         summary.update(test={"before": before, "after": after}, final_model=str(paths.out / "final_model"),
                        tensorboard=str(paths.out / "tensorboard"))
+    if ctl.tracker is not None:
+        # Everything sent before the summary says what was lost; then the files go up.
+        summary["tracking"] = {"report_to": list(cfg.tracking.report_to), "runs": ctl.tracker.runs,
+                               "lost": ctl.tracker.flush(timeout_s=30.0)}
     write_json(paths.out / "run_summary.json", summary)
+    if ctl.tracker is not None and ctl.test:
+        with writing("the resolved config", paths.out / "resolved_config.yaml"):
+            (paths.out / "resolved_config.yaml").write_text(yaml.safe_dump(public_config(cfg), sort_keys=False))
+        for name in ("test_metrics.json", "run_summary.json", "test_generations.jsonl", "test_predictions.jsonl",
+                     "generations", "resolved_config.yaml"):
+            ctl.tracker.artifact(paths.out / name)
+        if cfg.tracking.log_model:
+            ctl.tracker.artifact(paths.out / "final_model")
     if ctl.test:
         changes = "  ".join(f"{k} {before[k]:.4g} -> {after[k]:.4g}" for k, v in after.items()
                             if isinstance(v, float) and k not in ("tokens", "examples", "perplexity"))

@@ -44,6 +44,8 @@ RAY_ENV = {
 WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
+TRACKER_ENV = ("MLFLOW_", "WANDB_")  # variable prefixes passed on to every Ray process
+
 TEARDOWN_WAIT_S = 60.0
 
 
@@ -82,9 +84,12 @@ def start_ray(address: Optional[str], verbose: bool = False) -> None:
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # per run, in memory only
     import ray
 
+    # The trackers' own variables (MLFLOW_TRACKING_URI, WANDB_MODE, ...) reach every process that logs:
+    # a search's trials log from their Tune actors.
+    trackers = {k: v for k, v in os.environ.items() if k.startswith(TRACKER_ENV)}
     common = dict(logging_level=logging.ERROR, log_to_driver=verbose, configure_logging=True,
                   runtime_env={"env_vars": {**{k: os.environ.get(k, v) for k, v in WORKER_ENV.items()},
-                                            **{k: os.environ[k] for k in RAY_ENV}},
+                                            **{k: os.environ[k] for k in RAY_ENV}, **trackers},
                                "worker_process_setup_hook": "launcher.ray_job._quiet_worker_logs"})
     if address:
         # SFT_NODE_IP: this host's address in the cluster, where Ray would guess another one (the

@@ -22,7 +22,7 @@ from launcher.console import say
 from launcher.controller import LaunchOptions
 from launcher.records import Outcome, TrialRecord
 from launcher.search_space import check_space, checked_values, distribution, trial_config
-from launcher.tracking import open_tracker
+from launcher.tracking import Parent, open_tracker, run_params
 from launcher.tune_results import (EXPERIMENT, TRIALS, collect, pick_best, top_lines, trial_dir, trial_line,
                                    trial_status, values_text, write_hparams, write_results)
 from trainer import checkpoints
@@ -47,6 +47,7 @@ class TrialSetup:
     opts: LaunchOptions
     data_dir: Optional[str]  # prepared by the driver; a trial that searches data.*/model.* keys prepares its own
     stop_file: str
+    parent: Parent  # the search's run in the trackers, each trial's run filed under it
 
 
 # ---------------------------------------------------------------- one trial (in a Tune actor)
@@ -78,7 +79,8 @@ def run_trial(values: dict, setup: TrialSetup) -> None:
     data_dir = setup.data_dir
     if any(k.split(".")[0] in ("data", "model") for k in values):
         data_dir = _prepare(cfg, setup.opts.cache_dir, setup.base)
-    paths, ctl = controller.open_run(cfg, out, resume_from)  # the trial's own run, a child of the search
+    paths, ctl = controller.open_run(cfg, out, resume_from, setup.parent, trial_id)  # a child of the search's run
+    ctl.tracker.params(run_params(cfg), {"sft.trial": trial_id, "sft.searched": values_text(values)})
     started, spent = time.time(), record.wall_s
     metric = setup.base.tune.metric
 
@@ -216,7 +218,7 @@ def check_search(cfg: RunConfig, resume: bool, out: Path) -> None:
 
 def search(cfg: RunConfig, opts: LaunchOptions, resume: bool = False) -> Outcome:
     """Preflight, the trials, the test of the best trial, the results."""
-    from launcher import controller, ray_job, run_lock
+    from launcher import controller, run_lock
 
     started_at = time.time()
     cfg = absolute_paths(cfg)
@@ -226,50 +228,59 @@ def search(cfg: RunConfig, opts: LaunchOptions, resume: bool = False) -> Outcome
     # One launch per output directory; a refused write ends the search in one paragraph.
     with run_lock.held(out, say), controller.storage_faults(out):
         stopper = controller.Stopper(out / ".stop-request", cfg.train.stop_grace_s)
-        with stopper.installed():
-            _check_trial_plans(cfg, opts.cache_dir)
-            plan = controller.preflight(cfg, controller.Paths(out, None, None), opts)
-            describe_search(cfg.tune, resume)
-            if stopper.requested:
-                return Outcome("stopped")
-            ray_job.start_ray(opts.address, opts.verbose)
-            try:
-                setup = TrialSetup(cfg, str(out), opts, plan.data_dir, str(stopper.stop_file))
-                run_search(cfg, setup, resume, stopper)
-                records = collect(out)
-                write_results(out, cfg.tune, records)
-                write_hparams(out, cfg.tune, records)
-                bad = [r for r in records if r.bad_input]
-                if bad:
-                    raise ConfigError(bad[0].error)
-                for line in top_lines(cfg.tune, records):
-                    say(line)
-                if stopper.requested or any(r.status == "stopped" for r in records):
-                    say(f"search stopped: {sum(r.status == 'stopped' for r in records)} trial(s) to continue; "
-                        f"continue with: sft-launch <config> --tune --output {out} --resume")
-                    return Outcome("stopped")
-                best = pick_best(cfg.tune, records)
-                best_cfg = trial_config(cfg, best.values, str(out / "best_run"))
-                (out / "best_config.yaml").write_text(
-                    f"# The best trial of the search in {out} ({best.trial}), as a plain run config:\n"
-                    f"#   sft-launch {out / 'best_config.yaml'}\n" + yaml.safe_dump(to_dict(best_cfg), sort_keys=False))
-                say(f"best trial {best.trial}: {values_text(best.values)}; val {cfg.tune.metric} "
-                    f"{best.last(cfg.tune.metric):.4g} (its final evaluation); testing its final checkpoint")
-                ctl = evaluate_best(cfg, best, out, opts, plan.data_dir, stopper)
-            finally:
-                ray_job.stop_ray()
-        # The summary of the best trial's run, as a plain run writes it, plus the search.
-        paths = controller.Paths(out, None, None, checkpoint_dir=trial_dir(out, best.trial) / "checkpoints")
-        search_summary = {"best_trial": best.trial, "best_values": best.values, "metric": cfg.tune.metric,
-                          "mode": cfg.tune.mode, "chosen_by": "final validation value",
-                          "trials": {r.trial: r.status for r in records},
-                          "results": str(out / "tune_results.csv"), "best_config": str(out / "best_config.yaml")}
-        trained = trial_config(cfg, best.values, str(trial_dir(out, best.trial)))
+        tracker = open_tracker(cfg, out, search=True)  # the search's own run; each trial's is filed under it
         try:
-            return controller.summarise(trained, paths, ctl, plan, Path(best.final_checkpoint),
-                                        time.time() - started_at, extra={"tune": search_summary})
+            with stopper.installed():
+                return _search(cfg, opts, resume, out, stopper, tracker, started_at)
         finally:
-            ctl.close()
+            tracker.close()
+
+
+def _search(cfg: RunConfig, opts: LaunchOptions, resume: bool, out: Path, stopper, tracker, started_at: float) -> Outcome:
+    """The search inside its lock, stop handling and tracker (search)."""
+    from launcher import controller, ray_job
+
+    _check_trial_plans(cfg, opts.cache_dir)
+    plan = controller.preflight(cfg, controller.Paths(out, None, None), opts)
+    tracker.params(run_params(cfg), {"sft.search": f"val {cfg.tune.metric} ({cfg.tune.mode})"})
+    describe_search(cfg.tune, resume)
+    if stopper.requested:
+        return Outcome("stopped")
+    ray_job.start_ray(opts.address, opts.verbose)
+    try:
+        setup = TrialSetup(cfg, str(out), opts, plan.data_dir, str(stopper.stop_file), tracker.as_parent())
+        run_search(cfg, setup, resume, stopper)
+        records = collect(out)
+        tracker.artifact(write_results(out, cfg.tune, records))
+        write_hparams(out, cfg.tune, records)
+        bad = [r for r in records if r.bad_input]
+        if bad:
+            raise ConfigError(bad[0].error)
+        for line in top_lines(cfg.tune, records):
+            say(line)
+        if stopper.requested or any(r.status == "stopped" for r in records):
+            say(f"search stopped: {sum(r.status == 'stopped' for r in records)} trial(s) to continue; "
+                f"continue with: sft-launch <config> --tune --output {out} --resume")
+            return Outcome("stopped")
+        best = pick_best(cfg.tune, records)
+        best_cfg = trial_config(cfg, best.values, str(out / "best_run"))
+        (out / "best_config.yaml").write_text(
+            f"# The best trial of the search in {out} ({best.trial}), as a plain run config:\n"
+            f"#   sft-launch {out / 'best_config.yaml'}\n" + yaml.safe_dump(to_dict(best_cfg), sort_keys=False))
+        say(f"best trial {best.trial}: {values_text(best.values)}; val {cfg.tune.metric} "
+            f"{best.last(cfg.tune.metric):.4g} (its final evaluation); testing its final checkpoint")
+        ctl = evaluate_best(cfg, best, out, opts, plan.data_dir, stopper, tracker)
+    finally:
+        ray_job.stop_ray()
+    # The summary of the best trial's run, as a plain run writes it, plus the search.
+    paths = controller.Paths(out, None, None, checkpoint_dir=trial_dir(out, best.trial) / "checkpoints")
+    search_summary = {"best_trial": best.trial, "best_values": best.values, "metric": cfg.tune.metric,
+                      "mode": cfg.tune.mode, "chosen_by": "final validation value",
+                      "trials": {r.trial: r.status for r in records},
+                      "results": str(out / "tune_results.csv"), "best_config": str(out / "best_config.yaml")}
+    trained = trial_config(cfg, best.values, str(trial_dir(out, best.trial)))
+    return controller.summarise(trained, paths, ctl, plan, Path(best.final_checkpoint), time.time() - started_at,
+                                extra={"tune": search_summary})
 
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:
@@ -367,16 +378,17 @@ def _trial_lines(out: Path, tune: TuneConfig):
 
 
 def evaluate_best(cfg: RunConfig, best: TrialRecord, out: Path, opts: LaunchOptions, data_dir: Optional[str],
-                  stopper):
+                  stopper, tracker):
     """The test split, once: before fine-tuning and from the best trial's final sharded checkpoint (or its
     best, with test.checkpoint: best), in a worker group of its own (run_group, as every launch's);
-    rank 0 exports it to <output_dir>/final_model. Returns the search's controller."""
+    rank 0 exports it to <output_dir>/final_model. Returns the test group's controller (it writes the
+    search's own run)."""
     from launcher import controller, ray_job
 
     best_cfg = trial_config(cfg, best.values, str(out))
     if any(k.split(".")[0] in ("data", "model") for k in best.values):
         data_dir = _prepare(best_cfg, opts.cache_dir, cfg)
-    ctl = controller.Controller(best_cfg, out, tracker=open_tracker(out / "tensorboard"))  # the search's run
+    ctl = controller.Controller(best_cfg, out, tracker=tracker)  # the search's own run
     # The checkpoint a plain run would test (test.checkpoint: final, or the best by validation), found
     # the way its workers find it; the trial has ended, so every checkpoint it reported is complete.
     tested = str(checkpoints.to_test(trial_dir(out, best.trial) / "checkpoints", None, best_cfg.test.checkpoint,

@@ -91,13 +91,14 @@ def write_results(out: Path, tune: TuneConfig, records: list[TrialRecord]) -> Pa
 
 def write_hparams(out: Path, tune: TuneConfig, records: list[TrialRecord]) -> None:
     """Each trial's searched values beside its final metric, in the trial's run (TensorBoard HParams:
-    `tensorboard --logdir <output_dir>` compares them)."""
-    from launcher.tracking import open_tracker
+    `tensorboard --logdir <output_dir>` compares them; MLflow and W&B have them as the trial's
+    parameters already)."""
+    from launcher.tracking import TensorBoardTracker
 
     for r in records:
         values = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in r.values.items()}
         final = r.last(tune.metric)
-        tracker = open_tracker(trial_dir(out, r.trial) / "tensorboard")
+        tracker = TensorBoardTracker(trial_dir(out, r.trial) / "tensorboard")
         try:
             tracker.hparams({**values, "status": r.status},
                             {f"hparam/val_{tune.metric}": final if not math.isnan(final) else float("inf")})

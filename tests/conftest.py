@@ -44,6 +44,17 @@ def process_group():
     yield
 
 
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on 127.0.0.1 (SQLite store), shared by the tracking tests and the
+    shared end-to-end run that reports to it."""
+    from tests.helpers import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    yield server
+    server.stop()
+
+
 # The expensive end-to-end runs, shared by every module that needs them (e2e, multi-node, Slurm).
 
 @pytest.fixture(scope="session")

@@ -177,3 +177,96 @@ def task_config(tmp: Path, task: str, tokenizer: Path | None = None, processor: 
     for section, values in sections.items():
         raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
     return raw
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 over a SQLite store in `root`; stop() and start() again on the
+    same port and store (a server that goes away and comes back)."""
+
+    def __init__(self, root: Path):
+        import socket
+
+        self.root = Path(root)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self, timeout_s: float = 180) -> "MlflowServer":
+        import os
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        mlflow = Path(sys.executable).with_name("mlflow")
+        log = open(self.root / "server.log", "a")
+        self.proc = subprocess.Popen(
+            [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+             "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1", "--port",
+             str(self.port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.3)
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
+        raise RuntimeError("mlflow server did not answer in time")
+
+    def stop(self) -> None:
+        import os
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+
+def wandb_records(run_file: Path) -> list:
+    """The records of a W&B run file (`run-<id>.wandb`, what offline mode writes and `wandb sync`
+    uploads), parsed with W&B's own protobuf schema. wandb 0.31 reads these files in its Go core only,
+    so the framing (LevelDB's log format: 32 KiB blocks, records of crc32, length, type) is read here."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos, records, partial = Path(run_file).read_bytes(), 32768, 7, [], b""  # 7: the W&B header
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            break
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a full record, or a record's last fragment
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(partial + chunk)
+            records.append(record)
+            partial = b""
+        else:  # first or middle fragment
+            partial += chunk
+    return records
+
+
+def item_key(item) -> str:
+    """A W&B record item's key: `key`, or `nested_key` for keys with a slash (train/loss)."""
+    return item.key or "/".join(item.nested_key)
+
+
+def wandb_history(run_file: Path, key: str) -> dict[int, float]:
+    """step -> value of one logged key in a W&B run file."""
+    found = {}
+    for record in wandb_records(run_file):
+        if record.WhichOneof("record_type") == "history":
+            items = {item_key(i): i.value_json for i in record.history.item}
+            if key in items:
+                found[int(record.history.step.num)] = float(json.loads(items[key]))
+    return found

@@ -421,6 +421,52 @@ class FinalEvalConfig:
     checkpoint: Literal["final", "best"] = "final"
 
 
+TRACKERS = ("tensorboard", "mlflow", "wandb")  # tracking.report_to (launcher/tracking*.py)
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    """MLflow (tracking.report_to: [mlflow]). Each unset key falls back to MLflow's own environment
+    variable, then to the embedded default."""
+    # MLFLOW_TRACKING_URI, else a SQLite store in the output directory (sqlite:///<output_dir>/mlflow.db,
+    # the artifacts beside it in mlflow-artifacts/).
+    tracking_uri: Optional[str] = None
+    experiment: Optional[str] = None  # MLFLOW_EXPERIMENT_NAME, else "sft"
+    run_name: Optional[str] = None  # default: the output directory's name
+    tags: dict = field(default_factory=dict)  # extra run tags
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    """Weights & Biases (tracking.report_to: [wandb]); unset keys fall back to WANDB_* variables."""
+    project: Optional[str] = None  # WANDB_PROJECT, else "sft"
+    entity: Optional[str] = None  # WANDB_ENTITY, else the account's default
+    name: Optional[str] = None  # default: the output directory's name
+    tags: tuple[str, ...] = ()
+    mode: Optional[Literal["online", "offline"]] = None  # WANDB_MODE, else online (offline: `wandb sync` later)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where a run's metrics, parameters and files go besides its output directory."""
+    # Any of tensorboard, mlflow, wandb; "none" (or []) turns tracking off.
+    report_to: Union[str, tuple[str, ...]] = ("tensorboard",)
+    log_model: bool = False  # also upload final_model/ as an artifact (it can be large)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self) -> None:
+        chosen = (self.report_to,) if isinstance(self.report_to, str) else tuple(self.report_to)
+        chosen = () if chosen == ("none",) else chosen
+        unknown = [name for name in chosen if name not in TRACKERS]
+        if unknown:
+            raise ValueError(f"tracking.report_to: unknown tracker {unknown[0]!r}; choose from "
+                             f"{', '.join(TRACKERS)} (or none)")
+        if len(set(chosen)) != len(chosen):
+            raise ValueError(f"tracking.report_to names a tracker twice: {list(chosen)}")
+        object.__setattr__(self, "report_to", chosen)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig
@@ -435,6 +481,7 @@ class RunConfig:
     test: FinalEvalConfig = field(default_factory=FinalEvalConfig)
     tune: Optional[TuneConfig] = None  # the search `sft-launch --tune` runs
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output_dir: Optional[str] = None  # default (set by the CLI): runs/<config file name>
     seed: int = 42
 

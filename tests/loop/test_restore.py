@@ -14,7 +14,7 @@ import pytest
 from tests.helpers import tiny_config, tiny_llama
 from trainer import checkpoints
 from trainer.checkpoints import TAG, UNIVERSAL_TAG, TrainState, read_state
-from trainer.config import from_dict
+from trainer.config_load import from_dict
 from trainer.loop import WorkerArgs, run
 from trainer.worker import evaluate_split, setup
 from trainer.report import ListReporter
