@@ -440,6 +440,7 @@ def launch(cfg: RunConfig, opts: LaunchOptions, resume: Optional[str] = None) ->
         resume_from = resolve_resume(out, resume)
         guard_output(out, resuming=resume is not None)
         paths, ctl = open_run(cfg, out, resume_from)
+        say(ctl.tracker.describe())
         try:
             plan = preflight(cfg, paths, opts)
             ctl.tracker.params(run_params(cfg), run_tags(cfg, plan))
@@ -566,6 +567,7 @@ def summarise(cfg: RunConfig, paths: Paths, ctl: Controller, plan, final: Option
                                                       "checkpoint": tested, "checkpoint_choice": cfg.test.checkpoint})
         if ctl.tracker is not None:
             ctl.tracker.scalars(test_scalars(before, after), step)
+            ctl.tracker.commit(step)  # the tested checkpoint's step is final (a search's run has no other)
         summary.update(test={"before": before, "after": after}, final_model=str(paths.out / "final_model"),
                        tensorboard=str(paths.out / "tensorboard"))
     if ctl.tracker is not None:

@@ -335,8 +335,14 @@ class Trackers:
 
     def as_parent(self) -> Parent:
         """This run as the parent of a search's trials."""
-        runs = {m.name: m.inner.backend.identity for m in self.members if isinstance(m, Held)}
+        runs = {m.name: m.inner.backend.as_parent for m in self.members if isinstance(m, Held)}
         return Parent(mlflow=runs.get("mlflow"), wandb_group=runs.get("wandb", {}).get("group"))
+
+    def describe(self) -> str:
+        """The startup line: where each tracker writes."""
+        parts = [f"TensorBoard in {m.log_dir}" if isinstance(m, TensorBoardTracker) else
+                 f"{m.inner.backend.where} (run {m.inner.backend.identity['run_id']})" for m in self.members]
+        return "tracking: " + ("; ".join(parts) if parts else "off (tracking.report_to: none)")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,9 @@ from trainer.config import ConfigError, RunConfig
 DEFAULT_EXPERIMENT = "sft"
 # A tracking server that is slow or gone must cost seconds, not MLflow's default minutes of retries
 # (120 s timeout, 7 retries with backoff): the calls run on their own thread and are retried there.
-CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
+# Its "View run at" lines would break the console's one-voice rule: the startup line says where.
+CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+              "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
 
 def default_uri(out: Path) -> str:
@@ -71,7 +73,7 @@ class MlflowBackend:
                     name, artifact_location=(Path(out).resolve() / "mlflow-artifacts").as_uri()
                     if embedded(self.uri) else None)
             known = read_identity(out).get(self.name, {})
-            if known.get("run_id") and known.get("tracking_uri") == self.uri:
+            if known.get("run_id") and known.get("tracking_uri") == redact(self.uri):
                 self.run_id = known["run_id"]
                 self.client.update_run(self.run_id, status="RUNNING")
             else:
@@ -81,7 +83,7 @@ class MlflowBackend:
                 run = self.client.create_run(experiment_id, tags=tags,
                                              run_name=child or m.run_name or Path(out).resolve().name)
                 self.run_id = run.info.run_id
-                write_identity(out, self.name, {"tracking_uri": self.uri, "run_id": self.run_id,
+                write_identity(out, self.name, {"tracking_uri": redact(self.uri), "run_id": self.run_id,
                                                 "experiment_id": experiment_id})
             self.experiment_id = experiment_id
             self.floor = self._last_step()
@@ -100,7 +102,13 @@ class MlflowBackend:
 
     @property
     def identity(self) -> dict:
-        return {"tracking_uri": self.uri, "experiment_id": self.experiment_id, "run_id": self.run_id}
+        """The run, as the summary and tracking.json name it (no credentials)."""
+        return {"tracking_uri": redact(self.uri), "experiment_id": self.experiment_id, "run_id": self.run_id}
+
+    @property
+    def as_parent(self) -> dict:
+        """What a trial needs to file its run under this one (the URI as given: the trial connects with it)."""
+        return {**self.identity, "tracking_uri": self.uri}
 
     def scalars(self, values: dict[str, float], step: int, stamp: int) -> None:
         from mlflow.entities import Metric

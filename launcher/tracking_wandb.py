@@ -57,6 +57,7 @@ class WandbBackend:
                               f"({type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}); "
                               f"log in (wandb login, or WANDB_API_KEY), or set tracking.wandb.mode: offline") from None
         self.identity = {"run_id": run_id, "project": project, "mode": mode, "dir": str(directory), "group": group}
+        self.as_parent = self.identity
         if not known:
             write_identity(out, self.name, self.identity)
         self.floor = int(self.run.step or 0)  # a resumed run: W&B ignores steps at or below its last

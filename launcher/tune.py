@@ -207,6 +207,14 @@ def check_search(cfg: RunConfig, resume: bool, out: Path) -> None:
     if cfg.tune.search_alg == "optuna" and importlib.util.find_spec("optuna") is None:
         raise ConfigError("tune.search_alg: optuna needs the optuna package (pip install optuna); "
                           "or use tune.search_alg: random")
+    if "mlflow" in cfg.tracking.report_to and cfg.scaling.nodes > 1:
+        from launcher.tracking_mlflow import embedded, tracking_uri
+
+        if embedded(tracking_uri(cfg, out)):
+            raise ConfigError("tracking.report_to: mlflow with the embedded SQLite store, and a search over "
+                              f"{cfg.scaling.nodes} nodes: its trials would write one SQLite file from several "
+                              "hosts. Start a tracking server (mlflow server) and set tracking.mlflow.tracking_uri "
+                              "(or MLFLOW_TRACKING_URI) to it")
     experiment = out / EXPERIMENT
     if resume and not experiment.is_dir():
         raise ConfigError(f"--tune --resume: no search to continue in {out} (expected {experiment}); "
@@ -229,6 +237,7 @@ def search(cfg: RunConfig, opts: LaunchOptions, resume: bool = False) -> Outcome
     with run_lock.held(out, say), controller.storage_faults(out):
         stopper = controller.Stopper(out / ".stop-request", cfg.train.stop_grace_s)
         tracker = open_tracker(cfg, out, search=True)  # the search's own run; each trial's is filed under it
+        say(tracker.describe())
         try:
             with stopper.installed():
                 return _search(cfg, opts, resume, out, stopper, tracker, started_at)

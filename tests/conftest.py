@@ -58,9 +58,13 @@ def mlflow_server(tmp_path_factory):
 # The expensive end-to-end runs, shared by every module that needs them (e2e, multi-node, Slurm).
 
 @pytest.fixture(scope="session")
-def zero2(tmp_path_factory, tokenizer_dir):
+def zero2(tmp_path_factory, tokenizer_dir, mlflow_server):
     tmp = tmp_path_factory.mktemp("zero2")
-    config = write_config(tmp / "tiny.yaml", tiny_config(tmp, tokenizer_dir))
+    # The trackers' shared launch too: a real MLflow server and W&B offline beside TensorBoard (the
+    # resumed run and the Slurm and two-node runs of this config report to them as well).
+    trackers = {"report_to": ["tensorboard", "mlflow", "wandb"], "wandb": {"mode": "offline", "project": "e2e"},
+                "mlflow": {"tracking_uri": mlflow_server.uri, "experiment": "e2e"}}
+    config = write_config(tmp / "tiny.yaml", tiny_config(tmp, tokenizer_dir, tracking=trackers))
     proc = launch(config, subprocess=True)  # its console is checked as a shell shows it
     assert proc.returncode == 0, proc.stderr[-2000:]
     return tmp / "run", config, proc

@@ -18,12 +18,12 @@ from tests.helpers import tiny_config, write_config
 pytestmark = pytest.mark.e2e
 
 
-def long_config(tmp, tokenizer_dir):
+def long_config(tmp, tokenizer_dir, **sections):
     """150 short steps: a wide window to kill a worker in mid-run; every 5th step's loss on the console."""
     return write_config(tmp / "long.yaml", tiny_config(
         tmp, tokenizer_dir, train={"max_steps": 150, "eval_every": 25, "save_every": 25, "log_every": 5,
                                    "keep_last": 2, "max_failures": 2},
-        scaling={"workers_per_node": 1}))  # one worker: its death restarts the group all the same
+        scaling={"workers_per_node": 1}, **sections))  # one worker: its death restarts the group all the same
 
 
 def train_worker_pids() -> list[int]:
@@ -43,11 +43,13 @@ def popen(config, *extra):
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def test_killed_worker_is_replaced_and_the_run_ends_like_an_uninterrupted_one(tmp_path, tokenizer_dir):
+def test_killed_worker_is_replaced_and_the_run_ends_like_an_uninterrupted_one(tmp_path, tokenizer_dir, mlflow_server):
     """Killed between two checkpoints, the worker group restarts from the latest one and replays the
     steps since: each replayed step logs the loss it logged before the kill (the run goes on exactly
-    as an uninterrupted one; tests/loop proves a resumed run's losses equal an uninterrupted run's)."""
-    config = long_config(tmp_path, tokenizer_dir)
+    as an uninterrupted one; tests/loop proves a resumed run's losses equal an uninterrupted run's).
+    MLflow, which cannot delete a point, gets each step once."""
+    config = long_config(tmp_path, tokenizer_dir, tracking={"report_to": ["tensorboard", "mlflow"],
+                                                            "mlflow": {"tracking_uri": mlflow_server.uri}})
     target = tmp_path / "run"
     proc = popen(config, "--output", str(target), "--verbose")  # --verbose: the workers' own output too
     lines, killed = [], None
@@ -75,6 +77,12 @@ def test_killed_worker_is_replaced_and_the_run_ends_like_an_uninterrupted_one(tm
     new = scalars(target / "tensorboard", "train/loss")
     assert sorted(new) == list(range(1, 151))  # the replayed steps are not duplicated
     assert all(abs(new[step] - float(losses[0])) < 6e-5 for step, losses in logged.items())  # as on the console
+    from mlflow.tracking import MlflowClient
+
+    run_id = json.loads((target / "tracking.json").read_text())["mlflow"]["run_id"]
+    tracked = sorted((m.step, m.value) for m in MlflowClient(mlflow_server.uri).get_metric_history(run_id, "train/loss"))
+    assert [s for s, _ in tracked] == list(range(1, 151))  # no step twice, none missing
+    assert all(abs(v - new[s]) < 1e-6 for s, v in tracked)
 
 
 def test_sigterm_checkpoints_and_stops_with_exit_75(resumed):

@@ -26,7 +26,9 @@ def search(tmp_path_factory, tokenizer_dir):
                       train={"max_steps": 12, "eval_every": 3, "save_every": 3, "micro_batch_size": 8, "log_every": 3},
                       scaling={"nodes": 1, "workers_per_node": 1, "cpus_per_worker": 1},
                       tune={"metric": "loss", "mode": "min", "num_samples": 1, "max_concurrent_trials": 2,
-                            "grace_period": 1, "reduction_factor": 2, "space": {"optim.lr": {"grid": LRS}}})
+                            "grace_period": 1, "reduction_factor": 2, "space": {"optim.lr": {"grid": LRS}}},
+                      # MLflow's embedded default: one SQLite file that the trials (two at a time) share
+                      tracking={"report_to": ["tensorboard", "mlflow"], "mlflow": {"experiment": "search"}})
     proc = launch(write_config(tmp / "search.yaml", raw), "--tune")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp / "run"
@@ -70,7 +72,7 @@ def test_the_best_trial_is_tested_once_and_exported(search):
     assert test["after"]["loss"] < test["before"]["loss"]
     assert (out / "final_model" / "model.safetensors").exists()
     # The test split was evaluated once, by the controller's test group: no trial has a test result.
-    assert [p for p in out.rglob("test_metrics.json")] == [out / "test_metrics.json"]
+    assert [p for p in out.rglob("test_metrics.json") if "mlflow-artifacts" not in p.parts] == [out / "test_metrics.json"]
     assert sum(line.startswith("[sft] test (step") for line in proc.stdout.splitlines()) == 1
     for r in rows:
         tags = scalars(out / "trials" / r["trial"] / "tensorboard", "test/loss")
@@ -120,3 +122,22 @@ def test_tune_without_a_section_or_over_a_finished_search_is_refused(search, tmp
     assert proc.returncode == 2 and "--tune needs a tune: section" in proc.stderr
     again = launch(Path(out).parent / "search.yaml", "--tune")
     assert again.returncode == 2 and "already holds a search or a run" in again.stderr
+
+
+def test_the_search_is_one_mlflow_run_with_a_nested_run_per_trial(search):
+    """In the search's own SQLite store: the parent has the results table and the best trial's test
+    metrics; each trial is a child run with its searched value as a parameter and its validation curve."""
+    from mlflow.tracking import MlflowClient
+
+    out, _, rows = search
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    parent = json.loads((out / "tracking.json").read_text())["mlflow"]["run_id"]
+    assert "tune_results.csv" in {a.path for a in client.list_artifacts(parent)}
+    tested = json.loads((out / "test_metrics.json").read_text())
+    assert client.get_metric_history(parent, "test/loss")[0].value == pytest.approx(tested["after"]["loss"], rel=1e-6)
+    for r in rows:
+        child = client.get_run(json.loads((out / "trials" / r["trial"] / "tracking.json").read_text())["mlflow"]["run_id"])
+        assert child.data.tags["mlflow.parentRunId"] == parent and child.info.run_name == r["trial"]
+        assert float(child.data.params["optim.lr"]) == float(r["optim.lr"])
+        curve = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "val/loss")}
+        assert curve == pytest.approx(scalars(out / "trials" / r["trial"] / "tensorboard", "val/loss"), rel=1e-6)

@@ -134,3 +134,15 @@ def test_a_backend_whose_library_is_missing_names_the_extra(tmp_path, monkeypatc
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     cfg = from_dict(tiny_config(tmp_path, tmp_path, tracking={"report_to": ["tensorboard", "wandb"]}))
     assert "pip install 'sft[wandb]'" in missing_library(cfg)
+
+
+def test_a_search_over_several_nodes_on_the_embedded_sqlite_store_is_refused(tmp_path, monkeypatch):
+    from launcher.tune import check_search
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    raw = tiny_config(tmp_path, tmp_path, tune={"space": {"optim.lr": {"grid": [1e-3, 3e-3]}}},
+                      scaling={"nodes": 2, "workers_per_node": 1}, tracking={"report_to": ["mlflow"]})
+    with pytest.raises(ConfigError, match=r"embedded SQLite store, and a search over 2 nodes.*mlflow server"):
+        check_search(from_dict(raw), False, tmp_path / "out")
+    raw["tracking"]["mlflow"] = {"tracking_uri": "http://mlflow.internal:5000"}
+    check_search(from_dict(raw), False, tmp_path / "out")  # a server: fine
