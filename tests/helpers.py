@@ -229,10 +229,23 @@ class MlflowServer:
         self.proc = None
 
 
-def wandb_records(run_file: Path) -> list:
+def wandb_records(run_file: Path, timeout_s: float = 60) -> list:
     """The records of a W&B run file (`run-<id>.wandb`, what offline mode writes and `wandb sync`
-    uploads), parsed with W&B's own protobuf schema. wandb 0.31 reads these files in its Go core only,
-    so the framing (LevelDB's log format: 32 KiB blocks, records of crc32, length, type) is read here."""
+    uploads), parsed with W&B's own protobuf schema, once the run's exit record is in it (W&B's service
+    process writes the file; a finished run's tail can land a moment after finish() returns). wandb 0.31
+    reads these files in its Go core only, so the framing (LevelDB's log format: 32 KiB blocks, records
+    of crc32, length, type) is read here."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = _wandb_records(run_file)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def _wandb_records(run_file: Path) -> list:
     import struct
 
     from wandb.proto import wandb_internal_pb2

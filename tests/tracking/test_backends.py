@@ -22,6 +22,18 @@ def _cfg(tmp_path, **tracking):
     return from_dict(tiny_config(tmp_path, tmp_path, tracking=tracking))
 
 
+def _six_steps(tmp_path, **tracking):
+    """A run's trackers opened as the controller opens them, its parameters and six steps of loss sent."""
+    cfg = _cfg(tmp_path, **tracking)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True)
+    tracker = open_tracker(cfg, out)
+    tracker.params(run_params(cfg), {"sft.world_size": "2"})
+    for step in range(1, 7):
+        tracker.scalars({"train/loss": 10.0 - step}, step)
+    return cfg, out, tracker
+
+
 def _history(client, run_id, key):
     return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
@@ -29,14 +41,8 @@ def _history(client, run_id, key):
 def test_mlflow_run_keeps_its_points_params_files_and_id_across_a_resume(server, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    cfg = _cfg(tmp_path, report_to=["mlflow"], mlflow={"tracking_uri": server.uri, "experiment": "seam",
-                                                       "tags": {"team": "nlp"}})
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True)
-    tracker = open_tracker(cfg, out)
-    tracker.params(run_params(cfg), {"sft.world_size": "2"})
-    for step in range(1, 7):
-        tracker.scalars({"train/loss": 10.0 - step}, step)
+    cfg, out, tracker = _six_steps(tmp_path, report_to=["mlflow"], mlflow={
+        "tracking_uri": server.uri, "experiment": "seam", "tags": {"team": "nlp"}})
     tracker.text("val/generations", "| prompt | answer |", 4)
     tracker.commit(4)  # stopped after step 6: steps 5 and 6 come again after the resume
     (out / "run_summary.json").write_text("{}")
@@ -153,13 +159,8 @@ def test_the_embedded_default_is_a_sqlite_store_in_the_output_directory(tmp_path
 
 def test_wandb_offline_run_holds_the_points_config_and_summary_and_a_resume_keeps_its_id(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_DIR", raising=False)
-    cfg = _cfg(tmp_path, report_to=["wandb"], wandb={"mode": "offline", "project": "p", "tags": ["a"]})
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True)
-    tracker = open_tracker(cfg, out)
-    tracker.params(run_params(cfg), {"sft.world_size": "2"})
-    for step in range(1, 7):
-        tracker.scalars({"train/loss": 10.0 - step}, step)
+    cfg, out, tracker = _six_steps(tmp_path, report_to=["wandb"], wandb={"mode": "offline", "project": "p",
+                                                                          "tags": ["a"]})
     tracker.commit(6)
     tracker.scalars({"test/loss": 0.5}, 4)  # the best checkpoint's step, below W&B's last: the summary
     assert tracker.flush(30) == {}
