@@ -124,3 +124,26 @@ def test_chunk_size_and_logit_transforms_and_liger_refusal():
     assert not head_only_logits(Config())
     assert liger_refusal(True, True) is None
     assert "no CUDA GPU" in liger_refusal(False, True) and "not installed" in liger_refusal(True, False)
+
+
+def test_the_run_resolves_its_loss_from_the_config_and_the_model():
+    from types import SimpleNamespace
+
+    from trainer.chunked_loss import loss_implementation
+    from trainer.config import ConfigError
+    from trainer.config_load import from_dict
+
+    def cfg(impl, task="causal_lm"):
+        return from_dict({"model": {"name_or_path": "m", "task": task}, "data": {"train_file": "x.jsonl", "max_length": 2048},
+                          "train": {"loss_impl": impl, "micro_batch_size": 2}}, "cfg.yaml")
+
+    smollm = SimpleNamespace(vocab_size=49152)
+    assert loss_implementation(cfg("auto"), smollm, False, False) == "chunked"
+    assert loss_implementation(cfg("auto"), smollm, True, True) == "liger"
+    assert loss_implementation(cfg("auto", "sequence_classification"), smollm, False, False) == "standard"
+    capped = SimpleNamespace(vocab_size=49152, final_logit_softcapping=30.0)
+    assert loss_implementation(cfg("auto"), capped, False, False) == "standard"
+    with pytest.raises(ConfigError, match=r"train.loss_impl: chunked .* transforms them \(final_logit_softcapping\)"):
+        loss_implementation(cfg("chunked"), capped, False, False)
+    with pytest.raises(ConfigError, match=r"train.loss_impl: liger .* CUDA GPUs only; the workers here have no CUDA"):
+        loss_implementation(cfg("liger"), smollm, False, True)
