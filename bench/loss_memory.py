@@ -32,7 +32,7 @@ def one_case(impl: str, length: int, vocab: int, micro_batch: int, hidden: int, 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from trainer.chunked_loss import chunk_tokens
+    from trainer.chunked_loss import chunk_count
     from trainer.tasks.causal_lm import hidden_state_objective
 
     def peak_mb() -> float:
@@ -51,7 +51,7 @@ def one_case(impl: str, length: int, vocab: int, micro_batch: int, hidden: int, 
     if impl == "standard":
         loss = model(**batch).loss
     else:
-        with hidden_state_objective(model, impl, chunk_tokens(vocab)):
+        with hidden_state_objective(model, impl, chunk_count(micro_batch, length, vocab)):
             loss = model(**batch).loss
     loss.backward()
     seconds = time.perf_counter() - started

@@ -6,6 +6,7 @@ A failure is a ConfigError naming the key or file; nothing here starts Ray. Neve
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -102,7 +103,7 @@ def make_plan(cfg: RunConfig, cache_dir: str) -> Plan:
         checkpoint_bytes=4 * (n_trainable if is_lean(cfg) else n_total) + per_trainable * n_trainable,
         reading=reading_lines([n for n in notes if n]),
         vocab_size=int(getattr(skeleton.config, "vocab_size", 0) or 0),
-        loss_impl=loss_implementation(cfg, skeleton.config, on_cuda=False, has_liger=False))
+        loss_impl=loss_implementation(cfg, skeleton.config, on_cuda=False, has_liger=False).name)
 
 
 def reading_lines(notes: list[str]) -> tuple[str, ...]:
@@ -197,14 +198,14 @@ def memory_line(plan: Plan, cfg: RunConfig) -> str:
 def logits_lines(plan: Plan, cfg: RunConfig) -> list[str]:
     """The causal-LM logits term of a micro-batch (train.loss_impl; trainer/chunked_loss.py): the full
     logits with their log-softmax and gradient (standard), or one chunk of them (chunked, liger)."""
-    from trainer.chunked_loss import AUTO_THRESHOLD_BYTES, LOGIT_COPIES, chunk_tokens, logits_bytes
+    from trainer.chunked_loss import AUTO_THRESHOLD_BYTES, LOGIT_COPIES, chunk_count, logits_bytes
     from trainer.tasks.registry import TASKS
 
     if not TASKS[cfg.model.task].chunks_loss or not plan.vocab_size:
         return []
     mb, length, vocab = plan.micro_batch_size, cfg.data.max_length, plan.vocab_size
     full = LOGIT_COPIES * logits_bytes(mb, length, vocab)
-    positions = min(chunk_tokens(vocab), mb * length)
+    positions = math.ceil(mb * length / chunk_count(mb, length, vocab))
     chunk = LOGIT_COPIES * logits_bytes(1, positions, vocab)
     asked = cfg.train.loss_impl
     how = (f"train.loss_impl {asked}" if asked == plan.loss_impl else

@@ -5,13 +5,17 @@ Pure functions over tensors and a `head` (a callable hidden -> logits: the model
 so ZeRO-3's module hooks gather its weight, tied to the input embedding or not, each time a chunk
 calls it, in forward and again in the recompute of backward). Each chunk's logits are recomputed in
 backward (torch.utils.checkpoint, non-reentrant), so at most one chunk's logits, log-softmax and
-gradient are alive. Position t predicts token t + 1 and the mean is over label tokens != IGNORE,
+gradient are alive. The number of chunks is fixed per run (LossImpl.chunks, from micro_batch_size x
+data.max_length), not per batch: under ZeRO-3 each head call is an all-gather, so every rank must
+make the same number of them whatever its batch holds (empty chunks still call the head). Position t predicts token t + 1 and the mean is over label tokens != IGNORE,
 as transformers' ForCausalLMLoss without num_items_in_batch (the loop never passes it). Also which
 implementation `train.loss_impl` resolves to, and how many bytes the logits take. Imports torch
 inside functions only; never ray, deepspeed or transformers.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from trainer.masking import IGNORE
@@ -24,9 +28,24 @@ AUTO_THRESHOLD_BYTES = 256 * 2**20
 LOGIT_COPIES = 3
 
 
+@dataclass(frozen=True)
+class LossImpl:
+    """train.loss_impl as a run resolved it: standard, chunked or liger; chunked (and liger's
+    evaluation): into how many chunks every micro-batch's labelled positions are cut (the same on
+    every rank)."""
+    name: str
+    chunks: int = 1
+
+
 def chunk_tokens(vocab_size: int, budget: int | None = None) -> int:
     """Positions per chunk: `budget` (default CHUNK_BYTES) of fp32 logits, at least 16."""
     return max(16, (CHUNK_BYTES if budget is None else budget) // (4 * max(vocab_size, 1)))
+
+
+def chunk_count(micro_batch_size: int, max_length: int, vocab_size: int) -> int:
+    """Chunks per micro-batch: a full one (micro_batch_size x max_length labelled positions) in
+    chunks of at most chunk_tokens(vocab_size) positions; a batch with fewer spreads them thinner."""
+    return max(1, math.ceil(micro_batch_size * max_length / chunk_tokens(vocab_size)))
 
 
 def logits_bytes(micro_batch_size: int, max_length: int, vocab_size: int) -> int:
@@ -70,9 +89,10 @@ def _chunk_loss_sum(head: Callable[[Any], Any], hidden, target):
     return F.cross_entropy(_upcast(head(hidden)), target, ignore_index=IGNORE, reduction="sum")
 
 
-def chunked_loss(hidden, labels, head: Callable[[Any], Any], chunk: int):
+def chunked_loss(hidden, labels, head: Callable[[Any], Any], chunks: int):
     """Mean next-token cross-entropy over the label tokens (!= IGNORE) of `labels` (B x T, unshifted)
-    given the last hidden states (B x T x H) and the LM head, `chunk` labelled positions at a time.
+    given the last hidden states (B x T x H) and the LM head, the labelled positions in `chunks`
+    near-equal slices (the head is called exactly `chunks` times, empty slices too).
     Equals F.cross_entropy(head(hidden)[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1)) (nan when
     nothing is labelled, as there); with gradients, each chunk's logits are recomputed in backward."""
     import torch
@@ -82,8 +102,7 @@ def chunked_loss(hidden, labels, head: Callable[[Any], Any], chunk: int):
     where = (target != IGNORE).nonzero().squeeze(1)  # only labelled positions need logits
     flat = hidden.reshape(-1, hidden.size(-1))
     total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
-    for start in range(0, where.numel(), chunk):
-        at = where[start:start + chunk]
+    for at in torch.tensor_split(where, chunks):
         if torch.is_grad_enabled():
             # Deterministic: no RNG state to keep. The head module runs again in backward, so ZeRO-3
             # gathers its weight again there (its own hooks), as for any checkpointed module.
@@ -94,9 +113,10 @@ def chunked_loss(hidden, labels, head: Callable[[Any], Any], chunk: int):
     return total / where.numel() if where.numel() else total / 0.0
 
 
-def chunked_sums(hidden, labels, head: Callable[[Any], Any], chunk: int) -> tuple[float, float, float]:
+def chunked_sums(hidden, labels, head: Callable[[Any], Any], chunks: int) -> tuple[float, float, float]:
     """(loss_sum, tokens, correct) of a batch without gradients, as the task's batch_sums computes
-    them from the full logits: position t predicts token t + 1, label tokens only."""
+    them from the full logits: position t predicts token t + 1, label tokens only; the head called
+    `chunks` times, as in chunked_loss."""
     import torch
     import torch.nn.functional as F
 
@@ -105,8 +125,7 @@ def chunked_sums(hidden, labels, head: Callable[[Any], Any], chunk: int) -> tupl
     flat = hidden.reshape(-1, hidden.size(-1))
     loss_sum, correct = 0.0, 0
     with torch.no_grad():
-        for start in range(0, where.numel(), chunk):
-            at = where[start:start + chunk]
+        for at in torch.tensor_split(where, chunks):
             logits = _upcast(head(flat[at]))
             loss_sum += float(F.cross_entropy(logits, target[at], reduction="sum"))
             correct += int((logits.argmax(-1) == target[at]).sum())
@@ -133,15 +152,16 @@ def liger_refusal(on_cuda: bool, has_liger: bool) -> str | None:
             f"GPUs only; {why}; use chunked (plain torch, any device) or auto")
 
 
-def loss_implementation(cfg: Any, model_config: Any, on_cuda: bool, has_liger: bool) -> str:
+def loss_implementation(cfg: Any, model_config: Any, on_cuda: bool, has_liger: bool) -> LossImpl:
     """train.loss_impl resolved for a run of `cfg` (a RunConfig) on a model of `model_config`:
-    standard for tasks without a chunked loss; a ConfigError when chunked or liger cannot run."""
+    standard for tasks without a chunked loss; a ConfigError when chunked or liger cannot run.
+    Every rank resolves the same (the config and the model's config only)."""
     from trainer.config import ConfigError
     from trainer.tasks.registry import TASKS
 
     asked = cfg.train.loss_impl
     if not TASKS[cfg.model.task].chunks_loss:
-        return "standard"
+        return LossImpl("standard")
     supported = head_only_logits(model_config)
     if asked in ("chunked", "liger") and not supported:
         found = [k for k in _LOGIT_TRANSFORMS if getattr(model_config, k, None)]
@@ -149,5 +169,6 @@ def loss_implementation(cfg: Any, model_config: Any, on_cuda: bool, has_liger: b
                           f"states, but this model transforms them ({', '.join(found)}); use standard or auto")
     if asked == "liger" and (refusal := liger_refusal(on_cuda, has_liger)):
         raise ConfigError(refusal)
-    return resolve_loss_impl(asked, on_cuda, has_liger, cfg.train.micro_batch_size, cfg.data.max_length,
-                             int(getattr(model_config, "vocab_size", 0) or 0), cfg.deepspeed.zero_stage, supported)
+    mb, length, vocab = cfg.train.micro_batch_size, cfg.data.max_length, int(getattr(model_config, "vocab_size", 0) or 0)
+    name = resolve_loss_impl(asked, on_cuda, has_liger, mb, length, vocab, cfg.deepspeed.zero_stage, supported)
+    return LossImpl(name, chunk_count(mb, length, vocab) if name != "standard" else 1)

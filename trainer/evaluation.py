@@ -24,7 +24,7 @@ class Shard:
     device: Any
     generate: Optional[Callable[..., Any]] = None  # generator(model, ...): answers, every rank together
     model: Any = None  # the engine, for a task's own evaluation (see Task.evaluate)
-    loss_impl: str = "standard"  # train.loss_impl as resolved: chunked/liger evaluate without the full logits
+    loss_impl: Any = None  # train.loss_impl as resolved (chunked_loss.LossImpl): chunked/liger evaluate per chunk
 
     def chunks(self, n: int) -> Iterator[list[int]]:
         """This rank's positions of 0..n-1, a batch at a time. Every rank gets the same number of

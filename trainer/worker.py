@@ -105,8 +105,9 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: R
     engine = build_engine(cfg, model, ds_config, steps)  # after freezing: ZeRO holds only what it is given
     # Which causal-LM objective (train.loss_impl); evaluation follows it (trainer/chunked_loss.py).
     loss_impl = loss_implementation(cfg, model.config, on_gpu, importlib.util.find_spec("liger_kernel") is not None)
-    if rank == 0 and loss_impl != "standard":
-        reporter.log(f"loss: {loss_impl} (train.loss_impl: {cfg.train.loss_impl}), no full logits per micro-batch")
+    if rank == 0 and loss_impl.name != "standard":
+        reporter.log(f"loss: {loss_impl.name} (train.loss_impl: {cfg.train.loss_impl}), the logits in "
+                     f"{loss_impl.chunks} chunk(s) per micro-batch")
     shard = Shard(lambda batch: engine(**batch).logits, task.collator(processor), rank, world,
                   cfg.train.micro_batch_size, device, model=engine, loss_impl=loss_impl)
     whole_model = partial(generation_weights, engine, cfg.eval.generate.zero3, cfg.deepspeed.zero_stage, world, device)

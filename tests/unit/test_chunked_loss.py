@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.chunked_loss import (AUTO_THRESHOLD_BYTES, chunk_tokens, chunked_loss, chunked_sums, head_only_logits,
-                                  liger_refusal, logits_bytes, resolve_loss_impl)
+from trainer.chunked_loss import (AUTO_THRESHOLD_BYTES, LossImpl, chunk_count, chunk_tokens, chunked_loss, chunked_sums,
+                                  head_only_logits, liger_refusal, logits_bytes, resolve_loss_impl)
 from trainer.masking import IGNORE
 
 
@@ -34,7 +34,7 @@ def grads(loss_fn, hidden, weight, bias=None):
     return value.detach(), [t.grad for t in leaves]
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 5, 1000])
+@pytest.mark.parametrize("chunk", [1, 3, 5, 40])  # chunks: 40 is more than the labelled positions
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_loss_and_gradients_equal_the_full_cross_entropy(chunk, with_bias):
     hidden, weight, labels = tensors()
@@ -75,17 +75,24 @@ def test_nothing_labelled_is_nan_as_in_torch_and_an_unlabelled_row_adds_nothing(
                                reference(hidden[keep], labels[keep], weight))
 
 
-def test_module_head_under_gradients_is_called_per_chunk_and_again_in_backward():
+@pytest.mark.parametrize("chunks", [4, 40])
+def test_module_head_is_called_once_per_chunk_and_again_in_backward(chunks):
+    """Exactly `chunks` calls whatever the batch holds (under ZeRO-3 each is an all-gather that
+    every rank must make): 40 chunks for 13 labelled positions leaves 27 empty ones, still called."""
     hidden, weight, labels = tensors()
     head = torch.nn.Linear(weight.size(1), weight.size(0), bias=False, dtype=torch.float64)
     calls = []
     head.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
     labelled = int((labels[:, 1:] != IGNORE).sum())
-    loss = chunked_loss(hidden.requires_grad_(), labels, head, 4)
-    assert sum(calls) == labelled and max(calls) <= 4  # only labelled positions, 4 at a time
+    assert labelled == 13
+    loss = chunked_loss(hidden.requires_grad_(), labels, head, chunks)
+    assert len(calls) == chunks and sum(calls) == labelled  # only labelled positions get logits
     loss.backward()
-    assert sum(calls) == 2 * labelled  # recomputed in backward, not kept
+    assert len(calls) == 2 * chunks and sum(calls) == 2 * labelled  # recomputed in backward, not kept
     assert head.weight.grad is not None
+    calls.clear()
+    chunked_sums(hidden, labels, head, chunks)
+    assert len(calls) == chunks
 
 
 def test_sums_equal_the_full_logits_statistics():
@@ -115,6 +122,7 @@ def test_auto_picks_liger_on_cuda_else_chunked_above_the_threshold():
 
 def test_chunk_size_and_logit_transforms_and_liger_refusal():
     assert chunk_tokens(49152) == 170 and chunk_tokens(10**9) == 16 and chunk_tokens(400, budget=400 * 4 * 50) == 50
+    assert chunk_count(2, 2048, 49152) == 25 and chunk_count(1, 10, 400) == 1  # 4,096 positions by 170
 
     class Config:
         final_logit_softcapping = None
@@ -138,11 +146,11 @@ def test_the_run_resolves_its_loss_from_the_config_and_the_model():
                           "train": {"loss_impl": impl, "micro_batch_size": 2}}, "cfg.yaml")
 
     smollm = SimpleNamespace(vocab_size=49152)
-    assert loss_implementation(cfg("auto"), smollm, False, False) == "chunked"
-    assert loss_implementation(cfg("auto"), smollm, True, True) == "liger"
-    assert loss_implementation(cfg("auto", "sequence_classification"), smollm, False, False) == "standard"
+    assert loss_implementation(cfg("auto"), smollm, False, False) == LossImpl("chunked", 25)
+    assert loss_implementation(cfg("auto"), smollm, True, True) == LossImpl("liger", 25)  # its evaluation's chunks
+    assert loss_implementation(cfg("auto", "sequence_classification"), smollm, False, False) == LossImpl("standard")
     capped = SimpleNamespace(vocab_size=49152, final_logit_softcapping=30.0)
-    assert loss_implementation(cfg("auto"), capped, False, False) == "standard"
+    assert loss_implementation(cfg("auto"), capped, False, False) == LossImpl("standard")
     with pytest.raises(ConfigError, match=r"train.loss_impl: chunked .* transforms them \(final_logit_softcapping\)"):
         loss_implementation(cfg("chunked"), capped, False, False)
     with pytest.raises(ConfigError, match=r"train.loss_impl: liger .* CUDA GPUs only; the workers here have no CUDA"):

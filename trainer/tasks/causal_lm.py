@@ -25,7 +25,7 @@ def causal_lm(engine):
 
 
 @contextmanager
-def hidden_state_objective(lm, impl: str, chunk: int):
+def hidden_state_objective(lm, impl: str, chunks: int):
     """Inside: the model's forward returns the train.loss_impl loss from its last hidden states
     instead of the full logits. The forward is swapped on the instance (not bypassed) because
     DeepSpeed's engine forward must wrap the whole objective: it hooks the backward prologue of its
@@ -45,7 +45,7 @@ def hidden_state_objective(lm, impl: str, chunk: int):
             fused = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE)
             loss = fused(head.weight, hidden.reshape(-1, hidden.size(-1)), shifted_targets(labels), head.bias)
         else:
-            loss = chunked_loss(hidden, labels, head, chunk)
+            loss = chunked_loss(hidden, labels, head, chunks)
         return CausalLMOutputWithPast(loss=loss)
 
     lm.forward = forward
@@ -55,15 +55,12 @@ def hidden_state_objective(lm, impl: str, chunk: int):
         del lm.forward  # the class's forward again
 
 
-def loss(model, batch: dict, impl: str):
+def loss(model, batch: dict, impl):
     """The training objective: the model's own loss (standard), or the same mean token cross-entropy
-    without the full logits (chunked, liger; trainer/chunked_loss.py)."""
-    if impl == "standard":
+    without the full logits (chunked, liger; trainer/chunked_loss.py). `impl`: a LossImpl."""
+    if impl.name == "standard":
         return model_loss(model, batch)
-    from trainer.chunked_loss import chunk_tokens
-
-    lm = causal_lm(model)
-    with hidden_state_objective(lm, impl, chunk_tokens(lm.config.vocab_size)):
+    with hidden_state_objective(causal_lm(model), impl.name, impl.chunks):
         return model(**batch).loss
 
 
@@ -247,14 +244,14 @@ def batch_sums(logits, labels) -> tuple[float, float, float]:
     return float(loss_sum), float(mask.sum()), float(correct)
 
 
-def hidden_sums(engine, batch: dict) -> tuple[float, float, float]:
-    """batch_sums from the last hidden states, the LM head applied a chunk of labelled positions at a
-    time (trainer/chunked_loss.py): evaluation without the full logits either."""
-    from trainer.chunked_loss import chunk_tokens, chunked_sums
+def hidden_sums(engine, chunks: int, batch: dict) -> tuple[float, float, float]:
+    """batch_sums from the last hidden states, the LM head applied to `chunks` slices of the labelled
+    positions (trainer/chunked_loss.py): evaluation without the full logits either."""
+    from trainer.chunked_loss import chunked_sums
 
     lm = causal_lm(engine)
     hidden = lm.base_model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).last_hidden_state
-    return chunked_sums(hidden, batch["labels"], lm.get_output_embeddings(), chunk_tokens(lm.config.vocab_size))
+    return chunked_sums(hidden, batch["labels"], lm.get_output_embeddings(), chunks)
 
 
 def evaluate(shard, prepared: Prepared, labels: list[str]) -> tuple[dict, list[dict]]:
@@ -262,9 +259,11 @@ def evaluate(shard, prepared: Prepared, labels: list[str]) -> tuple[dict, list[d
     logits a chunk at a time (hidden_sums), else from the model's full logits (batch_sums)."""
     from functools import partial
 
-    chunked = shard.loss_impl != "standard"
+    # liger evaluates as chunked does: without gradients there is nothing to fuse
+    chunked = shard.loss_impl.name != "standard"
     sums = [0.0, 0.0, 0.0, 0.0]
-    for chunk, batch, out in shard.batches(prepared, partial(hidden_sums, shard.model) if chunked else None):
+    for chunk, batch, out in shard.batches(prepared, partial(hidden_sums, shard.model, shard.loss_impl.chunks)
+                                           if chunked else None):
         loss_sum, tokens, correct = out if chunked else batch_sums(out, batch["labels"])
         sums = [a + b for a, b in zip(sums, (loss_sum, tokens, correct, float(len(chunk))))]
     return metrics_from_sums(*shard.sum(sums)), []

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from trainer.data import Split
     from trainer.evaluation import Shard
     from trainer.data import Prepared
+    from trainer.chunked_loss import LossImpl
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -75,13 +76,13 @@ class Task(Protocol):
     def count(self, examples: list[dict]) -> int:
         """How many units (TaskSpec.unit) a micro-batch's examples hold (real tokens, not padding; or samples)."""
 
-    def loss(self, model: Any, batch: dict, impl: str) -> Any:
+    def loss(self, model: Any, batch: dict, impl: LossImpl) -> Any:
         """The training objective of one micro-batch, a scalar tensor the engine backpropagates.
         `model`: the DeepSpeed engine (its forward is the model's; its `module` the model itself,
         whose submodules, the LM head say, can be called on their own, also under ZeRO-3); `batch`:
         the collator's output on the device, extra per-example columns included (the model's forward
         takes only its own: pop the others); `impl`: train.loss_impl as resolved for this run
-        (standard, chunked or liger; only tasks with TaskSpec.chunks_loss see other than standard).
+        (trainer/chunked_loss.py; only tasks with TaskSpec.chunks_loss see other than standard).
         Most tasks: common.model_loss, the model's own loss."""
 
     def evaluate(self, shard: Shard, prepared: Prepared, labels: list[str]) -> tuple[dict, list[dict]]:
