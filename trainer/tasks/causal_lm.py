@@ -5,7 +5,9 @@ messages, ShareGPT) are read into conversations and rendered with the chat templ
 (trainer/chat.py; or plainly: prompt + response + eos); the assistant turns (data.train_on, with
 their end-of-turn marker) carry labels. Metrics: token-level loss, perplexity and next-token
 accuracy, summed over every rank's shard; generated answers to the last assistant turn of each
-conversation (eval.generate) for the loop to show and score. Never imports ray.
+conversation (eval.generate) for the loop to show and score. The loss and the evaluation follow
+train.loss_impl: the model's full logits, or its last hidden states and the LM head a chunk at a
+time (trainer/chunked_loss.py). Never imports ray.
 """
 from __future__ import annotations
 
