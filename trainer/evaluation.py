@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
+from trainer.chunked_loss import LossImpl
 from trainer.generation import stop_ids
 from trainer.splits import eval_batch_count, eval_shard
 
@@ -24,7 +25,7 @@ class Shard:
     device: Any
     generate: Optional[Callable[..., Any]] = None  # generator(model, ...): answers, every rank together
     model: Any = None  # the engine, for a task's own evaluation (see Task.evaluate)
-    loss_impl: Any = None  # train.loss_impl as resolved (chunked_loss.LossImpl): chunked/liger evaluate per chunk
+    loss_impl: LossImpl = LossImpl("standard")  # train.loss_impl as resolved: chunked/liger evaluate per chunk
 
     def chunks(self, n: int) -> Iterator[list[int]]:
         """This rank's positions of 0..n-1, a batch at a time. Every rank gets the same number of
