@@ -6,6 +6,7 @@ A failure is a ConfigError naming the key or file; nothing here starts Ray. Neve
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -29,6 +30,8 @@ class Plan:
     labels: tuple[str, ...] = ()
     trainable_digest: str = ""
     checkpoint_bytes: int = 0  # estimated size of one checkpoint on disk
+    vocab_size: int = 0  # the model's vocabulary (causal LMs: the logits term of the memory estimate)
+    loss_impl: str = "standard"  # train.loss_impl as CPU workers resolve it (trainer/chunked_loss.py)
     data_dir: Optional[str] = None  # the prepared data the workers load (make_plan's data_root)
     # A training mix: (path, weight, rows, share of an epoch's draws) per source.
     sources: tuple[tuple[str, float, int, float], ...] = ()
@@ -43,6 +46,7 @@ def make_plan(cfg: RunConfig, cache_dir: str) -> Plan:
     will see it: the task's own column checks and preparation run on the first rows of each split.
     Steps count the source rows (see with_prepared_data)."""
     from trainer.checkpoints import is_lean, trainable_digest
+    from trainer.chunked_loss import loss_implementation
     from trainer.data import load_splits
     from trainer.data_cache import training_labels
     from trainer.ds_config import deepspeed_config
@@ -97,7 +101,9 @@ def make_plan(cfg: RunConfig, cache_dir: str) -> Plan:
         freezing=freezing + summarize(sizes, trainable, layout), model_dir=model_dir, labels=tuple(labels),
         trainable_digest=trainable_digest(trainable),
         checkpoint_bytes=4 * (n_trainable if is_lean(cfg) else n_total) + per_trainable * n_trainable,
-        reading=reading_lines([n for n in notes if n]))
+        reading=reading_lines([n for n in notes if n]),
+        vocab_size=int(getattr(skeleton.config, "vocab_size", 0) or 0),
+        loss_impl=loss_implementation(cfg, skeleton.config, on_cuda=False, has_liger=False).name)
 
 
 def reading_lines(notes: list[str]) -> tuple[str, ...]:
@@ -142,6 +148,7 @@ def check_model_fits(cfg: RunConfig, model_dir: str | None, processor, labels: l
     attention implementation the workers can run."""
     import importlib.util
 
+    from trainer.chunked_loss import loss_implementation
     from trainer.model import head_mismatch, model_config, position_limit
     from trainer.tasks.registry import TASKS
 
@@ -159,6 +166,9 @@ def check_model_fits(cfg: RunConfig, model_dir: str | None, processor, labels: l
                                   "the workers here have no GPU (or bitsandbytes is not installed)")
             + "; remove finetune.lora.quantize to train LoRA adapters on the full-precision base")
     config = model_config(cfg.model, model_dir)
+    # chunked on a model with transformed logits, liger without CUDA or the package: refused now
+    loss_implementation(cfg, config, on_cuda=cfg.scaling.gpus_per_worker != 0,
+                        has_liger=importlib.util.find_spec("liger_kernel") is not None)
     limit = position_limit(config, processor) if TASKS[cfg.model.task].processor == "tokenizer" else None
     if limit and cfg.data.max_length > limit[0]:
         raise ConfigError(f"data.max_length = {cfg.data.max_length} is longer than the model can take: "
@@ -185,6 +195,30 @@ def memory_line(plan: Plan, cfg: RunConfig) -> str:
     return f"model states per worker{where}: {text(precision)}; activations on top"
 
 
+def logits_lines(plan: Plan, cfg: RunConfig) -> list[str]:
+    """The causal-LM logits term of a micro-batch (train.loss_impl; trainer/chunked_loss.py): the full
+    logits with their log-softmax and gradient (standard), or one chunk of them (chunked, liger)."""
+    from trainer.chunked_loss import AUTO_THRESHOLD_BYTES, LOGIT_COPIES, chunk_count, logits_bytes
+    from trainer.tasks.registry import TASKS
+
+    if not TASKS[cfg.model.task].chunks_loss or not plan.vocab_size:
+        return []
+    mb, length, vocab = plan.micro_batch_size, cfg.data.max_length, plan.vocab_size
+    full = LOGIT_COPIES * logits_bytes(mb, length, vocab)
+    positions = math.ceil(mb * length / chunk_count(mb, length, vocab))
+    chunk = LOGIT_COPIES * logits_bytes(1, positions, vocab)
+    asked = cfg.train.loss_impl
+    how = (f"train.loss_impl {asked}" if asked == plan.loss_impl else
+           f"train.loss_impl auto: {plan.loss_impl} on CPU workers (chunked above "
+           f"{AUTO_THRESHOLD_BYTES / 2**20:.0f} MiB of logits; liger on CUDA workers where liger-kernel is installed)")
+    sizes = f"micro batch {mb} x {length} tokens x vocab {vocab:,} x 4 bytes x {LOGIT_COPIES} (logits, log-softmax, gradient)"
+    if plan.loss_impl == "standard":
+        return [f"logits per worker: {full / 2**30:.2f} GiB at data.max_length ({sizes}); {how}; "
+                f"chunked would hold {chunk / 2**30:.3f} GiB"]
+    return [f"logits per worker: {chunk / 2**30:.3f} GiB, one chunk of {positions} positions at a time "
+            f"({how}); standard would hold {full / 2**30:.2f} GiB ({sizes})"]
+
+
 def describe(plan: Plan, cfg: RunConfig) -> str:
     t = cfg.train
     rows = ", ".join(f"{k} {v}" for k, v in plan.rows.items())
@@ -201,6 +235,7 @@ def describe(plan: Plan, cfg: RunConfig) -> str:
         f"deepspeed: ZeRO stage {cfg.deepspeed.zero_stage}, precision {cfg.deepspeed.precision}, "
         f"offload {cfg.deepspeed.offload}",
         memory_line(plan, cfg),
+        *logits_lines(plan, cfg),
     ] + generation_lines(cfg, plan.total) \
       + [f"training mix: {Path(path).name} {n:,} rows, weight {w:g}: {share:.1%} of each epoch's draws"
          for path, w, n, share in plan.sources]

@@ -312,6 +312,11 @@ class TrainConfig:
     log_every: int = 10
     # Activation checkpointing on the model's blocks (recompute in backward; use_reentrant=False).
     gradient_checkpointing: bool = False
+    # The causal-LM objective (trainer/chunked_loss.py): standard (the model's own, full logits),
+    # chunked (LM head + cross-entropy over slices, recomputed in backward; any device), liger
+    # (liger-kernel's fused linear cross-entropy; CUDA), auto (liger on CUDA when installed, else
+    # chunked when micro_batch_size x data.max_length x vocab x 4 bytes > 256 MiB, else standard).
+    loss_impl: Literal["auto", "standard", "chunked", "liger"] = "auto"
     # Worker-group restarts (from the latest checkpoint) after a worker process dies.
     max_failures: int = 3
     # After SIGTERM/SIGUSR1/Ctrl-C: seconds the workers get to finish the step and checkpoint.

@@ -29,6 +29,14 @@ def check(cfg: RunConfig) -> None:
     if cfg.data.packing and not task.packs:
         raise ValueError(f"data.packing is set, but model.task {m.task!r} has no packing "
                          f"(only tasks that train on token sequences pack examples into rows)")
+    impl = cfg.train.loss_impl
+    if impl in ("chunked", "liger") and not task.chunks_loss:
+        raise ValueError(f"train.loss_impl is {impl!r}, but model.task {m.task!r} computes its loss from "
+                         f"its own head (only causal_lm has a chunked loss); use auto or standard")
+    if impl == "liger" and cfg.deepspeed.zero_stage == 3:
+        raise ValueError("train.loss_impl: liger uses the LM head weight outside the head's forward, which "
+                         "is not verified under deepspeed.zero_stage 3; use chunked (it gathers the weight "
+                         "through the head module itself) or ZeRO stage 0-2")
     stopping = cfg.train.early_stopping
     if stopping is not None and stopping.metric not in task.metrics:
         raise ValueError(f"train.early_stopping.metric is {stopping.metric!r}, but model.task "

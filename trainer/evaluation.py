@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
+from trainer.chunked_loss import LossImpl
 from trainer.generation import stop_ids
 from trainer.splits import eval_batch_count, eval_shard
 
@@ -24,6 +25,7 @@ class Shard:
     device: Any
     generate: Optional[Callable[..., Any]] = None  # generator(model, ...): answers, every rank together
     model: Any = None  # the engine, for a task's own evaluation (see Task.evaluate)
+    loss_impl: LossImpl = LossImpl("standard")  # train.loss_impl as resolved: chunked/liger evaluate per chunk
 
     def chunks(self, n: int) -> Iterator[list[int]]:
         """This rank's positions of 0..n-1, a batch at a time. Every rank gets the same number of
@@ -33,15 +35,16 @@ class Shard:
         for b in range(eval_batch_count(n, self.world, self.batch_size)):
             yield shard[b * self.batch_size:(b + 1) * self.batch_size]
 
-    def batches(self, examples) -> Iterator[tuple[list[int], dict, Any]]:
-        """(positions, batch, logits) for this rank's examples (a Prepared), without gradients; see `chunks`."""
+    def batches(self, examples, forward: Optional[Callable[[dict], Any]] = None) -> Iterator[tuple[list[int], dict, Any]]:
+        """(positions, batch, logits) for this rank's examples (a Prepared), without gradients; see
+        `chunks`. `forward`: a batch, labels included, -> what to yield instead of the logits."""
         import torch
 
         for chunk in self.chunks(len(examples)):
             batch = self.collate(examples.examples(chunk or [0]))
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with torch.no_grad():
-                logits = self.forward({k: v for k, v in batch.items() if k != "labels"})
+                logits = forward(batch) if forward else self.forward({k: v for k, v in batch.items() if k != "labels"})
             if chunk:
                 yield chunk, batch, logits
 

@@ -88,7 +88,7 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
             units += s.task.count(examples)
             batch = {k: v.to(s.shard.device) for k, v in s.shard.collate(examples).items()}
             places += batch["input_ids"].numel() if "input_ids" in batch else 0
-            loss = s.task.loss(engine, batch)  # the task's objective
+            loss = s.task.loss(engine, batch, s.shard.loss_impl)  # the task's objective
             engine.backward(loss)
             if own_norm and engine.is_gradient_accumulation_boundary():
                 norm = grad_norm(params)  # the gradients are averaged across ranks by now

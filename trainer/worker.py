@@ -8,6 +8,7 @@ gathered once for all the passes inside `one_pass`. trainer/loop.py calls these;
 """
 from __future__ import annotations
 
+import importlib.util
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Optional
 
 from trainer import checkpoints, data_cache
+from trainer.chunked_loss import loss_implementation
 from trainer.config import RunConfig
 from trainer.data import Prepared
 from trainer.ds_config import deepspeed_config, resolve_precision
@@ -101,8 +103,13 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: R
     steps = total_steps(len(prepared.splits["train"]), world, t.micro_batch_size, t.gradient_accumulation, t.epochs,
                         t.max_steps)
     engine = build_engine(cfg, model, ds_config, steps)  # after freezing: ZeRO holds only what it is given
+    # Which causal-LM objective (train.loss_impl); evaluation follows it (trainer/chunked_loss.py).
+    loss_impl = loss_implementation(cfg, model.config, on_gpu, importlib.util.find_spec("liger_kernel") is not None)
+    if rank == 0 and loss_impl.name != "standard":
+        reporter.log(f"loss: {loss_impl.name} (train.loss_impl: {cfg.train.loss_impl}), the logits in "
+                     f"{loss_impl.chunks} chunk(s) per micro-batch")
     shard = Shard(lambda batch: engine(**batch).logits, task.collator(processor), rank, world,
-                  cfg.train.micro_batch_size, device, model=engine)
+                  cfg.train.micro_batch_size, device, model=engine, loss_impl=loss_impl)
     whole_model = partial(generation_weights, engine, cfg.eval.generate.zero3, cfg.deepspeed.zero_stage, world, device)
     return Setup(task, engine, processor, shard, data, labels, steps, rank, world,
                  model_id, checkpoints.trainable_digest(trainable), precision, whole_model)

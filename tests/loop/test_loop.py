@@ -45,14 +45,15 @@ def test_same_seed_same_losses_and_validation_decreases(tmp_path, tokenizer_dir,
 
 
 def test_the_task_module_defines_the_training_objective(tmp_path, tokenizer_dir, process_group, monkeypatch):
-    """The loop trains on the task's `loss(model, batch)`: an objective that is zero everywhere leaves
+    """The loop trains on the task's `loss(model, batch, impl)` (impl: train.loss_impl resolved; auto is
+    standard for logits this small): an objective that is zero everywhere leaves
     the weights (so the validation loss) where they started, while the model's own loss goes down."""
     from trainer.tasks import causal_lm, common
 
     seen = []
 
-    def flat(model, batch):
-        seen.append((type(model).__name__, sorted(batch)))
+    def flat(model, batch, impl):
+        seen.append((type(model).__name__, sorted(batch), impl.name))
         return 0.0 * common.model_loss(model, batch)
 
     monkeypatch.setattr(causal_lm, "loss", flat)
@@ -61,7 +62,7 @@ def test_the_task_module_defines_the_training_objective(tmp_path, tokenizer_dir,
     validation = [m.validation["loss"] for m, _ in reporter.calls]
     assert len(validation) == 2 and validation[0] == pytest.approx(validation[1], abs=1e-6)
     assert all(m.train_loss == 0 for m, _ in reporter.calls)
-    assert len(seen) == 8 and seen[0] == ("DeepSpeedEngine", ["attention_mask", "input_ids", "labels"])
+    assert len(seen) == 8 and seen[0] == ("DeepSpeedEngine", ["attention_mask", "input_ids", "labels"], "standard")
 
 
 @pytest.mark.parametrize("stage", [2, 3])

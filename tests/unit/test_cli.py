@@ -54,7 +54,19 @@ def test_dry_run_prints_resolved_config_and_plan(tmp_path, tokenizer_dir):
     assert "world size 2 (1 node(s) x 2 worker(s)); micro batch 8 per worker x accumulation 2 = global batch 32" \
         in proc.stdout
     assert "12 optimizer steps" in proc.stdout and "blocks [.T]" in proc.stdout
+    # 8 x 96 x 400 x 4 bytes x 3: well under auto's threshold
+    assert ("logits per worker: 0.00 GiB at data.max_length (micro batch 8 x 96 tokens x vocab 400 x 4 bytes x 3 "
+            "(logits, log-softmax, gradient)); train.loss_impl auto: standard on CPU workers") in proc.stdout
     assert not (tmp_path / "run").exists()  # a dry run starts and writes nothing
+
+
+def test_dry_run_states_the_chunked_logits_and_refuses_liger_without_cuda(tmp_path, tokenizer_dir):
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, tokenizer_dir))
+    proc = cli(config, "--dry-run", "--set", "train.loss_impl=chunked")
+    assert proc.returncode == 0, proc.stderr
+    assert "one chunk of 768 positions at a time (train.loss_impl chunked); standard would hold" in proc.stdout
+    proc = cli(config, "--dry-run", "--set", "train.loss_impl=liger", "--set", "scaling.gpus_per_worker=0")
+    assert proc.returncode == 2 and "train.loss_impl: liger is liger-kernel's fused linear cross-entropy" in proc.stderr
 
 
 def test_dry_run_shows_the_lora_layout(tmp_path, tokenizer_dir):

@@ -188,3 +188,16 @@ def test_relative_source_paths_resolve_against_the_config_file(tmp_path):
     p.write_text("model: {name_or_path: gpt2}\ndata: {train_file: [{path: a.jsonl, weight: 2}, b.jsonl]}\n")
     assert [(s.path, s.weight) for s in load_config(p).data.sources] == [(str((tmp_path / "a.jsonl").resolve()), 2.0),
                                                                          ("b.jsonl", 1.0)]
+
+
+def test_loss_impl_defaults_to_auto_and_is_refused_where_it_cannot_apply():
+    assert build().train.loss_impl == "auto" and build(train={"loss_impl": "chunked"}).train.loss_impl == "chunked"
+    with pytest.raises(ConfigError, match=r"train.loss_impl must be one of 'auto', 'standard', 'chunked', 'liger'"):
+        build(train={"loss_impl": "fused"})
+    classify = {"name_or_path": "bert-base-uncased", "task": "sequence_classification"}
+    with pytest.raises(ConfigError, match=r"train.loss_impl is 'chunked', but model.task 'sequence_classification' "
+                                          r"computes its loss from its own head"):
+        build(model=classify, train={"loss_impl": "chunked"})
+    assert build(model=classify, train={"loss_impl": "standard"}).train.loss_impl == "standard"
+    with pytest.raises(ConfigError, match=r"train.loss_impl: liger .* not verified under deepspeed.zero_stage 3"):
+        build(train={"loss_impl": "liger"}, deepspeed={"zero_stage": 3})

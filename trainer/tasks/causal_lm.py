@@ -5,18 +5,65 @@ messages, ShareGPT) are read into conversations and rendered with the chat templ
 (trainer/chat.py; or plainly: prompt + response + eos); the assistant turns (data.train_on, with
 their end-of-turn marker) carry labels. Metrics: token-level loss, perplexity and next-token
 accuracy, summed over every rank's shard; generated answers to the last assistant turn of each
-conversation (eval.generate) for the loop to show and score. Never imports ray.
+conversation (eval.generate) for the loop to show and score. The loss and the evaluation follow
+train.loss_impl: the model's full logits, or its last hidden states and the LM head a chunk at a
+time (trainer/chunked_loss.py). Never imports ray.
 """
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 from trainer.config import ConfigError, DataConfig, RunConfig
 from trainer.masking import IGNORE, mask_labels
 from trainer.data import Prepared
 from trainer.tasks.common import DROP, ROW, NoUsableRows, bad, encode_split, model_loss, require_rows
 
-loss = model_loss  # the training objective (trainer/tasks/common.py)
+def causal_lm(engine):
+    """The transformers causal LM inside the engine (under LoRA: the peft wrapper's base model, whose
+    layers carry the adapters)."""
+    lm = engine.module
+    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+
+@contextmanager
+def hidden_state_objective(lm, impl: str, chunks: int):
+    """Inside: the model's forward returns the train.loss_impl loss from its last hidden states
+    instead of the full logits. The forward is swapped on the instance (not bypassed) because
+    DeepSpeed's engine forward must wrap the whole objective: it hooks the backward prologue of its
+    ZeRO optimizer on the forward's outputs, and under ZeRO-3 the top module's hooks run around it."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from trainer.chunked_loss import chunked_loss, shifted_targets
+
+    def forward(input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None, **_):
+        # The rest (peft's output_* flags, return_dict) changes nothing of the loss.
+        hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               inputs_embeds=inputs_embeds, use_cache=False).last_hidden_state
+        head = lm.get_output_embeddings()
+        if impl == "liger":
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            fused = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE)
+            loss = fused(head.weight, hidden.reshape(-1, hidden.size(-1)), shifted_targets(labels), head.bias)
+        else:
+            loss = chunked_loss(hidden, labels, head, chunks)
+        return CausalLMOutputWithPast(loss=loss)
+
+    lm.forward = forward
+    try:
+        yield
+    finally:
+        del lm.forward  # the class's forward again
+
+
+def loss(model, batch: dict, impl):
+    """The training objective: the model's own loss (standard), or the same mean token cross-entropy
+    without the full logits (chunked, liger; trainer/chunked_loss.py). `impl`: a LossImpl."""
+    if impl.name == "standard":
+        return model_loss(model, batch)
+    with hidden_state_objective(causal_lm(model), impl.name, impl.chunks):
+        return model(**batch).loss
 
 
 def reading(split, d: DataConfig):
@@ -199,10 +246,27 @@ def batch_sums(logits, labels) -> tuple[float, float, float]:
     return float(loss_sum), float(mask.sum()), float(correct)
 
 
+def hidden_sums(engine, chunks: int, batch: dict) -> tuple[float, float, float]:
+    """batch_sums from the last hidden states, the LM head applied to `chunks` slices of the labelled
+    positions (trainer/chunked_loss.py): evaluation without the full logits either."""
+    from trainer.chunked_loss import chunked_sums
+
+    lm = causal_lm(engine)
+    hidden = lm.base_model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).last_hidden_state
+    return chunked_sums(hidden, batch["labels"], lm.get_output_embeddings(), chunks)
+
+
 def evaluate(shard, prepared: Prepared, labels: list[str]) -> tuple[dict, list[dict]]:
+    """Loss, perplexity and token accuracy over the split; with train.loss_impl chunked or liger the
+    logits a chunk at a time (hidden_sums), else from the model's full logits (batch_sums)."""
+    from functools import partial
+
+    # liger evaluates as chunked does: without gradients there is nothing to fuse
+    chunked = shard.loss_impl.name != "standard"
     sums = [0.0, 0.0, 0.0, 0.0]
-    for chunk, batch, logits in shard.batches(prepared):
-        loss_sum, tokens, correct = batch_sums(logits, batch["labels"])
+    for chunk, batch, out in shard.batches(prepared, partial(hidden_sums, shard.model, shard.loss_impl.chunks)
+                                           if chunked else None):
+        loss_sum, tokens, correct = out if chunked else batch_sums(out, batch["labels"])
         sums = [a + b for a, b in zip(sums, (loss_sum, tokens, correct, float(len(chunk))))]
     return metrics_from_sums(*shard.sum(sums)), []
 

@@ -28,11 +28,12 @@ class NoUsableRows(ConfigError):
         return type(self), (str(self), self.dropped)
 
 
-def model_loss(model, batch: dict):
+def model_loss(model, batch: dict, impl=None):
     """The training objective most tasks use: the model's own loss on the batch's labels (token
     cross-entropy for causal LMs, cross-entropy over the label ids for classifiers). `model` is the
     DeepSpeed engine (its forward is the model's, with ZeRO's gathering); `batch` is what the task's
-    collator made, on the device."""
+    collator made, on the device; `impl` (train.loss_impl resolved) is always standard here: the
+    config checks refuse the others for tasks without TaskSpec.chunks_loss."""
     return model(**batch).loss
 
 

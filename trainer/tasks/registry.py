@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from trainer.data import Split
     from trainer.evaluation import Shard
     from trainer.data import Prepared
+    from trainer.chunked_loss import LossImpl
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -35,12 +36,16 @@ class TaskSpec:
     # It answers prompts (eval.generate); then the module also has generate(shard, prepared, processor,
     # count, settings) -> [{"id", "prompt", "reference", "answer"}] (trainer/tasks/causal_lm.py).
     generates: bool = False
+    # train.loss_impl chunked / liger apply: the module's loss and evaluate compute the logits from
+    # the model's last hidden states a slice at a time (trainer/chunked_loss.py).
+    chunks_loss: bool = False
 
 
 # model.task -> what the task is and the module that implements it.
 TASKS = {
     "causal_lm": TaskSpec("trainer.tasks.causal_lm", "AutoModelForCausalLM", "tokenizer", "tokens",
-                          ("loss", "perplexity", "token_accuracy"), packs=True, generates=True),
+                          ("loss", "perplexity", "token_accuracy"), packs=True, generates=True,
+                          chunks_loss=True),
     "sequence_classification": TaskSpec("trainer.tasks.sequence_classification", "AutoModelForSequenceClassification",
                                         "tokenizer", "tokens", ("loss", "accuracy", "macro_f1")),
     "token_classification": TaskSpec("trainer.tasks.token_classification", "AutoModelForTokenClassification",
@@ -71,12 +76,14 @@ class Task(Protocol):
     def count(self, examples: list[dict]) -> int:
         """How many units (TaskSpec.unit) a micro-batch's examples hold (real tokens, not padding; or samples)."""
 
-    def loss(self, model: Any, batch: dict) -> Any:
+    def loss(self, model: Any, batch: dict, impl: LossImpl) -> Any:
         """The training objective of one micro-batch, a scalar tensor the engine backpropagates.
         `model`: the DeepSpeed engine (its forward is the model's; its `module` the model itself,
         whose submodules, the LM head say, can be called on their own, also under ZeRO-3); `batch`:
         the collator's output on the device, extra per-example columns included (the model's forward
-        takes only its own: pop the others). Most tasks: common.model_loss, the model's own loss."""
+        takes only its own: pop the others); `impl`: train.loss_impl as resolved for this run
+        (trainer/chunked_loss.py; only tasks with TaskSpec.chunks_loss see other than standard).
+        Most tasks: common.model_loss, the model's own loss."""
 
     def evaluate(self, shard: Shard, prepared: Prepared, labels: list[str]) -> tuple[dict, list[dict]]:
         """Metrics over the whole split (each example once across ranks) and per-example rows for

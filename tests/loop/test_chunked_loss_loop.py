@@ -1,0 +1,132 @@
+"""train.loss_impl: chunked through the worker loop in one process (#26): the same seed and data give
+the standard objective's losses, validation metrics and weights (fp32, 1e-5) on ZeRO 0, 2 and 3, with
+packing, LoRA and a head tied to the input embedding (GPT-2), the logits a few positions at a time."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import save_pretrained_llama, tiny_config, tiny_llama
+from trainer import chunked_loss, loop
+from trainer.config_load import from_dict
+from trainer.loop import WorkerArgs, run
+from trainer.report import ListReporter
+
+
+def _run(tmp: Path, tokenizer_dir, impl: str, monkeypatch, **sections):
+    cfg = from_dict(tiny_config(tmp, tokenizer_dir, train={"max_steps": 4, "eval_every": 2, "save_every": 4,
+                                                           "loss_impl": impl, "log_every": 1}, **sections))
+    built = []
+
+    def kept(*args, **kwargs):  # the worker's engine, to read its weights after the run
+        built.append(loop_setup(*args, **kwargs))
+        return built[-1]
+
+    loop_setup = loop.setup
+    monkeypatch.setattr(loop, "setup", kept)
+    reporter = ListReporter(tmp / "ckpt")
+    run(cfg, reporter, WorkerArgs(cache_dir=str(tmp / "cache")))
+    monkeypatch.setattr(loop, "setup", loop_setup)
+    s = built[0]
+    assert s.shard.loss_impl.name == impl
+    engine = s.engine
+    params = dict(engine.module.named_parameters())
+    if cfg.deepspeed.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params.values())):
+            weights = {n: p.detach().clone() for n, p in params.items()}
+    else:
+        weights = {n: p.detach().clone() for n, p in params.items()}
+    return reporter, weights
+
+
+def _llama(tmp: Path, tokenizer_dir) -> dict:
+    return {"architecture": tiny_llama(2), "tokenizer": str(tokenizer_dir)}
+
+
+CASES = {
+    "zero0-tied": lambda tmp, tok: dict(deepspeed={"zero_stage": 0}),  # GPT-2 ties lm_head to wte
+    "zero3-tied": lambda tmp, tok: dict(deepspeed={"zero_stage": 3}),
+    "zero3-packed": lambda tmp, tok: dict(deepspeed={"zero_stage": 3}, model=_llama(tmp, tok),
+                                          data={"packing": True}),
+    "zero2-lora": lambda tmp, tok: dict(
+        deepspeed={"zero_stage": 2}, optim={"lr": 1e-2},
+        model={"name_or_path": str(save_pretrained_llama(tmp / "pretrained", tok, tied=True)),
+               "architecture": None, "tokenizer": None},
+        finetune={"mode": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_chunked_gives_the_standard_losses_and_weights(tmp_path, tokenizer_dir, process_group, monkeypatch, case):
+    # 40 positions per chunk (vocabulary 400): 8 x 96 / 40 -> 20 chunks per micro-batch
+    monkeypatch.setattr(chunked_loss, "CHUNK_BYTES", 400 * 4 * 40)
+    sections = CASES[case](tmp_path, tokenizer_dir)
+    standard, want = _run(tmp_path / "standard", tokenizer_dir, "standard", monkeypatch, **sections)
+    chunked, got = _run(tmp_path / "chunked", tokenizer_dir, "chunked", monkeypatch, **sections)
+    assert chunked.scalars("train/loss") == pytest.approx(standard.scalars("train/loss"), rel=1e-5, abs=1e-6)
+    assert len(chunked.scalars("train/loss")) == 4
+    for (m, _), (n, _) in zip(chunked.calls, standard.calls):
+        assert m.validation == pytest.approx(n.validation, rel=1e-5, abs=1e-6)
+    assert want.keys() == got.keys()
+    changed = [n for n in want if not torch.equal(want[n], got[n])]
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-5, msg=n)
+    assert any(not torch.equal(w, 0 * w) for w in got.values())
+    print(f"{case}: {len(changed)} of {len(want)} tensors differ in the last bits")
+
+
+def _rank(rank: int, world: int, port: int, raw: dict, out: str) -> None:
+    import json
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    import torch.distributed as dist
+
+    from trainer.config_load import from_dict
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    chunked_loss.CHUNK_BYTES = 400 * 4 * 40  # 20 chunks per micro-batch, as in the one-process tests
+    reporter = ListReporter(Path(out) / f"ckpt{rank}")
+    run(from_dict(raw), reporter, WorkerArgs(cache_dir=str(Path(out) / "cache")))
+    with open(Path(out) / f"rank{rank}.json", "w") as f:
+        json.dump({"train": reporter.scalars("train/loss"), "validation": [m.validation for m, _ in reporter.calls]}, f)
+    dist.destroy_process_group()
+
+
+def test_two_zero3_ranks_with_different_batches_give_the_standard_losses(tmp_path, tokenizer_dir):
+    """Each rank's micro-batches hold different numbers of labelled tokens, and under ZeRO-3 every
+    call of the head all-gathers its (tied) weight: the fixed chunk count keeps the ranks' collectives
+    in step (no hang), and the losses are standard's. Validation runs synced (module hooks gather)."""
+    import json
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    results = {}
+    for impl in ("standard", "chunked"):
+        raw = tiny_config(tmp_path / impl, tokenizer_dir, deepspeed={"zero_stage": 3},
+                          train={"max_steps": 3, "eval_every": 3, "save_every": 3, "loss_impl": impl},
+                          eval={"generate": {"num_examples": 0, "test": False, "zero3": "synced"}})
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        out = tmp_path / impl
+        out.mkdir(exist_ok=True)
+        ctx = mp.start_processes(_rank, args=(2, port, raw, str(out)), nprocs=2, join=False, start_method="spawn")
+        deadline = time.monotonic() + 300
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail(f"{impl}: the two ranks did not finish in 300 s (a collective out of step?)")
+        results[impl] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    # the loss every step (rank 0 tracks it: the mean over both ranks), validation on both ranks
+    assert len(results["chunked"][0]["train"]) == 3
+    assert results["chunked"][0]["train"] == pytest.approx(results["standard"][0]["train"], rel=1e-5, abs=1e-6)
+    for standard, chunked in zip(results["standard"], results["chunked"]):
+        for got, want in zip(chunked["validation"], standard["validation"], strict=True):
+            assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
