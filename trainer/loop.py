@@ -157,7 +157,10 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
 
 def run_test(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TestResult:
     """Test metrics before fine-tuning and from the final sharded checkpoint (with the answers to every
-    test prompt, each time, for tasks that generate); rank 0 then exports."""
+    test prompt, each time, for tasks that generate); rank 0 then exports, once every rank's test engine
+    is released (the export builds no model: trainer/export.py)."""
+    import gc
+
     import torch.distributed as dist
 
     phases = Phases(reporter if dist.get_rank() == 0 else None)  # each part's seconds, on the console
@@ -182,13 +185,19 @@ def run_test(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TestResult
         if s.rank == 0 and args.test_generations_path:
             with writing("the generated test answers", args.test_generations_path):
                 write_jsonl(Path(args.test_generations_path), before_after(answered_before, answered_after))
-    if s.rank == 0 and args.export_dir:
+    rank, processor, labels, precision = s.rank, s.processor, s.labels, s.precision
+    # The export reads the checkpoint on disk; the test's engine and model go first, so that no rank
+    # holds two models (ZeRO-3's hooks would keep the engine alive without destroy()).
+    s.engine.destroy()
+    del s
+    gc.collect()
+    if rank == 0 and args.export_dir:
         from trainer.export import export_dtype, export_model
-        dtype = export_dtype(cfg, s.precision)
+        dtype = export_dtype(cfg, precision)
         with writing("the exported model", args.export_dir):
-            export_model(cfg, Path(args.final_checkpoint), Path(args.export_dir), s.processor, s.labels,
-                         args.cache_dir, dtype)
-        phases.done(f"exported the consolidated model ({dtype}) to {args.export_dir}")
+            how = export_model(cfg, Path(args.final_checkpoint), Path(args.export_dir), processor, labels,
+                               args.cache_dir, dtype)
+        phases.done(f"exported the consolidated model ({dtype}, {how}) to {args.export_dir}")
     result = TestResult(state.step, before, after, str(args.final_checkpoint))
     reporter.report(result)
     return result
