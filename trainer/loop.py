@@ -191,6 +191,7 @@ def run_test(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TestResult
     s.engine.destroy()
     del s
     gc.collect()
+    phases.done("test phase: the test engine released")  # bench/memory.py: the export phase starts here
     if rank == 0 and args.export_dir:
         from trainer.export import export_dtype, export_model
         dtype = export_dtype(cfg, precision)
