@@ -16,6 +16,11 @@ ZeRO-0's whole run on the same job, and to the run's own training-steps peak. No
     .venv/bin/python bench/memory.py --stages 0 2 3 --workers 2 --modes global
     .venv/bin/python bench/memory.py --stages 2 --workers 2 --modes global local lora --steps 12
     .venv/bin/python bench/memory.py --stages 0 3 --workers 2 --modes global --phases   # issue #27
+    .venv/bin/python bench/memory.py --stages 0 3 --workers 2 --modes global --phases --spawn   # no Ray
+
+--spawn runs the same worker loop (trainer/loop.py fine_tune: train, test, export) in processes of
+torch.multiprocessing with gloo, as tests/loop does, instead of sft-launch's Ray Train workers: no
+Ray worker's own memory, no controller; the same phases, read from the same console lines.
 """
 from __future__ import annotations
 
@@ -53,7 +58,7 @@ def descends_from(pid: int, root: int) -> bool:
 PHASES = ("setup", "steps", "test", "export")
 
 
-def worker_memory_mb(root: int) -> dict[int, tuple[float, float]]:
+def worker_memory_mb(root: int, title: bytes = b"RayTrainWorker") -> dict[int, tuple[float, float]]:
     """(resident, anonymous) memory of every Ray Train worker process of the launch `root` now (they
     are titled ray::RayTrainWorker...; the launch's private Ray instance makes them its descendants).
     Other launches on the same machine are not counted."""
@@ -62,7 +67,7 @@ def worker_memory_mb(root: int) -> dict[int, tuple[float, float]]:
         if not proc.name.isdigit():
             continue
         try:
-            if b"RayTrainWorker" not in (proc / "cmdline").read_bytes() or not descends_from(int(proc.name), root):
+            if title not in (proc / "cmdline").read_bytes() or not descends_from(int(proc.name), root):
                 continue
             status = {l.split(":")[0]: l for l in (proc / "status").read_text().splitlines()}
             out[int(proc.name)] = (int(status["VmRSS"].split()[1]) / 1024, int(status["RssAnon"].split()[1]) / 1024)
@@ -81,20 +86,76 @@ def overrides(stage: int, offload: str, workers: int, mode: str, steps: int) -> 
     return [a for s in sets for a in ("--set", s)]
 
 
-def measure(config: Path, args: list[str]) -> dict:
+def spawned(config: str, sets: list[str], out: str, workers: int) -> None:
+    """--spawn: the worker loop in `workers` processes (gloo), as tests/loop runs it; no Ray."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(workers, port, config, sets, out), nprocs=workers, join=True)
+
+
+def _worker(rank: int, world: int, port: int, config: str, sets: list[str], out: str) -> None:
+    from datetime import timedelta
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    import torch.distributed as dist
+
+    from launcher.cli import cache_dir
+    from trainer.config_load import load_config
+    from trainer.jobs import WorkerArgs
+    from trainer.loop import fine_tune
+    from trainer.report import ListReporter
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=1800))
+    root = Path(out) / "ckpt"
+    fine_tune(load_config(config, sets), ListReporter(root) if rank == 0 else _Quiet(root), WorkerArgs(
+        cache_dir=cache_dir(), checkpoint_root=str(root), export_dir=str(Path(out) / "final_model")))
+    dist.barrier()
+    os._exit(0)
+
+
+class _Quiet:
+    """The other ranks' reporter: keeps their checkpoint shards, prints nothing."""
+
+    def __init__(self, root: Path):
+        from trainer.report import ListReporter
+
+        self.inner = ListReporter(root)
+
+    def report(self, message, checkpoint=None):
+        self.inner.report(message, checkpoint)
+
+    def log(self, text, after_training=False):
+        pass
+
+    def track(self, metrics):
+        pass
+
+
+def measure(config: Path, args: list[str], spawn: bool = False, workers: int = 2) -> dict:
     """One launch: per-worker peaks (MB) of each phase, resident (phase name) and anonymous (name + "_anon")."""
     with tempfile.TemporaryDirectory(prefix="sft-bench-") as out:
         # PYTHONPATH: Ray's workers import this checkout, not the one the package was installed from.
         path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-        proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", str(config), "--output", out, *args],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path})
+        command = [sys.executable, __file__, "--spawned", out, "--config", str(config), "--workers", str(workers),
+                   *args] if spawn else [sys.executable, "-m", "launcher.cli", str(config), "--output", out, *args]
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path,
+                                     # what sft-launch gives its Ray workers (launcher/ray_job.py)
+                                     **({"MALLOC_MMAP_THRESHOLD_": "65536"} if spawn else {})})
+        title = b"spawn_main" if spawn else b"RayTrainWorker"
         phase, done = ["setup"], threading.Event()
         peaks = {name: {} for p in PHASES for name in (p, p + "_anon")}
 
         def sample():
             while not done.is_set():
-                for pid, (rss, anon) in worker_memory_mb(proc.pid).items():
+                for pid, (rss, anon) in worker_memory_mb(proc.pid, title).items():
                     for name, mb in ((phase[0], rss), (phase[0] + "_anon", anon)):
                         peaks[name][pid] = max(peaks[name].get(pid, 0.0), mb)
                 time.sleep(0.2)
@@ -106,6 +167,8 @@ def measure(config: Path, args: list[str]) -> dict:
             lines.append(line)
             if " s/step" in line:
                 seconds.append(float(line.rsplit(" s/step", 1)[0].split()[-1]))
+            if spawn and ("[sft]" in line or "Error" in line):
+                print("   ", line.rstrip(), flush=True)
             if "[sft] training steps" in line:
                 phase[0] = "steps"
             elif "[sft] test evaluation" in line:
@@ -117,8 +180,11 @@ def measure(config: Path, args: list[str]) -> dict:
         sampler.join()
         if code != 0:
             raise SystemExit(f"sft-launch failed ({code}):\n{''.join(lines[-30:])}")
+        peak = {k: max(v.values(), default=0.0) for k, v in peaks.items()}
+        if spawn:
+            return {**peak, "s_per_step": statistics.median(seconds[1:] if len(seconds) > 1 else seconds)}
         summary = json.loads((Path(out) / "run_summary.json").read_text())
-    return {**{k: max(v.values(), default=0.0) for k, v in peaks.items()},
+    return {**peak,
             "checkpoint_mb": max(summary["checkpoint_bytes"].values()) / 2**20,
             "trainable": summary["trainable_parameters"], "test_loss": summary["test"]["after"]["loss"],
             "s_per_step": statistics.median(seconds[1:] if len(seconds) > 1 else seconds)}
@@ -145,7 +211,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=1, help="launches per cell; the table shows the median")
     p.add_argument("--phases", action="store_true", help="one row per phase, RSS and anonymous, with issue #27's ratios")
+    p.add_argument("--spawn", action="store_true", help="with --phases: the worker loop in spawned processes, no Ray")
+    p.add_argument("--spawned", help=argparse.SUPPRESS)  # the --spawn child: its output folder
+    p.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.spawned:
+        return spawned(a.config, a.set, a.spawned, a.workers[0])
     if a.phases:
         return by_phase(a)
     rows = []
@@ -184,7 +255,7 @@ def by_phase(a) -> None:
         for mode in a.modes:
             for name in a.stages:
                 stage, offload = VARIANTS[name]
-                runs = [measure(Path(a.config), overrides(stage, offload, workers, mode, a.steps))
+                runs = [measure(Path(a.config), overrides(stage, offload, workers, mode, a.steps), a.spawn, workers)
                         for _ in range(a.rounds)]
                 peak = {k: statistics.median(r[k] for r in runs) for p in PHASES for k in (p, p + "_anon")}
                 whole = max(peak[p] for p in PHASES)

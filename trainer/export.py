@@ -61,6 +61,9 @@ def export_model(cfg: RunConfig, checkpoint: Path, target: Path, processor, labe
     skeleton = build_skeleton(cfg.model, model_dir, labels)
     names = saved_names(skeleton)
     checkpointed = consolidated_state_dict(checkpoint, cfg.deepspeed.zero_stage, lazy=True)
+    unexpected = sorted(set(checkpointed) - set(skeleton.state_dict()))
+    if unexpected:
+        raise RuntimeError(f"the checkpoint holds parameters the model lacks: {unexpected[:5]}")
     base = base_tensors(model_dir, [n for n in names if n not in checkpointed])
     if any(n not in checkpointed and n not in base for n in names):
         del checkpointed

@@ -22,7 +22,7 @@ from trainer.checkpoints import TrainState
 from trainer.config import RunConfig
 from trainer.config_checks import generate_examples, generates_test
 from trainer.data import micro_batches
-from trainer.engine import grad_norm
+from trainer.engine import grad_norm, release_engine
 from trainer.evaluation import scalars
 from trainer.generation import before_after, markdown_table, text_metrics, write_jsonl
 from trainer.jobs import WorkerArgs
@@ -151,7 +151,7 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
         if stopping or state.stopped_early:
             break
     dist.barrier()  # every rank's shard of the last checkpoint is persisted
-    engine.destroy()  # ZeRO's gradient hooks would keep the engine (all its states) alive for the test
+    release_engine(engine)  # ZeRO's hooks (and ZeRO-3's module stack) would keep it alive for the test
     return state, state.step < s.total_steps and not state.stopped_early
 
 
@@ -188,7 +188,7 @@ def run_test(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TestResult
     rank, processor, labels, precision = s.rank, s.processor, s.labels, s.precision
     # The export reads the checkpoint on disk; the test's engine and model go first, so that no rank
     # holds two models (ZeRO-3's hooks would keep the engine alive without destroy()).
-    s.engine.destroy()
+    release_engine(s.engine)
     del s
     gc.collect()
     phases.done("test phase: the test engine released")  # bench/memory.py: the export phase starts here
