@@ -187,7 +187,7 @@ def run_test(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TestResult
                 write_jsonl(Path(args.test_generations_path), before_after(answered_before, answered_after))
     rank, processor, labels, precision = s.rank, s.processor, s.labels, s.precision
     # The export reads the checkpoint on disk; the test's engine and model go first, so that no rank
-    # holds two models (ZeRO-3's hooks would keep the engine alive without destroy()).
+    # holds two models (trainer/engine.py release_engine: under ZeRO-3 destroy() alone is not enough).
     release_engine(s.engine)
     del s
     gc.collect()
