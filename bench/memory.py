@@ -3,14 +3,24 @@
 For every (stage, workers, fine-tuning mode) it launches the real command on a config (default: the
 shipped SmolLM2-135M config), samples every Ray Train worker's resident memory from /proc (CPU
 machines) every 0.2 s, and reports the peak during setup (before the first step), during the
-steps (with the last validation and checkpoint) and during the test evaluation that follows in the
-same workers, next to the model-state estimate that `--dry-run` prints; also the trainable
-parameters, the median seconds per step and the test loss after the run (mode lora: LoRA r=16 at
-lr 1e-3; global and local at the config's rate). Not a test: run it by hand.
+steps (with the last validation and checkpoint), during the test evaluation that follows in the
+same workers and during rank 0's export (from the line that says the test engine is released to the
+end), next to the model-state estimate that `--dry-run` prints; also the trainable parameters, the
+median seconds per step and the test loss after the run (mode lora: LoRA r=16 at lr 1e-3; global and
+local at the config's rate). Peaks are of resident memory (VmRSS) and of anonymous memory (RssAnon:
+the process's own, without memory-mapped files such as the checkpoint shards the export reads).
+`--phases` prints one row per phase and the whole run's peak with the ratios issue #27 names: to
+ZeRO-0's whole run on the same job, and to the run's own training-steps peak. Not a test: run it by hand.
 
     .venv/bin/python bench/memory.py                       # the full matrix (about 25 minutes here)
     .venv/bin/python bench/memory.py --stages 0 2 3 --workers 2 --modes global
     .venv/bin/python bench/memory.py --stages 2 --workers 2 --modes global local lora --steps 12
+    .venv/bin/python bench/memory.py --stages 0 3 --workers 2 --modes global --phases   # issue #27
+    .venv/bin/python bench/memory.py --stages 0 3 --workers 2 --modes global --phases --spawn   # no Ray
+
+--spawn runs the same worker loop (trainer/loop.py fine_tune: train, test, export) in processes of
+torch.multiprocessing with gloo, as tests/loop does, instead of sft-launch's Ray Train workers: no
+Ray worker's own memory, no controller; the same phases, read from the same console lines.
 """
 from __future__ import annotations
 
@@ -45,20 +55,23 @@ def descends_from(pid: int, root: int) -> bool:
     return False
 
 
-def worker_rss_mb(root: int) -> dict[int, float]:
-    """Resident memory of every Ray Train worker process of the launch `root` now (they are titled
-    ray::RayTrainWorker...; the launch's private Ray instance makes them its descendants). Other
-    launches on the same machine are not counted."""
+PHASES = ("setup", "steps", "test", "export")
+
+
+def worker_memory_mb(root: int, title: bytes = b"RayTrainWorker") -> dict[int, tuple[float, float]]:
+    """(resident, anonymous) memory of every Ray Train worker process of the launch `root` now (they
+    are titled ray::RayTrainWorker...; the launch's private Ray instance makes them its descendants).
+    Other launches on the same machine are not counted."""
     out = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            if b"RayTrainWorker" not in (proc / "cmdline").read_bytes() or not descends_from(int(proc.name), root):
+            if title not in (proc / "cmdline").read_bytes() or not descends_from(int(proc.name), root):
                 continue
-            rss = next(l for l in (proc / "status").read_text().splitlines() if l.startswith("VmRSS:"))
-            out[int(proc.name)] = int(rss.split()[1]) / 1024
-        except (OSError, StopIteration):
+            status = {l.split(":")[0]: l for l in (proc / "status").read_text().splitlines()}
+            out[int(proc.name)] = (int(status["VmRSS"].split()[1]) / 1024, int(status["RssAnon"].split()[1]) / 1024)
+        except (OSError, KeyError):
             pass
     return out
 
@@ -73,21 +86,78 @@ def overrides(stage: int, offload: str, workers: int, mode: str, steps: int) -> 
     return [a for s in sets for a in ("--set", s)]
 
 
-def measure(config: Path, args: list[str]) -> dict:
-    """One launch: per-worker peaks (MB) before the first step and during the steps."""
+def spawned(config: str, sets: list[str], out: str, workers: int) -> None:
+    """--spawn: the worker loop in `workers` processes (gloo), as tests/loop runs it; no Ray."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(workers, port, config, sets, out), nprocs=workers, join=True)
+
+
+def _worker(rank: int, world: int, port: int, config: str, sets: list[str], out: str) -> None:
+    from datetime import timedelta
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    import torch.distributed as dist
+
+    from launcher.cli import cache_dir
+    from trainer.config_load import load_config
+    from trainer.jobs import WorkerArgs
+    from trainer.loop import fine_tune
+    from trainer.report import ListReporter
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=1800))
+    root = Path(out) / "ckpt"
+    fine_tune(load_config(config, sets), ListReporter(root) if rank == 0 else _Quiet(root), WorkerArgs(
+        cache_dir=cache_dir(), checkpoint_root=str(root), export_dir=str(Path(out) / "final_model")))
+    dist.barrier()
+    os._exit(0)
+
+
+class _Quiet:
+    """The other ranks' reporter: keeps their checkpoint shards, prints nothing."""
+
+    def __init__(self, root: Path):
+        from trainer.report import ListReporter
+
+        self.inner = ListReporter(root)
+
+    def report(self, message, checkpoint=None):
+        self.inner.report(message, checkpoint)
+
+    def log(self, text, after_training=False):
+        pass
+
+    def track(self, metrics):
+        pass
+
+
+def measure(config: Path, args: list[str], spawn: bool = False, workers: int = 2) -> dict:
+    """One launch: per-worker peaks (MB) of each phase, resident (phase name) and anonymous (name + "_anon")."""
     with tempfile.TemporaryDirectory(prefix="sft-bench-") as out:
         # PYTHONPATH: Ray's workers import this checkout, not the one the package was installed from.
         path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-        proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", str(config), "--output", out, *args],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path})
-        phase, peaks, done = ["setup"], {"setup": {}, "steps": {}, "test": {}}, threading.Event()
+        command = [sys.executable, __file__, "--spawned", out, "--config", str(config), "--workers", str(workers),
+                   *args] if spawn else [sys.executable, "-m", "launcher.cli", str(config), "--output", out, *args]
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path,
+                                     # what sft-launch gives its Ray workers (launcher/ray_job.py)
+                                     **({"MALLOC_MMAP_THRESHOLD_": "65536"} if spawn else {})})
+        title = b"spawn_main" if spawn else b"RayTrainWorker"
+        phase, done = ["setup"], threading.Event()
+        peaks = {name: {} for p in PHASES for name in (p, p + "_anon")}
 
         def sample():
             while not done.is_set():
-                for pid, mb in worker_rss_mb(proc.pid).items():
-                    bucket = peaks[phase[0]]
-                    bucket[pid] = max(bucket.get(pid, 0.0), mb)
+                for pid, (rss, anon) in worker_memory_mb(proc.pid, title).items():
+                    for name, mb in ((phase[0], rss), (phase[0] + "_anon", anon)):
+                        peaks[name][pid] = max(peaks[name].get(pid, 0.0), mb)
                 time.sleep(0.2)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -97,17 +167,24 @@ def measure(config: Path, args: list[str]) -> dict:
             lines.append(line)
             if " s/step" in line:
                 seconds.append(float(line.rsplit(" s/step", 1)[0].split()[-1]))
+            if spawn and ("[sft]" in line or "Error" in line):
+                print("   ", line.rstrip(), flush=True)
             if "[sft] training steps" in line:
                 phase[0] = "steps"
             elif "[sft] test evaluation" in line:
                 phase[0] = "test"  # a fresh model and engine for the test split, in the same workers
+            elif "test engine released" in line:
+                phase[0] = "export"  # rank 0 exports; the others wait (trainer/loop.py run_test)
         code = proc.wait()
         done.set()
         sampler.join()
         if code != 0:
             raise SystemExit(f"sft-launch failed ({code}):\n{''.join(lines[-30:])}")
+        peak = {k: max(v.values(), default=0.0) for k, v in peaks.items()}
+        if spawn:
+            return {**peak, "s_per_step": statistics.median(seconds[1:] if len(seconds) > 1 else seconds)}
         summary = json.loads((Path(out) / "run_summary.json").read_text())
-    return {**{k: max(v.values(), default=0.0) for k, v in peaks.items()},
+    return {**peak,
             "checkpoint_mb": max(summary["checkpoint_bytes"].values()) / 2**20,
             "trainable": summary["trainable_parameters"], "test_loss": summary["test"]["after"]["loss"],
             "s_per_step": statistics.median(seconds[1:] if len(seconds) > 1 else seconds)}
@@ -133,7 +210,15 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=["global", "local"], choices=["global", "local", "lora"])
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=1, help="launches per cell; the table shows the median")
+    p.add_argument("--phases", action="store_true", help="one row per phase, RSS and anonymous, with issue #27's ratios")
+    p.add_argument("--spawn", action="store_true", help="with --phases: the worker loop in spawned processes, no Ray")
+    p.add_argument("--spawned", help=argparse.SUPPRESS)  # the --spawn child: its output folder
+    p.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.spawned:
+        return spawned(a.config, a.set, a.spawned, a.workers[0])
+    if a.phases:
+        return by_phase(a)
     rows = []
     print(f"{'stage':<10} {'workers':>7} {'mode':<7} {'setup peak MB':>14} {'step peak MB':>13} "
           f"{'estimate MB':>12} {'step/ZeRO-0':>12} {'checkpoint MB':>14} {'test peak MB':>13} {'trainable':>11} "
@@ -157,6 +242,31 @@ def main() -> None:
                       f"{ratio:>12.2f} {ckpt:>14,.0f} {test:>13,.0f} {runs[0]['trainable']:>11,} "
                       f"{statistics.median(r['s_per_step'] for r in runs):>7.2f} "
                       f"{statistics.median(r['test_loss'] for r in runs):>9.4f}", flush=True)
+
+
+def by_phase(a) -> None:
+    """Issue #27's table: per launch the peak of each phase (RSS / anonymous, MB, the largest worker),
+    the whole run's peak, and its ratios to ZeRO-0's whole run (same workers and mode) and to the
+    launch's own training-steps peak."""
+    print(f"{'stage':<10} {'workers':>7} {'mode':<7} " + " ".join(f"{p + ' RSS/anon MB':>22}" for p in PHASES)
+          + f" {'whole run RSS/anon':>20} {'whole/ZeRO-0':>13} {'whole/own steps':>16}", flush=True)
+    baseline: dict[tuple, float] = {}
+    for workers in a.workers:
+        for mode in a.modes:
+            for name in a.stages:
+                stage, offload = VARIANTS[name]
+                runs = [measure(Path(a.config), overrides(stage, offload, workers, mode, a.steps), a.spawn, workers)
+                        for _ in range(a.rounds)]
+                peak = {k: statistics.median(r[k] for r in runs) for p in PHASES for k in (p, p + "_anon")}
+                whole = max(peak[p] for p in PHASES)
+                whole_anon = max(peak[p + "_anon"] for p in PHASES)
+                if name == "0":
+                    baseline[(workers, mode)] = whole
+                zero0 = whole / baseline[(workers, mode)] if (workers, mode) in baseline else float("nan")
+                pair = lambda rss, anon: f"{rss:,.0f} / {anon:,.0f}"  # noqa: E731
+                print(f"{name:<10} {workers:>7} {mode:<7} "
+                      + " ".join(f"{pair(peak[p], peak[p + '_anon']):>22}" for p in PHASES)
+                      + f" {pair(whole, whole_anon):>20} {zero0:>13.2f} {whole / peak['steps']:>16.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ class Plan:
     checkpoint_bytes: int = 0  # estimated size of one checkpoint on disk
     vocab_size: int = 0  # the model's vocabulary (causal LMs: the logits term of the memory estimate)
     loss_impl: str = "standard"  # train.loss_impl as CPU workers resolve it (trainer/chunked_loss.py)
+    largest: int = 0  # elements of the largest parameter (what the streamed export holds at once)
     data_dir: Optional[str] = None  # the prepared data the workers load (make_plan's data_root)
     # A training mix: (path, weight, rows, share of an epoch's draws) per source.
     sources: tuple[tuple[str, float, int, float], ...] = ()
@@ -97,7 +98,7 @@ def make_plan(cfg: RunConfig, cache_dir: str) -> Plan:
         global_batch_size=t.micro_batch_size * t.gradient_accumulation * world,
         rows=rows,
         steps=steps(),
-        trainable=n_trainable, total=n_total,
+        trainable=n_trainable, total=n_total, largest=max((s for _, s in sizes), default=0),
         freezing=freezing + summarize(sizes, trainable, layout), model_dir=model_dir, labels=tuple(labels),
         trainable_digest=trainable_digest(trainable),
         checkpoint_bytes=4 * (n_trainable if is_lean(cfg) else n_total) + per_trainable * n_trainable,
@@ -180,18 +181,34 @@ def check_model_fits(cfg: RunConfig, model_dir: str | None, processor, labels: l
 
 
 def memory_line(plan: Plan, cfg: RunConfig) -> str:
-    """Expected model-state memory per worker (weights, gradients, optimizer states)."""
-    from trainer.ds_config import model_state_bytes
+    """Expected model-state memory per worker (weights, gradients, optimizer states) in training, in
+    the test evaluation and in rank 0's export, and which of the three is the run's peak."""
+    from trainer.ds_config import export_bytes, model_state_bytes, test_phase_bytes, weight_width
+
+    stage, world = cfg.deepspeed.zero_stage, plan.world_size
+
+    def phases(precision: str) -> dict[str, dict[str, int]]:
+        exported = precision if cfg.export.dtype == "auto" else cfg.export.dtype
+        streamed = cfg.finetune.mode != "lora"  # LoRA merged: the whole model built (trainer/export.py)
+        return {"training steps": model_state_bytes(plan.total, plan.trainable, stage, world, precision),
+                "test evaluation": test_phase_bytes(plan.total, plan.trainable, stage, world, precision,
+                                                    cfg.eval.generate.zero3 != "synced"),
+                "export": {"streamed" if streamed else "built model":
+                           export_bytes(plan.total, plan.largest, streamed, weight_width(exported))}}
 
     def text(precision: str) -> str:
-        parts = model_state_bytes(plan.total, plan.trainable, cfg.deepspeed.zero_stage, plan.world_size, precision)
-        shown = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items())
-        return f"{sum(parts.values()) / 2**30:.2f} GiB ({shown}) in {precision}"
+        shown = {phase: f"{sum(parts.values()) / 2**30:.2f} GiB ("
+                        + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items()) + ")"
+                 for phase, parts in phases(precision).items()}
+        peak = max(phases(precision).items(), key=lambda kv: sum(kv[1].values()))[0]
+        return f"{shown['training steps']} in {precision}; test evaluation {shown['test evaluation']}; " \
+               f"export (rank 0) {shown['export']}; the peak: {peak}"
 
     where = " in CPU memory (deepspeed.offload: cpu)" if cfg.deepspeed.offload == "cpu" else ""
     precision = cfg.deepspeed.precision
     if precision == "auto":
-        return f"model states per worker{where}: {text('fp32')} on CPU workers, {text('bf16')} on GPUs; activations on top"
+        return f"model states per worker{where}: {text('fp32')} on CPU workers; {text('bf16')} on GPUs; " \
+               f"activations on top"
     return f"model states per worker{where}: {text(precision)}; activations on top"
 
 

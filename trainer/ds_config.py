@@ -125,3 +125,24 @@ def model_state_bytes(total: int, trainable: int, stage: int, world_size: int, p
 
     return {"weights": share(width * total, 3), "gradients": share(width * trainable, 2),
             "optimizer": share((12 if mixed else 8) * trainable, 1)}
+
+
+def test_phase_bytes(total: int, trainable: int, stage: int, world_size: int, precision: str,
+                     gathered: bool) -> dict[str, int]:
+    """Bytes one worker holds in the test evaluation: the test engine's weights and its fp32 master
+    copy of the trainable ones (no gradients, no Adam moments: it takes no step), shared as in
+    training; under ZeRO-3 with `gathered` the whole model too, gathered for the passes."""
+    width = weight_width(precision)
+    weights = int(width * total / world_size) if stage >= 3 else width * total
+    masters = 4 * trainable if stage >= 1 or precision in ("bf16", "fp16") else 0
+    out = {"weights": weights, "masters": int(masters / world_size) if stage >= 1 else masters}
+    if stage >= 3 and gathered:
+        out["gathered"] = width * total - weights
+    return out
+
+
+def export_bytes(total: int, largest: int, streamed: bool, dtype_width: int) -> int:
+    """Bytes rank 0's export holds once the test engine is released: streamed, the largest tensor
+    read in fp32 and, unless fp32 is the export's dtype, its converted copy (trainer/export.py); built
+    (LoRA merged), the whole model in fp32."""
+    return (4 + (dtype_width if dtype_width != 4 else 0)) * largest if streamed else 4 * total

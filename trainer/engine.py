@@ -82,3 +82,15 @@ def grad_norm(parameters) -> float:
 
     norms = [torch.linalg.vector_norm(p.grad.float()) for p in parameters if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def release_engine(engine) -> None:
+    """Let the engine, its model and all its states go (at the next gc). destroy() removes ZeRO's hooks;
+    under ZeRO-3 the model is also unpinned: DeepSpeed (0.19) appends every ZeRO-3 model to a
+    module-level stack (parameter_offload.FWD_MODULE_STACK) and never takes it off, which kept the
+    training engine alive through the test phase and the test engine through the export (#27)."""
+    engine.destroy()
+    from deepspeed.runtime.zero import parameter_offload
+
+    mine = {id(m) for m in engine.module.modules()}
+    parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if id(m) not in mine]

@@ -1,31 +1,45 @@
-"""Consolidate a sharded DeepSpeed checkpoint into a plain transformers model folder.
+"""Write the consolidated model of a sharded DeepSpeed checkpoint as a plain transformers model folder.
 
-Uses DeepSpeed's own zero_to_fp32 reader (ZeRO 1-3); stage 0 has no ZeRO files and stores the whole
-module in one file. Never imports ray.
+Streamed (`export_model`): the tensors are read one at a time from DeepSpeed's lazy zero_to_fp32
+state dict (ZeRO 1-3: the fp32 masters, memory-mapped) or from stage 0's memory-mapped module file,
+converted to export.dtype and written straight into safetensors shards whose headers are laid out
+first; no model is built with weights (a meta-device skeleton gives the names, the tied weights and
+the config), so the peak is one tensor, not the model. A lean checkpoint's frozen weights are read,
+tensor by tensor, from the base model's own safetensors files. What the stream cannot source (LoRA
+merged, a frozen head that is new for the task, a base without safetensors) takes `export_built`:
+the whole model built and filled, then `save_pretrained`. Never imports ray.
 """
 from __future__ import annotations
 
+import json
 import shutil
+import struct
 from pathlib import Path
+from typing import Callable, Iterable
 
 from trainer.config import RunConfig
 from trainer.checkpoints import TAG
 from trainer.lora import trainable_model
-from trainer.model import build_model, prepare_pretrained
+from trainer.model import build_model, build_skeleton, prepare_pretrained
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+MAX_SHARD_BYTES = 5 * 1000**3  # transformers 4's save_pretrained default ("5GB")
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
 
 
-def consolidated_state_dict(checkpoint: Path, zero_stage: int) -> dict:
+def consolidated_state_dict(checkpoint: Path, zero_stage: int, lazy: bool = False) -> dict:
+    """name -> tensor of the whole model in the checkpoint (fp32 masters under ZeRO 1-3). lazy: stage 0's
+    file memory-mapped, ZeRO-3's parameters as DeepSpeed's GatheredTensor (`.contiguous()` reads one)."""
     import torch
 
     if zero_stage == 0:
-        states = torch.load(checkpoint / TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        states = torch.load(checkpoint / TAG / "mp_rank_00_model_states.pt", map_location="cpu",
+                            weights_only=False, mmap=lazy)
         return states["module"]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=TAG)
-
-
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=TAG, lazy_mode=lazy)
 
 
 def export_dtype(cfg: RunConfig, trained_in: str) -> str:
@@ -34,10 +48,164 @@ def export_dtype(cfg: RunConfig, trained_in: str) -> str:
 
 
 def export_model(cfg: RunConfig, checkpoint: Path, target: Path, processor, labels: list[str],
-                 cache_dir: str, dtype: str = "fp32") -> None:
+                 cache_dir: str, dtype: str = "fp32") -> str:
     """Write safetensors weights in `dtype` (fp32 / bf16 / fp16), config (with id2label for
     classifiers) and the tokenizer or image processor, loadable with the task's AutoModelFor... and
-    usable in a transformers pipeline."""
+    usable in a transformers pipeline. Returns how: "streamed", or "built" (see the module docstring)."""
+    import torch
+
+    if cfg.finetune.mode == "lora":
+        export_built(cfg, checkpoint, target, processor, labels, cache_dir, dtype)
+        return "built"
+    model_dir = prepare_pretrained(cfg.model, cache_dir)
+    skeleton = build_skeleton(cfg.model, model_dir, labels)
+    names = saved_names(skeleton)
+    checkpointed = consolidated_state_dict(checkpoint, cfg.deepspeed.zero_stage, lazy=True)
+    unexpected = sorted(set(checkpointed) - set(skeleton.state_dict()))
+    if unexpected:
+        raise RuntimeError(f"the checkpoint holds parameters the model lacks: {unexpected[:5]}")
+    base = base_tensors(model_dir, [n for n in names if n not in checkpointed])
+    if any(n not in checkpointed and n not in base for n in names):
+        del checkpointed
+        export_built(cfg, checkpoint, target, processor, labels, cache_dir, dtype)
+        return "built"
+    to = getattr(torch, DTYPES[dtype])
+    shapes = {n: tuple(checkpointed[n].shape) if n in checkpointed else base[n][1] for n in names}
+    kinds = {n: (checkpointed[n].dtype if n in checkpointed else base[n][2]) for n in names}
+    kinds = {n: to if k.is_floating_point else k for n, k in kinds.items()}
+
+    def tensor(name: str):
+        value = checkpointed[name].contiguous() if name in checkpointed else base[name][0]()
+        return value.to(kinds[name])
+
+    def write(staging: Path) -> None:
+        write_safetensors(staging, names, shapes, kinds, tensor)
+        config = skeleton.config
+        config.dtype = DTYPES[dtype]  # what save_pretrained records
+        config.architectures = [type(skeleton).__name__]
+        config.save_pretrained(staging)
+        if skeleton.can_generate():
+            generation_config(skeleton, model_dir).save_pretrained(staging)
+
+    _staged(target, write, cfg, processor)
+    return "streamed"
+
+
+def saved_names(skeleton) -> list[str]:
+    """The state-dict names save_pretrained writes for this model: a tied weight once (under the name
+    transformers reloads it by), _keys_to_ignore_on_save left out. The skeleton is on the meta device."""
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    state = remove_tied_weights_from_state_dict(skeleton.state_dict(), skeleton)
+    ignored = set(getattr(skeleton, "_keys_to_ignore_on_save", None) or ())
+    return sorted(n for n in state if n not in ignored)
+
+
+def base_tensors(model_dir: str | None, names: list[str]) -> dict[str, tuple[Callable, tuple, object]]:
+    """name -> (read it, shape, dtype) for the `names` found in the base model's safetensors files:
+    a lean checkpoint's frozen weights, as from_pretrained would load them."""
+    if not names or model_dir is None:
+        return {}
+    from safetensors import safe_open
+
+    folder = Path(model_dir)
+    index = folder / INDEX
+    if index.is_file():
+        where = {n: folder / f for n, f in json.loads(index.read_text())["weight_map"].items()}
+    elif (folder / WEIGHTS).is_file():
+        with safe_open(folder / WEIGHTS, "pt") as f:
+            where = {n: folder / WEIGHTS for n in f.keys()}
+    else:
+        return {}
+    found = {}
+    for name in names:
+        if name not in where:
+            continue
+        with safe_open(where[name], "pt") as f:
+            piece = f.get_slice(name)
+            shape, kind = tuple(piece.get_shape()), _torch_dtype(piece.get_dtype())
+        found[name] = (lambda path=where[name], name=name: _read(path, name), shape, kind)
+    return found
+
+
+def _read(path: Path, name: str):
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return f.get_tensor(name)
+
+
+ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+             "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def _torch_dtype(code: str):
+    import torch
+
+    return getattr(torch, ST_DTYPES[code])
+
+
+def write_safetensors(folder: Path, names: list[str], shapes: dict, kinds: dict, tensor: Callable,
+                      max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """`model.safetensors`, or shards `model-0000i-of-0000n.safetensors` of at most max_shard_bytes (a
+    larger tensor alone) with `model.safetensors.index.json`, as save_pretrained names them. Each shard's
+    header is written first (shapes and dtypes are known), then the tensors one at a time: `tensor(name)`
+    is called once per name and dropped once written."""
+    import torch
+
+    codes = {getattr(torch, v): k for k, v in ST_DTYPES.items()}
+    sizes = {n: _numel(shapes[n]) * kinds[n].itemsize for n in names}
+    shards: list[list[str]] = [[]]
+    for name in names:
+        if shards[-1] and sum(sizes[n] for n in shards[-1]) + sizes[name] > max_shard_bytes:
+            shards.append([])
+        shards[-1].append(name)
+    files = [WEIGHTS] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for file, members in zip(files, shards):
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name in members:
+            header[name] = {"dtype": codes[kinds[name]], "shape": list(shapes[name]),
+                            "data_offsets": [offset, offset + sizes[name]]}
+            offset += sizes[name]
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        with open(folder / file, "wb") as out:
+            out.write(struct.pack("<Q", len(text)) + text)
+            for name in members:
+                value = tensor(name)
+                if tuple(value.shape) != tuple(shapes[name]) or value.dtype != kinds[name]:
+                    raise RuntimeError(f"export: {name} is {tuple(value.shape)} {value.dtype}, "
+                                       f"expected {shapes[name]} {kinds[name]}")
+                out.write(value.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                del value
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(sizes.values())},
+                 "weight_map": {n: f for f, members in zip(files, shards) for n in members}}
+        (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _numel(shape: Iterable[int]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def generation_config(skeleton, model_dir: str | None):
+    """The base model's generation_config.json where it has one (what from_pretrained loads), else the
+    one transformers derives from the model config."""
+    from transformers import GenerationConfig
+
+    if model_dir is not None and (Path(model_dir) / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(model_dir)
+    return skeleton.generation_config
+
+
+def export_built(cfg: RunConfig, checkpoint: Path, target: Path, processor, labels: list[str],
+                 cache_dir: str, dtype: str = "fp32") -> None:
+    """The export by a whole model: built, filled from the consolidated state dict, save_pretrained.
+    LoRA (adapter and merged) goes this way; so does what the stream cannot source."""
     import torch
 
     torch.manual_seed(cfg.seed)  # an inline architecture's frozen weights come from the seed
@@ -45,6 +213,7 @@ def export_model(cfg: RunConfig, checkpoint: Path, target: Path, processor, labe
     model, _ = trainable_model(model, cfg.finetune)  # with LoRA: the adapters, named as in the checkpoint
     state = consolidated_state_dict(checkpoint, cfg.deepspeed.zero_stage)
     result = model.load_state_dict(state, strict=False)
+    del state
     if result.unexpected_keys:
         raise RuntimeError(f"the checkpoint holds parameters the model lacks: {result.unexpected_keys[:5]}")
     model.to(getattr(torch, DTYPES[dtype]))
@@ -54,13 +223,17 @@ def export_model(cfg: RunConfig, checkpoint: Path, target: Path, processor, labe
         if cfg.export.lora == "adapter":
             return
         model = model.merge_and_unload()  # a plain transformers model, no peft needed to load it
-    # Staged, then renamed into place: an export cut short (a full disk, a kill) never leaves a
-    # final_model/ that looks whole.
+    _staged(target, lambda staging: model.save_pretrained(staging, safe_serialization=True), cfg, processor)
+
+
+def _staged(target: Path, write: Callable[[Path], None], cfg: RunConfig, processor) -> None:
+    """`write` the model into a staging folder, add the processor, then rename it to `target`: an
+    export cut short (a full disk, a kill) never leaves a final_model/ that looks whole."""
     staging = target.with_name(f".{target.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.mkdir(parents=True)
-        model.save_pretrained(staging, safe_serialization=True)
+        write(staging)
         if cfg.data.chat_template:  # the template the data was rendered with goes with the tokenizer
             from trainer.chat import TEMPLATES
 

@@ -22,7 +22,7 @@ from trainer.checkpoints import TrainState
 from trainer.config import RunConfig
 from trainer.config_checks import generate_examples, generates_test
 from trainer.data import micro_batches
-from trainer.engine import grad_norm
+from trainer.engine import grad_norm, release_engine
 from trainer.evaluation import scalars
 from trainer.generation import before_after, markdown_table, text_metrics, write_jsonl
 from trainer.jobs import WorkerArgs
@@ -151,13 +151,16 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
         if stopping or state.stopped_early:
             break
     dist.barrier()  # every rank's shard of the last checkpoint is persisted
-    engine.destroy()  # ZeRO's gradient hooks would keep the engine (all its states) alive for the test
+    release_engine(engine)  # ZeRO's hooks (and ZeRO-3's module stack) would keep it alive for the test
     return state, state.step < s.total_steps and not state.stopped_early
 
 
 def run_test(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TestResult:
     """Test metrics before fine-tuning and from the final sharded checkpoint (with the answers to every
-    test prompt, each time, for tasks that generate); rank 0 then exports."""
+    test prompt, each time, for tasks that generate); rank 0 then exports, once every rank's test engine
+    is released (the export builds no model: trainer/export.py)."""
+    import gc
+
     import torch.distributed as dist
 
     phases = Phases(reporter if dist.get_rank() == 0 else None)  # each part's seconds, on the console
@@ -182,13 +185,20 @@ def run_test(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TestResult
         if s.rank == 0 and args.test_generations_path:
             with writing("the generated test answers", args.test_generations_path):
                 write_jsonl(Path(args.test_generations_path), before_after(answered_before, answered_after))
-    if s.rank == 0 and args.export_dir:
+    rank, processor, labels, precision = s.rank, s.processor, s.labels, s.precision
+    # The export reads the checkpoint on disk; the test's engine and model go first, so that no rank
+    # holds two models (trainer/engine.py release_engine: under ZeRO-3 destroy() alone is not enough).
+    release_engine(s.engine)
+    del s
+    gc.collect()
+    phases.done("test phase: the test engine released")  # bench/memory.py: the export phase starts here
+    if rank == 0 and args.export_dir:
         from trainer.export import export_dtype, export_model
-        dtype = export_dtype(cfg, s.precision)
+        dtype = export_dtype(cfg, precision)
         with writing("the exported model", args.export_dir):
-            export_model(cfg, Path(args.final_checkpoint), Path(args.export_dir), s.processor, s.labels,
-                         args.cache_dir, dtype)
-        phases.done(f"exported the consolidated model ({dtype}) to {args.export_dir}")
+            how = export_model(cfg, Path(args.final_checkpoint), Path(args.export_dir), processor, labels,
+                               args.cache_dir, dtype)
+        phases.done(f"exported the consolidated model ({dtype}, {how}) to {args.export_dir}")
     result = TestResult(state.step, before, after, str(args.final_checkpoint))
     reporter.report(result)
     return result

@@ -75,6 +75,26 @@ def test_model_state_memory_per_worker_by_stage():
     assert model_state_bytes(n, n // 10, 2, 2, "fp32") == {"weights": 4 * n, "gradients": n // 5, "optimizer": 2 * n // 5}
 
 
+def test_test_phase_and_export_memory_and_which_phase_is_the_peak():
+    """#27: the test evaluation holds the weights and fp32 masters (no gradients, no moments), under
+    ZeRO-3 the gathered model too; the streamed export one tensor; --dry-run names the peak phase."""
+    from launcher.plan import Plan, memory_line
+    from trainer.ds_config import export_bytes, test_phase_bytes
+
+    n = 1_000_000
+    assert test_phase_bytes(n, n, 0, 2, "fp32", True) == {"weights": 4 * n, "masters": 0}
+    assert test_phase_bytes(n, n, 3, 2, "fp32", True) == {"weights": 2 * n, "masters": 2 * n, "gathered": 2 * n}
+    assert test_phase_bytes(n, n, 3, 2, "fp32", False) == {"weights": 2 * n, "masters": 2 * n}
+    assert export_bytes(n, n // 100, True, 2) == 6 * (n // 100) and export_bytes(n, n // 100, True, 4) == 4 * (n // 100)
+    assert export_bytes(n, n // 100, False, 2) == 4 * n
+    plan = Plan(2, 2, 4, {"train": 8}, 3, n, n, "", None, largest=n // 100)
+    line = memory_line(plan, cfg(deepspeed={"zero_stage": 3, "precision": "fp32"}))
+    assert "test evaluation 0.01 GiB" in line and "export (rank 0) 0.00 GiB (streamed" in line
+    assert line.endswith("the peak: training steps; activations on top")
+    lora = memory_line(plan, cfg(deepspeed={"zero_stage": 3, "precision": "fp32"}, finetune={"mode": "lora"}))
+    assert "(built model 0.00)" in lora
+
+
 def test_zero_buckets_follow_the_model_size_unless_the_json_sets_them(tmp_path):
     ds = deepspeed_config(cfg(deepspeed={"zero_stage": 3}), 2, "fp32", hidden_size=64)
     zero = ds["zero_optimization"]
