@@ -30,7 +30,6 @@ from launcher.records import Evaluation, Outcome, one_per_step
 from launcher.tracking import Parent, Tracker, open_tracker, public_config, run_params
 from trainer import checkpoints, early_stopping
 from trainer.config import ConfigError, RunConfig
-from trainer.config_load import to_dict
 from trainer.jobs import WorkerArgs
 from trainer.messages import (BadInput, LogLine, Received, StepMetrics, StorageFailure, TestResult, TrainReport,
                               WorkerFailure)
@@ -592,5 +591,5 @@ def summarise(cfg: RunConfig, paths: Paths, ctl: Controller, plan, final: Option
             say(f"stopped at step {step}; checkpoint {final}. Continue with: sft-launch <config> --output "
                 f"{paths.out} --resume")
         else:
-            say(f"stopped before the first checkpoint: nothing to resume; start the run again the same way")
+            say("stopped before the first checkpoint: nothing to resume; start the run again the same way")
     return Outcome(summary["status"], summary)

@@ -22,7 +22,6 @@ deepspeed.
 from __future__ import annotations
 
 import json
-import queue
 import threading
 import time
 from collections import deque

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from launcher.tracking import Parent, read_identity, redact, run_params, write_identity
+from launcher.tracking import Parent, read_identity, redact, write_identity
 from trainer.config import ConfigError, RunConfig
 
 DEFAULT_EXPERIMENT = "sft"

@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from trainer.config import ConfigError, DataConfig, MESSAGE_KEYS, ROLES
+from trainer.config import ConfigError, DataConfig, ROLES
 
 FORMATS = ("pair", "alpaca", "messages", "sharegpt")
 # The names a role goes by in files, unless data.roles replaces them (a role's own name always counts).

@@ -9,7 +9,7 @@ import pytest
 from launcher.plan import Plan, describe, mix_shares
 from tests.helpers import DATA, shouted_copy, tiny_config, tiny_llama
 from trainer import data_cache
-from trainer.checkpoints import TrainState, read_state
+from trainer.checkpoints import read_state
 from trainer.config import EarlyStoppingConfig
 from trainer.config_load import from_dict, to_dict
 from trainer.data import micro_batches

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from launcher.tracking import Background, Held, Trackers, flatten, missing_library, redact, run_params
+from launcher.tracking import Background, Held, flatten, missing_library, redact, run_params
 from tests.helpers import tiny_config
 from trainer.config import ConfigError
 from trainer.config_load import from_dict
@@ -96,7 +96,9 @@ def test_the_buffer_is_bounded_and_the_gap_is_counted():
     rec.gate.clear()  # the backend hangs on the first call: the others wait behind it
     bg = Background(rec, limit=3)
     bg.scalars({"train/loss": 1.0}, 1)
-    time.sleep(0.2)  # the first call is being sent
+    deadline = time.monotonic() + 10
+    while not bg._sending and time.monotonic() < deadline:  # wait until the first call is being sent
+        time.sleep(0.01)
     for step in range(2, 8):
         bg.scalars({"train/loss": float(step)}, step)
     rec.gate.set()
