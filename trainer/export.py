@@ -12,10 +12,11 @@ the whole model built and filled, then `save_pretrained`. Never imports ray.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import struct
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 from trainer.config import RunConfig
 from trainer.checkpoints import TAG
@@ -23,7 +24,9 @@ from trainer.lora import trainable_model
 from trainer.model import build_model, build_skeleton, prepare_pretrained
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-MAX_SHARD_BYTES = 5 * 1000**3  # transformers 4's save_pretrained default ("5GB")
+# Shards of 5 GB, as the Hub's models come (transformers 5's save_pretrained defaults to "50GB"; the
+# built export, for LoRA, writes with that default).
+MAX_SHARD_BYTES = 5 * 1000**3
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
@@ -65,12 +68,15 @@ def export_model(cfg: RunConfig, checkpoint: Path, target: Path, processor, labe
     if unexpected:
         raise RuntimeError(f"the checkpoint holds parameters the model lacks: {unexpected[:5]}")
     base = base_tensors(model_dir, [n for n in names if n not in checkpointed])
-    if any(n not in checkpointed and n not in base for n in names):
+    # The shapes are the model's (its skeleton's): a base weight of another shape (a head resized to the
+    # task's labels, say) cannot be streamed as it lies in the base files.
+    meta = skeleton.state_dict()
+    shapes = {n: tuple(meta[n].shape) for n in names}
+    if any(n not in checkpointed and (n not in base or base[n][1] != shapes[n]) for n in names):
         del checkpointed
         export_built(cfg, checkpoint, target, processor, labels, cache_dir, dtype)
         return "built"
     to = getattr(torch, DTYPES[dtype])
-    shapes = {n: tuple(checkpointed[n].shape) if n in checkpointed else base[n][1] for n in names}
     kinds = {n: (checkpointed[n].dtype if n in checkpointed else base[n][2]) for n in names}
     kinds = {n: to if k.is_floating_point else k for n, k in kinds.items()}
 
@@ -154,12 +160,15 @@ def write_safetensors(folder: Path, names: list[str], shapes: dict, kinds: dict,
     import torch
 
     codes = {getattr(torch, v): k for k, v in ST_DTYPES.items()}
-    sizes = {n: _numel(shapes[n]) * kinds[n].itemsize for n in names}
+    sizes = {n: math.prod(shapes[n]) * kinds[n].itemsize for n in names}
     shards: list[list[str]] = [[]]
+    filled = 0  # bytes in the last shard
     for name in names:
-        if shards[-1] and sum(sizes[n] for n in shards[-1]) + sizes[name] > max_shard_bytes:
+        if shards[-1] and filled + sizes[name] > max_shard_bytes:
             shards.append([])
+            filled = 0
         shards[-1].append(name)
+        filled += sizes[name]
     files = [WEIGHTS] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for file, members in zip(files, shards):
@@ -183,13 +192,6 @@ def write_safetensors(folder: Path, names: list[str], shapes: dict, kinds: dict,
         index = {"metadata": {"total_size": sum(sizes.values())},
                  "weight_map": {n: f for f, members in zip(files, shards) for n in members}}
         (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
-def _numel(shape: Iterable[int]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def generation_config(skeleton, model_dir: str | None):

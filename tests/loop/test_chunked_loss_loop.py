@@ -70,11 +70,9 @@ def test_chunked_gives_the_standard_losses_and_weights(tmp_path, tokenizer_dir, 
     for (m, _), (n, _) in zip(chunked.calls, standard.calls):
         assert m.validation == pytest.approx(n.validation, rel=1e-5, abs=1e-6)
     assert want.keys() == got.keys()
-    changed = [n for n in want if not torch.equal(want[n], got[n])]
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-5, msg=n)
-    assert any(not torch.equal(w, 0 * w) for w in got.values())
-    print(f"{case}: {len(changed)} of {len(want)} tensors differ in the last bits")
+    assert len(set(standard.scalars("train/loss").values())) > 1  # the weights compared are ones that trained
 
 
 def _rank(rank: int, world: int, port: int, raw: dict, out: str) -> None:

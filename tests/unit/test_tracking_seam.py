@@ -99,6 +99,7 @@ def test_the_buffer_is_bounded_and_the_gap_is_counted():
     deadline = time.monotonic() + 10
     while not bg._sending and time.monotonic() < deadline:  # wait until the first call is being sent
         time.sleep(0.01)
+    assert bg._sending, "the first call never started"
     for step in range(2, 8):
         bg.scalars({"train/loss": float(step)}, step)
     rec.gate.set()
