@@ -260,33 +260,6 @@ def test_a_truncated_latest_checkpoint_names_the_previous_complete_one(zero2, tm
     assert f"resume from the previous complete checkpoint with --resume {steps[-2]}" in proc.stderr, proc.stderr
 
 
-def _resume_elsewhere(config: Path, source: Path, target: Path, *extra: str):
-    proc = launch(config, "--output", str(target), "--resume", str(source), *extra)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((target / "run_summary.json").read_text()), proc
-
-
-def test_zero3_continues_on_one_worker_from_two_workers_checkpoint(zero3, tmp_path):
-    """--resume at another world size, as a user launches it: the workers convert the checkpoint to
-    DeepSpeed's universal format (with the optimizer state) and go on. The other direction (one worker's
-    checkpoint on two), a restart (not a --resume) at another size and a failed conversion are two-rank
-    spawns in tests/loop/test_restore.py; the conversion does not depend on the ZeRO stage."""
-    out, _ = zero3
-    config = out.parent / "tiny3.yaml"
-    source = next((out / "checkpoints").rglob("step_0000005"))
-    summary, proc = _resume_elsewhere(config, source, tmp_path / "one", "--workers-per-node", "1",
-                                      "--set", "train.max_steps=8")
-    assert "universal format" in proc.stdout and "training steps 6..8 on 1 worker(s)" in proc.stdout
-    assert summary["world_size"] == 1 and summary["global_step"] == 8
-    # the optimizer state travelled with the weights (Adam's moments per parameter)
-    assert list((source / "ds_universal" / "zero").glob("*/exp_avg.pt"))
-    assert sorted(scalars(tmp_path / "one" / "tensorboard", "train/loss")) == [6, 7, 8]
-    final = Path(summary["final_checkpoint"])
-    assert json.loads((final / "trainer_state.json").read_text())["world_size"] == 1
-    metrics = json.loads((tmp_path / "one" / "test_metrics.json").read_text())
-    assert metrics["after"]["loss"] < metrics["before"]["loss"]
-
-
 def test_bad_row_found_by_the_workers_fails_once_with_exit_2(tmp_path, tokenizer_dir):
     rows = [json.loads(line) for line in (Path(__file__).parents[2] / "data" / "sft_tiny.jsonl").read_text().splitlines()]
     rows[240]["response"] = ""  # past the 200 rows preflight prepares

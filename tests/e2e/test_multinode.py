@@ -1,6 +1,7 @@
-"""A real two-node Ray cluster on this machine (two `ray start` processes, token auth on): --nodes 2
-spreads the ranks over both nodes and gives the same results as the single-node run."""
-import json
+"""A real two-node Ray cluster on this machine (two `ray start` processes, token auth on), joined with
+--address. That two ranks on two nodes give the single-node run's results is proven by the Slurm job
+(tests/slurm: two nodes, a rank on each, the same test loss), which joins its cluster the same way; a
+second launch here would only repeat it."""
 import os
 import secrets
 import signal
@@ -65,22 +66,6 @@ def two_nodes(tmp_path_factory):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
-
-
-def test_two_nodes_one_worker_each_match_the_single_node_run(two_nodes, zero2, tmp_path):
-    address, env = two_nodes
-    single, config, _ = zero2
-    target = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "launcher.cli", str(config), "--address", address, "--nodes", "2",
-                           "--workers-per-node", "1", "--output", str(target)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((target / "run_summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["nodes"] == 2
-    assert len({r["node_id"] for r in summary["ranks"]}) == 2  # one rank on each node
-    a = json.loads((target / "test_metrics.json").read_text())["after"]
-    b = json.loads((single / "test_metrics.json").read_text())["after"]
-    assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
 
 
 @pytest.mark.parametrize("extra, message", [

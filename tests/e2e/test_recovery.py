@@ -156,7 +156,13 @@ def fill(directory: Path) -> Path:
 def test_a_disk_that_fills_mid_run_ends_in_one_paragraph_and_resume_continues(small_disk, tmp_path, tokenizer_dir):
     """The output directory's filesystem fills after the first checkpoint: the run ends at the next
     refused write with one paragraph (what, where, the OS error, the checkpoint to resume from), exit 1,
-    no worker restart, nothing half-written marked complete; freed, --resume completes the run."""
+    no worker restart, nothing half-written marked complete; freed, --resume completes the run.
+
+    The resume is also the one at another world size, as a user launches it: the two workers'
+    checkpoint continues on one worker, which converts it to DeepSpeed's universal format (with the
+    optimizer state) and goes on. The other direction (one rank's checkpoint on two), a restart (not a
+    --resume) at another size, ZeRO-3 and a failed conversion are two-rank spawns in
+    tests/ranks/test_restore.py; the conversion does not depend on the ZeRO stage."""
     from trainer import checkpoints
 
     out = small_disk / "run"
@@ -184,8 +190,17 @@ def test_a_disk_that_fills_mid_run_ends_in_one_paragraph_and_resume_continues(sm
     assert complete[-1][0] < 12 and not (out / "final_model").exists()
 
     ballast.unlink()
-    again = launch(config, "--resume")
+    source, step = complete[-1][1], complete[-1][0]
+    assert checkpoints.read_state(source).world_size == 2
+    again = launch(config, "--resume", "--workers-per-node", "1")
     assert again.returncode == 0, again.stderr[-3000:]
     summary = json.loads((out / "run_summary.json").read_text())
-    assert summary["global_step"] == 12 and summary["resumed_from"] == str(complete[-1][1])
+    assert summary["global_step"] == 12 and summary["resumed_from"] == str(source)
     assert (out / "final_model" / "model.safetensors").exists()
+    assert "universal format" in again.stdout and f"training steps {step + 1}..12 on 1 worker(s)" in again.stdout
+    assert summary["world_size"] == 1
+    assert list((source / checkpoints.UNIVERSAL_TAG / "zero").glob("*/exp_avg.pt"))  # Adam's moments travelled
+    assert checkpoints.read_state(Path(summary["final_checkpoint"])).world_size == 1
+    assert sorted(scalars(out / "tensorboard", "train/loss")) == list(range(1, 13))  # the stopped run's steps too
+    metrics = json.loads((out / "test_metrics.json").read_text())
+    assert metrics["after"]["loss"] < metrics["before"]["loss"]

@@ -1,6 +1,7 @@
 """train.loss_impl: chunked through the worker loop in one process (#26): the same seed and data give
 the standard objective's losses, validation metrics and weights (fp32, 1e-5) on ZeRO 0, 2 and 3, with
-packing, LoRA and a head tied to the input embedding (GPT-2), the logits a few positions at a time."""
+packing, LoRA and a head tied to the input embedding (GPT-2), the logits a few positions at a time.
+Two ZeRO-3 ranks: tests/ranks/test_chunked_loss_ranks.py."""
 from pathlib import Path
 
 import pytest
@@ -75,56 +76,3 @@ def test_chunked_gives_the_standard_losses_and_weights(tmp_path, tokenizer_dir, 
     assert len(set(standard.scalars("train/loss").values())) > 1  # the weights compared are ones that trained
 
 
-def _rank(rank: int, world: int, port: int, raw: dict, out: str) -> None:
-    import json
-    import os
-
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
-    import torch.distributed as dist
-
-    from trainer.config_load import from_dict
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    chunked_loss.CHUNK_BYTES = 400 * 4 * 40  # 20 chunks per micro-batch, as in the one-process tests
-    reporter = ListReporter(Path(out) / f"ckpt{rank}")
-    run(from_dict(raw), reporter, WorkerArgs(cache_dir=str(Path(out) / "cache")))
-    with open(Path(out) / f"rank{rank}.json", "w") as f:
-        json.dump({"train": reporter.scalars("train/loss"), "validation": [m.validation for m, _ in reporter.calls]}, f)
-    dist.destroy_process_group()
-
-
-def test_two_zero3_ranks_with_different_batches_give_the_standard_losses(tmp_path, tokenizer_dir):
-    """Each rank's micro-batches hold different numbers of labelled tokens, and under ZeRO-3 every
-    call of the head all-gathers its (tied) weight: the fixed chunk count keeps the ranks' collectives
-    in step (no hang), and the losses are standard's. Validation runs synced (module hooks gather)."""
-    import json
-    import socket
-    import time
-
-    import torch.multiprocessing as mp
-
-    results = {}
-    for impl in ("standard", "chunked"):
-        raw = tiny_config(tmp_path / impl, tokenizer_dir, deepspeed={"zero_stage": 3},
-                          train={"max_steps": 3, "eval_every": 3, "save_every": 3, "loss_impl": impl},
-                          eval={"generate": {"num_examples": 0, "test": False, "zero3": "synced"}})
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        out = tmp_path / impl
-        out.mkdir(exist_ok=True)
-        ctx = mp.start_processes(_rank, args=(2, port, raw, str(out)), nprocs=2, join=False, start_method="spawn")
-        deadline = time.monotonic() + 300
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                pytest.fail(f"{impl}: the two ranks did not finish in 300 s (a collective out of step?)")
-        results[impl] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    # the loss every step (rank 0 tracks it: the mean over both ranks), validation on both ranks
-    assert len(results["chunked"][0]["train"]) == 3
-    assert results["chunked"][0]["train"] == pytest.approx(results["standard"][0]["train"], rel=1e-5, abs=1e-6)
-    for standard, chunked in zip(results["standard"], results["chunked"]):
-        for got, want in zip(chunked["validation"], standard["validation"], strict=True):
-            assert got == pytest.approx(want, rel=1e-5, abs=1e-6)

@@ -1,7 +1,6 @@
 """LoRA (finetune.mode: lora) through the worker loop in one process: adapters train, the base does
-not, checkpoints hold adapters only, resume is exact, the merged export gives the tested loss."""
-import dataclasses
-import os
+not, checkpoints hold adapters only, resume is exact, the merged export gives the tested loss. Two
+ranks' LoRA checkpoint continuing on one: tests/ranks/test_lora_ranks.py."""
 from pathlib import Path
 
 import pytest
@@ -9,7 +8,7 @@ import torch
 
 from tests.helpers import save_pretrained_llama, tiny_config
 from trainer.checkpoints import TAG, read_state
-from trainer.config_load import from_dict, to_dict
+from trainer.config_load import from_dict
 from trainer.loop import WorkerArgs, run, run_test
 from trainer.report import ListReporter
 
@@ -95,53 +94,6 @@ def test_a_classification_head_trains_fully_beside_the_adapters(tmp_path, proces
     assert head in changed and any("lora_B" in n for n in changed)  # the head trains fully beside the adapters
     assert all("lora_" in n or "modules_to_save" in n for n in changed)  # the base does not move
     assert "accuracy" in reporter.calls[-1][0].validation
-
-
-def _train_on_rank(rank: int, port: int, raw: dict, out: str) -> None:
-    from datetime import timedelta
-
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=120))
-    # Each rank hands its shard to the same folder per step, as Ray Train merges them.
-    run(from_dict(raw), ListReporter(Path(out) / "ckpt"), WorkerArgs(cache_dir=os.path.join(out, "cache")))
-    dist.barrier()
-    os._exit(0)  # the checkpoints are on disk; the native teardown is not what this test is about
-
-
-def test_a_lora_checkpoint_of_two_ranks_continues_on_one(tmp_path, tokenizer_dir, process_group):
-    """World-size change of a lean LoRA checkpoint (adapters + their optimizer state only): DeepSpeed's
-    universal conversion (in the worker), then one rank reads it: the adapters give the validation loss
-    the two ranks measured at that step, and training goes on with the converted optimizer state."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    from trainer import checkpoints, loop
-    from trainer.worker import evaluate_split, setup
-
-    cfg = _cfg(tmp_path, tokenizer_dir, stage=2, train={"max_steps": 4, "eval_every": 2, "save_every": 2,
-                                                        "micro_batch_size": 8})
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_train_on_rank, args=(port, to_dict(cfg), str(tmp_path)), nprocs=2, join=True)
-    step2 = tmp_path / "ckpt" / "step_0000002"
-    saved = read_state(step2)
-    assert saved.world_size == 2 and saved.lean and sorted(p.name for p in (step2 / TAG).glob("zero_pp_rank_*")) == [
-        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
-    one = dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, workers_per_node=1))
-    args = WorkerArgs(cache_dir=str(tmp_path / "cache"), resume_from=str(step2))
-    s = setup(one, args, ("validation",), ListReporter(tmp_path / "unused"), args.resume_from)
-    assert list((step2 / checkpoints.UNIVERSAL_TAG / "zero").glob("*lora_A*/exp_avg.pt"))
-    checkpoints.load(s.engine, step2, 0)
-    assert evaluate_split(s, "validation")[0]["loss"] == pytest.approx(saved.validation["loss"], rel=1e-5)
-    s.engine.destroy()
-    state, _ = loop.run(one, ListReporter(tmp_path / "one"), args)
-    assert state.step == 4 and state.world_size == 1
 
 
 @pytest.mark.parametrize("stage", [0, 1])

@@ -43,16 +43,22 @@ def test_task_trains_tests_and_exports(tmp_path, wordpiece, image_processor, pro
     with safe_open(str(tmp_path / "final" / "model.safetensors"), "pt") as f:
         dtypes = {str(f.get_slice(k).get_dtype()) for k in f.keys()}
     assert dtypes - {"I64"} == ({"BF16"} if dtype == "bf16" else {"F32"})  # I64: batch-norm step counts
-    if task == "image_classification":  # the export works in a pipeline and names the labels
-        import transformers
+    # The export works in a transformers pipeline and names the labels (the text classifier's: tests/e2e).
+    import transformers
+
+    labels = set(json.loads((tmp_path / "final" / "config.json").read_text())["id2label"].values())
+    if task == "image_classification":
         from datasets import load_dataset
 
         from tests.helpers import REPO
 
         pipe = transformers.pipeline("image-classification", model=str(tmp_path / "final"))
         image = load_dataset("parquet", data_files=str(REPO / "data" / "digits.parquet"), split="train")[0]["image"]
-        labels = set(json.loads((tmp_path / "final" / "config.json").read_text())["id2label"].values())
         assert pipe(image)[0]["label"] in labels
+    elif task == "token_classification":
+        pipe = transformers.pipeline("token-classification", model=str(tmp_path / "final"), ignore_labels=[])
+        found = pipe("Maria Lopez visited Paris last year .")  # ignore_labels=[]: every word, "O" too
+        assert len(found) >= 7 and all(e["entity"] in labels for e in found)
 
 
 @pytest.mark.parametrize("task", ["token_classification", "image_classification"])

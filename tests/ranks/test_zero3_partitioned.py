@@ -8,12 +8,12 @@ with a fixed MALLOC_MMAP_THRESHOLD_ (large blocks are mapped and unmapped), whic
 measure what was really held."""
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import tiny_config
+from tests.ranks.spawn import join_group, run_ranks
 
 FULL = {"model_type": "llama", "num_hidden_layers": 12, "hidden_size": 512, "intermediate_size": 2048,
         "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 400, "max_position_embeddings": 128,
@@ -27,9 +27,8 @@ def _status_kb(key: str) -> int:
     return int(line.split()[1])
 
 
-def _rank(rank: int, world: int, port: int, raw: dict, out: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+def _rank(rank: int, port: int, raw: dict, out: str) -> None:
+    join_group(rank, 2, port)  # DS_ACCELERATOR=cpu set before deepspeed is imported
     import deepspeed  # noqa: F401  (imported before measuring, as in a worker)
     import torch.distributed as dist
 
@@ -38,7 +37,6 @@ def _rank(rank: int, world: int, port: int, raw: dict, out: str) -> None:
     from trainer.jobs import WorkerArgs
     from trainer.report import ListReporter
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     LlamaForCausalLM(LlamaConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
@@ -64,18 +62,13 @@ def _rank(rank: int, world: int, port: int, raw: dict, out: str) -> None:
 
 
 def _setup_on_two_ranks(tmp_path, tokenizer_dir, stage: int) -> list[dict]:
-    import torch.multiprocessing as mp
-
     raw = tiny_config(tmp_path, tokenizer_dir, model={"architecture": FULL, "tokenizer": str(tokenizer_dir)},
                       deepspeed={"zero_stage": stage})
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / f"stage{stage}"
     out.mkdir()
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by glibc when the spawned ranks start
     try:
-        mp.spawn(_rank, args=(2, port, raw, str(out)), nprocs=2, join=True)
+        run_ranks(_rank, (raw, str(out)))
     finally:
         del os.environ["MALLOC_MMAP_THRESHOLD_"]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]

@@ -2,16 +2,15 @@
 universal_copy): a ZeRO-3 checkpoint of two ranks continues on one as `restart_from` (what an elastic
 restart hands the workers, not only --resume), one rank's continues on two, and a conversion that
 fails on rank 0 ends every rank with the same error instead of a hang. Two ranks are spawned
-processes (gloo), as tests/loop/test_lora.py does."""
+processes (gloo), as in every test of tests/ranks."""
 import json
 import os
-import socket
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import tiny_config, tiny_llama
+from tests.ranks.spawn import join_group, run_ranks
 from trainer import checkpoints
 from trainer.checkpoints import TAG, UNIVERSAL_TAG, TrainState, read_state
 from trainer.config_load import from_dict
@@ -28,14 +27,9 @@ def _raw(tmp: Path, tokenizer_dir, max_steps: int) -> dict:
 
 def _on_rank(rank: int, port: int, raw: dict, out: str, restart_from) -> None:
     """One of two ranks: run the loop from `restart_from`; write what it raised, if anything."""
-    from datetime import timedelta
-
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=120))
+    join_group(rank, 2, port)
     try:
         # Each rank hands its shard to the same folder per step, as Ray Train merges them.
         run(from_dict(raw), ListReporter(Path(out) / "ckpt"),
@@ -47,20 +41,8 @@ def _on_rank(rank: int, port: int, raw: dict, out: str, restart_from) -> None:
 
 
 def _two_ranks(raw: dict, out: Path, restart_from=None, limit_s: float = 300) -> None:
-    """Both ranks to their end within `limit_s`: a rank left waiting for another fails the test."""
-    import torch.multiprocessing as mp
-
     out.mkdir(parents=True, exist_ok=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ranks = mp.spawn(_on_rank, args=(port, raw, str(out), restart_from), nprocs=2, join=False)
-    deadline = time.monotonic() + limit_s
-    while not ranks.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ranks.processes:
-                p.kill()
-            pytest.fail(f"the two ranks did not end within {limit_s} s (a rank waits for another)")
+    run_ranks(_on_rank, (raw, str(out), restart_from), limit_s=limit_s)
 
 
 def test_zero3_checkpoint_of_two_ranks_restarts_on_one_and_back(tmp_path, tokenizer_dir, process_group):

@@ -5,13 +5,13 @@ in several shards with an index."""
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.helpers import save_pretrained_llama, tiny_config
+from tests.ranks.spawn import join_group, run_ranks
 from trainer.config_load import from_dict, to_dict
 from trainer.loop import WorkerArgs, run, run_test
 from trainer.report import ListReporter
@@ -28,14 +28,9 @@ def _cfg(tmp: Path, tokenizer_dir, mode: str):
 
 
 def _train_test_export(rank: int, port: int, raw: dict, out: str) -> None:
-    from datetime import timedelta
-
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=120))
+    join_group(rank, 2, port)
     cfg, root = from_dict(raw), Path(out)
     trained = ListReporter(root / "ckpt")
     run(cfg, trained, WorkerArgs(cache_dir=str(root / "cache")))
@@ -49,12 +44,7 @@ def _train_test_export(rank: int, port: int, raw: dict, out: str) -> None:
 
 
 def _spawn(cfg, tmp: Path) -> dict:
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_train_test_export, args=(port, to_dict(cfg), str(tmp)), nprocs=2, join=True)
+    run_ranks(_train_test_export, (to_dict(cfg), str(tmp)))
     return json.loads((tmp / "tested.json").read_text())
 
 
