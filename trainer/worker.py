@@ -15,7 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Optional
 
-from trainer import checkpoints, data_cache
+from trainer import checkpoints, data_cache, reference
 from trainer.chunked_loss import loss_implementation
 from trainer.config import RunConfig
 from trainer.data import Prepared
@@ -27,7 +27,7 @@ from trainer.lora import trainable_model
 from trainer.model import build_model, load_processor, model_config, prepare_pretrained
 from trainer.report import Reporter
 from trainer.schedule import total_steps
-from trainer.tasks.registry import Task, get_task
+from trainer.tasks.registry import TASKS, Task, get_task
 from trainer.zero3_generation import GenerationWeights, generation_weights
 
 
@@ -50,12 +50,15 @@ class Setup:
     whole_model: Callable[[], ContextManager[GenerationWeights]]
     generation: Optional[GenerationWeights] = None  # how the last generation pass ran
     passing: Optional[GenerationWeights] = None  # the pass in progress (see one_pass)
+    reference_folder: Optional[Path] = None  # a preference objective's stored reference (trainer/reference.py)
 
 
 def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: Reporter,
-          checkpoint: Optional[str] = None) -> Setup:
+          checkpoint: Optional[str] = None, with_reference: bool = True) -> Setup:
     """Model, freezing, data and DeepSpeed engine, identical on every rank; the engine ready to load
-    `checkpoint` (of another world size too: checkpoints.universal_copy)."""
+    `checkpoint` (of another world size too: checkpoints.universal_copy). A task whose objective
+    reads the starting model's log-probabilities gets them as columns of its splits (computed before
+    by trainer/reference.py; `with_reference=False`: the pass that computes them)."""
     import torch
     import torch.distributed as dist
 
@@ -81,6 +84,15 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: R
     else:
         prepared = data_cache.prepare(cfg, processor, None)
     labels, data = prepared.labels, {name: prepared.splits[name] for name in splits}
+    folder = None
+    if TASKS[cfg.model.task].references and task.needs_reference(cfg):
+        root = Path(args.data_dir) if args.data_dir else Path(args.cache_dir) / "preference-reference"
+        folder = reference.folder_for(cfg, root, model_dir, precision, processor)
+        if with_reference:
+            if not reference.is_complete(folder):
+                raise RuntimeError(f"no reference log-probabilities in {folder}: trainer/reference.py ensure() "
+                                   f"computes them before training")
+            data = {name: reference.attach(p, folder, name) for name, p in data.items()}
     model_id = checkpoints.model_identity(cfg.model)
     universal = checkpoint is not None and checkpoints.universal_copy(
         Path(checkpoint), model_id, world, rank, reporter.log if rank == 0 else (lambda text: None))
@@ -109,10 +121,10 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: R
         reporter.log(f"loss: {loss_impl.name} (train.loss_impl: {cfg.train.loss_impl}), the logits in "
                      f"{loss_impl.chunks} chunk(s) per micro-batch")
     shard = Shard(lambda batch: engine(**batch).logits, task.collator(processor), rank, world,
-                  cfg.train.micro_batch_size, device, model=engine, loss_impl=loss_impl)
+                  cfg.train.micro_batch_size, device, model=engine, loss_impl=loss_impl, config=cfg)
     whole_model = partial(generation_weights, engine, cfg.eval.generate.zero3, cfg.deepspeed.zero_stage, world, device)
     return Setup(task, engine, processor, shard, data, labels, steps, rank, world,
-                 model_id, checkpoints.trainable_digest(trainable), precision, whole_model)
+                 model_id, checkpoints.trainable_digest(trainable), precision, whole_model, reference_folder=folder)
 
 
 @contextmanager
