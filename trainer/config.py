@@ -532,6 +532,11 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         # What depends on the task (packing, metrics, generation) is checked by trainer/config_checks.py.
+        p = self.preference
+        if p.needs_reference and p.reference == "adapters_off" and self.finetune.mode != "lora":
+            raise ValueError(f"preference.reference: adapters_off needs finetune.mode: lora (the base model with the "
+                             f"adapters disabled is the reference), got finetune.mode {self.finetune.mode!r}; "
+                             f"use preference.reference: precomputed")
         if self.test.checkpoint == "best" and self.train.eval_every % self.train.save_interval:
             raise ValueError(f"test.checkpoint: best tests the best evaluated checkpoint, so every evaluation must "
                              f"write one: train.eval_every ({self.train.eval_every}) must be a multiple of "

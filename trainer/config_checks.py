@@ -8,7 +8,7 @@ lacks. Imports the stdlib, the schema and the registry only.
 """
 from __future__ import annotations
 
-from trainer.config import PreferenceConfig, RunConfig
+from trainer.config import RunConfig
 from trainer.tasks.registry import TASKS
 
 # eval.generate.num_examples when it is not set, for tasks that generate text (causal_lm).
@@ -44,7 +44,7 @@ def check(cfg: RunConfig) -> None:
     if cfg.tune is not None and cfg.tune.metric not in task.metrics:
         raise ValueError(f"tune.metric is {cfg.tune.metric!r}, but model.task {m.task!r} reports "
                          f"{', '.join(task.metrics)} at validation")
-    check_preference(cfg)
+    check_task_section(cfg, task)
     g = cfg.eval.generate
     if not task.generates and (g.num_examples or g.test):
         key, value = ("num_examples", g.num_examples) if g.num_examples else ("test", "true")
@@ -52,18 +52,13 @@ def check(cfg: RunConfig) -> None:
                          f"generate text (only causal_lm does); remove it or set it to 0 / false")
 
 
-def check_preference(cfg: RunConfig) -> None:
-    """The preference: section belongs to model.task: preference; adapters_off to LoRA."""
-    p = cfg.preference
-    if cfg.model.task != "preference":
-        if p != PreferenceConfig():
-            raise ValueError(f"the preference section is set, but model.task is {cfg.model.task!r}; "
-                             f"use model.task: preference (or remove the section)")
-        return
-    if p.reference == "adapters_off" and p.needs_reference and cfg.finetune.mode != "lora":
-        raise ValueError(f"preference.reference: adapters_off needs finetune.mode: lora (the base model with the "
-                         f"adapters disabled is the reference), got finetune.mode {cfg.finetune.mode!r}; "
-                         f"use preference.reference: precomputed")
+def check_task_section(cfg: RunConfig, task) -> None:
+    """A task's own section (TaskSpec.section) is set only for that task."""
+    for section in {spec.section for spec in TASKS.values() if spec.section} - {task.section}:
+        if getattr(cfg, section) != type(getattr(cfg, section))():
+            owner = next(name for name, spec in TASKS.items() if spec.section == section)
+            raise ValueError(f"the {section} section is set, but model.task is {cfg.model.task!r}; "
+                             f"use model.task: {owner} (or remove the section)")
 
 
 def generate_examples(cfg: RunConfig) -> int:

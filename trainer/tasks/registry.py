@@ -43,6 +43,8 @@ class TaskSpec:
     # before training (trainer/reference.py); then the module also has needs_reference(cfg) -> bool
     # and reference_logps(shard, prepared) -> [(chosen, rejected)] by position.
     references: bool = False
+    # The config section that holds this task's own settings (RunConfig.<section>); other tasks refuse it.
+    section: Optional[str] = None
 
 
 # model.task -> what the task is and the module that implements it.
@@ -56,7 +58,8 @@ TASKS = {
                                      "tokenizer", "tokens", ("loss", "precision", "recall", "f1", "token_accuracy")),
     "preference": TaskSpec("trainer.tasks.preference", "AutoModelForCausalLM", "tokenizer", "tokens",
                            ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                            "logps/chosen", "logps/rejected"), generates=True, references=True),
+                            "logps/chosen", "logps/rejected"), generates=True, references=True,
+                           section="preference"),
     "image_classification": TaskSpec("trainer.tasks.image_classification", "AutoModelForImageClassification",
                                      "image_processor", "samples", ("loss", "accuracy", "macro_f1")),
 }
