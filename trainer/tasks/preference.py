@@ -214,7 +214,8 @@ def completion_logps(logits, labels) -> tuple[Any, Any]:
     token t + 1. In float32 at least, whatever the model's precision."""
     import torch
 
-    logits, target = logits[:, :-1].float(), labels[:, 1:]
+    logits, target = logits[:, :-1], labels[:, 1:]
+    logits = logits if logits.dtype == torch.float64 else logits.float()
     mask = target != IGNORE
     picked = torch.gather(logits.log_softmax(-1), 2, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (picked * mask).sum(-1), mask.sum(-1)
