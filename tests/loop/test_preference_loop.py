@@ -159,3 +159,21 @@ def test_two_zero3_ranks_give_one_workers_reference_and_metrics(tmp_path, tokeni
         assert a.keys() == b.keys()
         for key in a:
             assert a[key] == pytest.approx(b[key], abs=1e-4), key
+
+
+def test_lora_with_adapters_off_as_the_reference_needs_no_reference_pass(tmp_path, tokenizer_dir, process_group):
+    """finetune.mode: lora with preference.reference: adapters_off: the base with the adapters
+    disabled is the reference (rewards start at exactly 0: fresh adapters change nothing), training
+    moves the rewards apart, and no reference is computed or stored."""
+    raw = preference_config(tmp_path, tokenizer_dir, finetune={"mode": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+                            optim={"lr": 1e-2, "warmup_steps": 0, "scheduler": "constant"},
+                            train={"max_steps": 6, "micro_batch_size": 8, "eval_every": 6, "save_every": 6},
+                            preference={"beta": 0.5, "reference": "adapters_off"})
+    reporter = ListReporter(tmp_path / "ckpt")
+    fine_tune(from_dict(raw), reporter, WorkerArgs(cache_dir=str(tmp_path / "cache"),
+                                                   checkpoint_root=str(tmp_path / "ckpt")))
+    test = reporter.calls[-1][0]
+    assert test.before["rewards/chosen"] == 0 and test.before["rewards/accuracies"] == 0
+    assert test.after["rewards/margins"] > 0 and test.after["loss"] < np.log(2)
+    assert not (tmp_path / "cache" / "preference-reference").exists()
+    assert not [line for line in reporter.lines if line.startswith("reference:")]

@@ -211,3 +211,19 @@ def test_a_file_without_the_pair_columns_is_refused_naming_them(tokenizer):
     with pytest.raises(ConfigError, match=r"d.jsonl: the validation split has no column 'rejected'; preference data "
                                           r"needs 'chosen' and 'rejected'"):
         prepared([{"prompt": "Hi", "chosen": "Hello."}], tokenizer)
+
+
+def test_a_search_over_preference_beta_is_checked_before_any_trial():
+    from launcher.search_space import check_space, trial_config
+
+    space = {"preference.beta": {"loguniform": [0.05, 0.5]}}
+    cfg = from_dict({**raw(), "tune": {"space": space, "metric": "rewards/accuracies", "mode": "max"}})
+    check_space(cfg)
+    assert trial_config(cfg, {"preference.beta": 0.2}).preference.beta == 0.2
+    bad = from_dict({**raw(), "tune": {"space": {"preference.beta": {"uniform": [0.0, 0.5]}}}})
+    with pytest.raises(ConfigError, match=r"tune.space.preference.beta: the search could give it 0.0, which the "
+                                          r"config refuses: preference.beta must be > 0"):
+        check_space(bad)
+    with pytest.raises(ConfigError, match=r"tune.metric is 'accuracy', but model.task 'preference' reports loss, "
+                                          r"rewards/chosen"):
+        from_dict({**raw(), "tune": {"space": space, "metric": "accuracy"}})
