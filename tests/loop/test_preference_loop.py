@@ -177,3 +177,20 @@ def test_lora_with_adapters_off_as_the_reference_needs_no_reference_pass(tmp_pat
     assert test.after["rewards/margins"] > 0 and test.after["loss"] < np.log(2)
     assert not (tmp_path / "cache" / "preference-reference").exists()
     assert not [line for line in reporter.lines if line.startswith("reference:")]
+
+
+def test_resume_continues_with_identical_losses_on_zero_stage_1(tmp_path, tokenizer_dir, process_group):
+    """A run resumed from its step-2 checkpoint logs what the uninterrupted run logged after it (the
+    reference columns travel with the data position)."""
+    from trainer.loop import run
+
+    raw = preference_config(tmp_path, tokenizer_dir, deepspeed={"zero_stage": 1},
+                            train={"max_steps": 4, "micro_batch_size": 4, "eval_every": 2, "save_every": 2})
+    cfg, args = from_dict(raw), WorkerArgs(cache_dir=str(tmp_path / "cache"))
+    full = ListReporter(tmp_path / "full")
+    run(cfg, full, args)
+    resumed = ListReporter(tmp_path / "resumed")
+    run(cfg, resumed, WorkerArgs(cache_dir=str(tmp_path / "cache"), resume_from=str(full.calls[0][1])))
+    tail = lambda r: [(m.step, round(m.train_loss, 6), {k: round(v, 6) for k, v in m.validation.items()})  # noqa: E731
+                      for m, _ in r.calls]
+    assert tail(resumed) == tail(full)[1:] and tail(full)[1][0] == 4
