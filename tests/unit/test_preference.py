@@ -227,3 +227,27 @@ def test_a_search_over_preference_beta_is_checked_before_any_trial():
     with pytest.raises(ConfigError, match=r"tune.metric is 'accuracy', but model.task 'preference' reports loss, "
                                           r"rewards/chosen"):
         from_dict({**raw(), "tune": {"space": space, "metric": "accuracy"}})
+
+
+def test_the_reference_is_keyed_by_the_weights_bytes_not_their_path(tmp_path):
+    """An SFT run exporting into the same folder changes the weights: the key changes; the same
+    weights elsewhere keep it. Precision and the prepared data's key change it too."""
+    from trainer.reference import reference_key, weights_digest
+
+    cfg = from_dict(raw())
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in (a, b):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"weights-1")
+        (folder / "config.json").write_text("{}")
+    assert weights_digest(cfg, str(a)) == weights_digest(cfg, str(b))
+    before = weights_digest(cfg, str(a))
+    (a / "model.safetensors").write_bytes(b"weights-2")  # exported over
+    assert weights_digest(cfg, str(a)) != before
+    keys = {reference_key(cfg, before, "fp32", "data1"), reference_key(cfg, before, "bf16", "data1"),
+            reference_key(cfg, before, "fp32", "data2")}
+    assert len(keys) == 3
+    inline = from_dict({**raw(), "model": {"architecture": {"model_type": "gpt2"}, "tokenizer": "t", "task": "preference"}})
+    other_seed = from_dict({**raw(), "model": {"architecture": {"model_type": "gpt2"}, "tokenizer": "t",
+                                               "task": "preference"}, "seed": 1})
+    assert weights_digest(inline, None) != weights_digest(other_seed, None)  # the seed makes the weights
