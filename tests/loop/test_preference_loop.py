@@ -162,10 +162,11 @@ def test_two_zero3_ranks_give_one_workers_reference_and_metrics(tmp_path, tokeni
 
 
 def test_lora_with_adapters_off_as_the_reference_needs_no_reference_pass(tmp_path, tokenizer_dir, process_group):
-    """finetune.mode: lora with preference.reference: adapters_off: the base with the adapters
-    disabled is the reference (rewards start at exactly 0: fresh adapters change nothing), training
-    moves the rewards apart, and no reference is computed or stored."""
+    """finetune.mode: lora with preference.reference: adapters_off, under ZeRO-3: the base with the
+    adapters disabled is the reference (rewards start at exactly 0: fresh adapters change nothing),
+    training moves the rewards apart, and no reference is computed or stored."""
     raw = preference_config(tmp_path, tokenizer_dir, finetune={"mode": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+                            deepspeed={"zero_stage": 3},
                             optim={"lr": 1e-2, "warmup_steps": 0, "scheduler": "constant"},
                             train={"max_steps": 6, "micro_batch_size": 8, "eval_every": 6, "save_every": 6},
                             preference={"beta": 0.5, "reference": "adapters_off"})
@@ -179,12 +180,13 @@ def test_lora_with_adapters_off_as_the_reference_needs_no_reference_pass(tmp_pat
     assert not [line for line in reporter.lines if line.startswith("reference:")]
 
 
-def test_resume_continues_with_identical_losses_on_zero_stage_1(tmp_path, tokenizer_dir, process_group):
+@pytest.mark.parametrize("stage", [0, 1])
+def test_resume_continues_with_identical_losses(tmp_path, tokenizer_dir, process_group, stage):
     """A run resumed from its step-2 checkpoint logs what the uninterrupted run logged after it (the
     reference columns travel with the data position)."""
     from trainer.loop import run
 
-    raw = preference_config(tmp_path, tokenizer_dir, deepspeed={"zero_stage": 1},
+    raw = preference_config(tmp_path, tokenizer_dir, deepspeed={"zero_stage": stage},
                             train={"max_steps": 4, "micro_batch_size": 4, "eval_every": 2, "save_every": 2})
     cfg, args = from_dict(raw), WorkerArgs(cache_dir=str(tmp_path / "cache"))
     full = ListReporter(tmp_path / "full")
