@@ -50,7 +50,6 @@ class Setup:
     whole_model: Callable[[], ContextManager[GenerationWeights]]
     generation: Optional[GenerationWeights] = None  # how the last generation pass ran
     passing: Optional[GenerationWeights] = None  # the pass in progress (see one_pass)
-    reference_folder: Optional[Path] = None  # a preference objective's stored reference (trainer/reference.py)
 
 
 def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: Reporter,
@@ -84,15 +83,12 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: R
     else:
         prepared = data_cache.prepare(cfg, processor, None)
     labels, data = prepared.labels, {name: prepared.splits[name] for name in splits}
-    folder = None
-    if TASKS[cfg.model.task].references and task.needs_reference(cfg):
-        root = Path(args.data_dir) if args.data_dir else Path(args.cache_dir) / "preference-reference"
-        folder = reference.folder_for(cfg, root, model_dir, precision, processor)
-        if with_reference:
-            if not reference.is_complete(folder):
-                raise RuntimeError(f"no reference log-probabilities in {folder}: trainer/reference.py ensure() "
-                                   f"computes them before training")
-            data = {name: reference.attach(p, folder, name) for name, p in data.items()}
+    if with_reference and TASKS[cfg.model.task].references and task.needs_reference(cfg):
+        folder = reference.folder_for(cfg, reference.root_for(args), model_dir, precision, processor)
+        if not reference.is_complete(folder):
+            raise RuntimeError(f"no reference log-probabilities in {folder}: trainer/reference.py ensure() "
+                               f"computes them before training")
+        data = {name: reference.attach(p, folder, name) for name, p in data.items()}
     model_id = checkpoints.model_identity(cfg.model)
     universal = checkpoint is not None and checkpoints.universal_copy(
         Path(checkpoint), model_id, world, rank, reporter.log if rank == 0 else (lambda text: None))
@@ -124,7 +120,7 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: R
                   cfg.train.micro_batch_size, device, model=engine, loss_impl=loss_impl, config=cfg)
     whole_model = partial(generation_weights, engine, cfg.eval.generate.zero3, cfg.deepspeed.zero_stage, world, device)
     return Setup(task, engine, processor, shard, data, labels, steps, rank, world,
-                 model_id, checkpoints.trainable_digest(trainable), precision, whole_model, reference_folder=folder)
+                 model_id, checkpoints.trainable_digest(trainable), precision, whole_model)
 
 
 @contextmanager
