@@ -251,3 +251,38 @@ def test_the_reference_is_keyed_by_the_weights_bytes_not_their_path(tmp_path):
     other_seed = from_dict({**raw(), "model": {"architecture": {"model_type": "gpt2"}, "tokenizer": "t",
                                                "task": "preference"}, "seed": 1})
     assert weights_digest(inline, None) != weights_digest(other_seed, None)  # the seed makes the weights
+
+
+def test_trls_own_losses_on_the_same_log_probabilities_equal_ours(monkeypatch):
+    """TRL (test-only dependency) keeps DPO's loss inside DPOTrainer._compute_loss (private, needs a
+    model's outputs), but its CPO and ORPO trainers' public loss methods take log-probabilities:
+    CPO's sigmoid / ipo / simpo are DPO (reference 0), IPO (per-token averages, reference 0) and
+    SimPO; ORPO's odds-ratio term is ours. Called on a stand-in trainer holding only the settings
+    they read."""
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    pytest.importorskip("trl")
+    from trl.experimental.cpo import CPOTrainer
+    from trl.experimental.orpo import ORPOTrainer
+
+    def trl(loss_type, chosen, rejected, beta, eps=0.0, gamma=0.5):
+        settings = SimpleNamespace(alpha=0.0, loss_type=loss_type, beta=beta, label_smoothing=eps, simpo_gamma=gamma,
+                                   accelerator=SimpleNamespace(device="cpu"))
+        return CPOTrainer.cpo_loss(settings, chosen, rejected)
+
+    zero = T(0.0, 0.0)
+    ours, theirs = dpo(C, R, zero, zero, 0.5, 0.1), trl("sigmoid", C, R, 0.5, 0.1)
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b.double(), atol=1e-12)
+    ours, theirs = ipo(C, R, zero, zero, NC, NR, 0.2), trl("ipo", C / NC, R / NR, 0.2)
+    assert torch.allclose(ours[0], theirs[0].double(), atol=1e-12)
+    ours, theirs = simpo(C, R, NC, NR, 2.0, 0.5, 0.1), trl("simpo", C / NC, R / NR, 2.0, 0.1, 0.5)
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b.double(), atol=1e-12)
+    odds, chosen_rewards, _, _, _ = ORPOTrainer.odds_ratio_loss(
+        SimpleNamespace(beta=0.1, accelerator=SimpleNamespace(device="cpu")), C / NC, R / NR)
+    ours = orpo(C, R, NC, NR, 0.1)
+    # TRL returns beta * log sigma(log odds ratio) and subtracts it from the chosen NLL outside
+    assert torch.allclose(ours[0], (-(C / NC) - odds.double()), atol=1e-6)
+    assert torch.allclose(ours[1], chosen_rewards.double(), atol=1e-6)
