@@ -253,6 +253,7 @@ def describe(plan: Plan, cfg: RunConfig) -> str:
         f"offload {cfg.deepspeed.offload}",
         memory_line(plan, cfg),
         *logits_lines(plan, cfg),
+        *reference_lines(plan, cfg),
     ] + generation_lines(cfg, plan.total) \
       + [f"training mix: {Path(path).name} {n:,} rows, weight {w:g}: {share:.1%} of each epoch's draws"
          for path, w, n, share in plan.sources]
@@ -262,6 +263,18 @@ def describe(plan: Plan, cfg: RunConfig) -> str:
          if cfg.test.checkpoint == "best" else [])
       + ([f"task: {cfg.model.task}, {len(plan.labels)} labels: {', '.join(plan.labels[:12])}"
           f"{' ...' if len(plan.labels) > 12 else ''}"] if plan.labels else []))
+
+
+def reference_lines(plan: Plan, cfg: RunConfig) -> list[str]:
+    """A preference objective's reference pass (trainer/reference.py): what it costs, before training."""
+    from trainer.tasks.registry import TASKS, get_task
+
+    if not TASKS[cfg.model.task].references or not get_task(cfg.model.task).needs_reference(cfg):
+        return []
+    pairs = sum(plan.rows.values())
+    return [f"reference: before training (unless stored for these weights and data), the starting model once more "
+            f"(the training setup's model-state memory, released before training) and one forward pass without "
+            f"gradients over {pairs:,} pairs ({2 * pairs:,} sequences, {2 * cfg.train.micro_batch_size} per forward)"]
 
 
 def generation_lines(cfg: RunConfig, total_params: int = 0) -> list[str]:

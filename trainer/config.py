@@ -472,6 +472,45 @@ class TrackingConfig:
         object.__setattr__(self, "report_to", chosen)
 
 
+PREFERENCE_LOSSES = ("dpo", "ipo", "simpo", "orpo")  # preference.loss (trainer/preference_loss.py)
+REFERENCE_FREE = ("simpo", "orpo")  # objectives without a reference model
+
+
+@dataclass(frozen=True)
+class PreferenceConfig:
+    """model.task: preference: the objective over chosen/rejected pairs (trainer/preference_loss.py)."""
+    # dpo (sigmoid), ipo (squared, per-token averaged log-ratios), simpo (length-normalised, no
+    # reference), orpo (NLL + odds ratio, no reference).
+    loss: Literal["dpo", "ipo", "simpo", "orpo"] = "dpo"
+    beta: float = 0.1  # dpo/simpo/orpo: the reward scale; ipo: the regularisation tau (target margin 1 / (2 beta))
+    label_smoothing: float = 0.0  # dpo/simpo: the share of pairs assumed flipped (conservative DPO)
+    gamma: float = 0.5  # simpo: the target reward margin
+    # dpo/ipo: precomputed (the starting model's log-probabilities, computed once before training and
+    # kept with the prepared data) or adapters_off (finetune.mode: lora: the base with the adapters
+    # disabled, one more forward per micro-batch). Reference-free objectives use none.
+    reference: Literal["precomputed", "adapters_off"] = "precomputed"
+
+    def __post_init__(self) -> None:
+        if not self.beta > 0:
+            raise ValueError(f"preference.beta must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"preference.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss not in ("dpo", "simpo"):
+            raise ValueError(f"preference.label_smoothing applies to the dpo and simpo losses, not {self.loss!r}")
+        if self.gamma < 0:
+            raise ValueError(f"preference.gamma must be >= 0, got {self.gamma}")
+
+    @property
+    def needs_reference(self) -> bool:
+        """The objective compares with the starting model's log-probabilities."""
+        return self.loss not in REFERENCE_FREE
+
+    @property
+    def precomputed(self) -> bool:
+        """The reference log-probabilities come from the pass before training."""
+        return self.needs_reference and self.reference == "precomputed"
+
+
 @dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig
@@ -487,11 +526,17 @@ class RunConfig:
     tune: Optional[TuneConfig] = None  # the search `sft-launch --tune` runs
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)  # model.task: preference
     output_dir: Optional[str] = None  # default (set by the CLI): runs/<config file name>
     seed: int = 42
 
     def __post_init__(self) -> None:
         # What depends on the task (packing, metrics, generation) is checked by trainer/config_checks.py.
+        p = self.preference
+        if p.needs_reference and p.reference == "adapters_off" and self.finetune.mode != "lora":
+            raise ValueError(f"preference.reference: adapters_off needs finetune.mode: lora (the base model with the "
+                             f"adapters disabled is the reference), got finetune.mode {self.finetune.mode!r}; "
+                             f"use preference.reference: precomputed")
         if self.test.checkpoint == "best" and self.train.eval_every % self.train.save_interval:
             raise ValueError(f"test.checkpoint: best tests the best evaluated checkpoint, so every evaluation must "
                              f"write one: train.eval_every ({self.train.eval_every}) must be a multiple of "

@@ -44,11 +44,21 @@ def check(cfg: RunConfig) -> None:
     if cfg.tune is not None and cfg.tune.metric not in task.metrics:
         raise ValueError(f"tune.metric is {cfg.tune.metric!r}, but model.task {m.task!r} reports "
                          f"{', '.join(task.metrics)} at validation")
+    check_task_section(cfg, task)
     g = cfg.eval.generate
     if not task.generates and (g.num_examples or g.test):
         key, value = ("num_examples", g.num_examples) if g.num_examples else ("test", "true")
         raise ValueError(f"eval.generate.{key} is {value}, but model.task {m.task!r} does not "
                          f"generate text (only causal_lm does); remove it or set it to 0 / false")
+
+
+def check_task_section(cfg: RunConfig, task) -> None:
+    """A task's own section (TaskSpec.section) is set only for that task."""
+    for section in {spec.section for spec in TASKS.values() if spec.section} - {task.section}:
+        if getattr(cfg, section) != type(getattr(cfg, section))():
+            owner = next(name for name, spec in TASKS.items() if spec.section == section)
+            raise ValueError(f"the {section} section is set, but model.task is {cfg.model.task!r}; "
+                             f"use model.task: {owner} (or remove the section)")
 
 
 def generate_examples(cfg: RunConfig) -> int:

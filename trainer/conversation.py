@@ -190,7 +190,7 @@ def detect(columns: Sequence[str], rows: Sequence[dict], d: DataConfig, source: 
 # ---------------------------------------------------------------- one row
 
 
-def _text(value: Any, column: str, what: str = "") -> str:
+def cell_text(value: Any, column: str, what: str = "") -> str:
     """`what`: the part of the cell at fault ("" for the whole cell)."""
     what = what + " " if what else ""
     if not isinstance(value, str):
@@ -237,7 +237,7 @@ def _tools(value: Any, column: str) -> tuple[dict, ...]:
     return tuple(t if "function" in t else {"type": "function", "function": t} for t in value)
 
 
-def _chat_turns(value: Any, r: Reading) -> list[Turn]:
+def chat_turns(value: Any, r: Reading) -> list[Turn]:
     column = r.messages
     if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
         raise BadRow(column, f"must be a non-empty list of {{{r.role_key}, {r.content_key}}} turns")
@@ -261,17 +261,17 @@ def _chat_turns(value: Any, r: Reading) -> list[Turn]:
         if calls and content in (None, ""):
             turns.append(Turn(role, "", calls))
             continue
-        turns.append(Turn(role, _text(content, column, f"turn {n}'s {r.content_key!r}"), calls))
+        turns.append(Turn(role, cell_text(content, column, f"turn {n}'s {r.content_key!r}"), calls))
     return turns
 
 
 def read(record: dict, r: Reading) -> Conversation:
     """One row as a conversation; a BadRow says what is wrong with it."""
     if r.format == "pair":
-        turns = [Turn("user", _text(record[r.prompt], r.prompt)),
-                 Turn("assistant", _text(record[r.response], r.response))]
+        turns = [Turn("user", cell_text(record[r.prompt], r.prompt)),
+                 Turn("assistant", cell_text(record[r.response], r.response))]
     elif r.format == "alpaca":
-        instruction = _text(record[r.prompt], r.prompt)
+        instruction = cell_text(record[r.prompt], r.prompt)
         extra = record.get(r.query)
         if extra is not None and not isinstance(extra, str):
             raise BadRow(r.query, f"must be text, got {extra!r}")
@@ -279,12 +279,12 @@ def read(record: dict, r: Reading) -> Conversation:
         for n, pair in enumerate(record.get(r.history) or [], 1):
             if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
                 raise BadRow(r.history, f"entry {n} must be an [instruction, output] pair, got {pair!r}")
-            turns += [Turn("user", _text(pair[0], r.history, f"entry {n}'s instruction")),
-                      Turn("assistant", _text(pair[1], r.history, f"entry {n}'s output"))]
+            turns += [Turn("user", cell_text(pair[0], r.history, f"entry {n}'s instruction")),
+                      Turn("assistant", cell_text(pair[1], r.history, f"entry {n}'s output"))]
         turns += [Turn("user", instruction + ("\n" + extra if extra and extra.strip() else "")),
-                  Turn("assistant", _text(record[r.response], r.response))]
+                  Turn("assistant", cell_text(record[r.response], r.response))]
     else:
-        turns = _chat_turns(record[r.messages], r)
+        turns = chat_turns(record[r.messages], r)
     system = record.get(r.system)
     if system is not None and not isinstance(system, str):
         raise BadRow(r.system, f"must be text, got {system!r}")

@@ -26,6 +26,7 @@ class Shard:
     generate: Optional[Callable[..., Any]] = None  # generator(model, ...): answers, every rank together
     model: Any = None  # the engine, for a task's own evaluation (see Task.evaluate)
     loss_impl: LossImpl = LossImpl("standard")  # train.loss_impl as resolved: chunked/liger evaluate per chunk
+    config: Any = None  # the RunConfig, for a task's own evaluation settings (preference: its objective)
 
     def chunks(self, n: int) -> Iterator[list[int]]:
         """This rank's positions of 0..n-1, a batch at a time. Every rank gets the same number of

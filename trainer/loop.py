@@ -17,7 +17,7 @@ from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 
-from trainer import checkpoints, early_stopping
+from trainer import checkpoints, early_stopping, reference
 from trainer.checkpoints import TrainState
 from trainer.config import RunConfig
 from trainer.config_checks import generate_examples, generates_test
@@ -63,6 +63,7 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
     import torch.distributed as dist
 
     start_from = args.restart_from or args.resume_from
+    reference.ensure(cfg, args, reporter)  # a preference objective's reference pass, once (its engine released)
     s = setup(cfg, args, ("train", "validation"), reporter, start_from)
     engine, rank = s.engine, s.rank
     log = reporter.log if rank == 0 else (lambda text: None)
@@ -88,7 +89,7 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
             units += s.task.count(examples)
             batch = {k: v.to(s.shard.device) for k, v in s.shard.collate(examples).items()}
             places += batch["input_ids"].numel() if "input_ids" in batch else 0
-            loss = s.task.loss(engine, batch, s.shard.loss_impl)  # the task's objective
+            loss = s.task.loss(engine, batch, s.shard.loss_impl, cfg)  # the task's objective
             engine.backward(loss)
             if own_norm and engine.is_gradient_accumulation_boundary():
                 norm = grad_norm(params)  # the gradients are averaged across ranks by now
@@ -164,6 +165,7 @@ def run_test(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TestResult
     import torch.distributed as dist
 
     phases = Phases(reporter if dist.get_rank() == 0 else None)  # each part's seconds, on the console
+    reference.ensure(cfg, args, reporter)  # stored by training already (a search's test group reads it)
     s = setup(cfg, args, ("test",), reporter, args.final_checkpoint)
     answering = len(s.data["test"]) if generates_test(cfg) else 0  # every test prompt, or none
     phases.done("test phase: the model and engine built")

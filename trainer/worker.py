@@ -15,7 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Optional
 
-from trainer import checkpoints, data_cache
+from trainer import checkpoints, data_cache, reference
 from trainer.chunked_loss import loss_implementation
 from trainer.config import RunConfig
 from trainer.data import Prepared
@@ -27,7 +27,7 @@ from trainer.lora import trainable_model
 from trainer.model import build_model, load_processor, model_config, prepare_pretrained
 from trainer.report import Reporter
 from trainer.schedule import total_steps
-from trainer.tasks.registry import Task, get_task
+from trainer.tasks.registry import TASKS, Task, get_task
 from trainer.zero3_generation import GenerationWeights, generation_weights
 
 
@@ -53,9 +53,11 @@ class Setup:
 
 
 def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: Reporter,
-          checkpoint: Optional[str] = None) -> Setup:
+          checkpoint: Optional[str] = None, with_reference: bool = True) -> Setup:
     """Model, freezing, data and DeepSpeed engine, identical on every rank; the engine ready to load
-    `checkpoint` (of another world size too: checkpoints.universal_copy)."""
+    `checkpoint` (of another world size too: checkpoints.universal_copy). A task whose objective
+    reads the starting model's log-probabilities gets them as columns of its splits (computed before
+    by trainer/reference.py; `with_reference=False`: the pass that computes them)."""
     import torch
     import torch.distributed as dist
 
@@ -81,6 +83,12 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: R
     else:
         prepared = data_cache.prepare(cfg, processor, None)
     labels, data = prepared.labels, {name: prepared.splits[name] for name in splits}
+    if with_reference and TASKS[cfg.model.task].references and task.needs_reference(cfg):
+        folder = reference.folder_for(cfg, reference.root_for(args), model_dir, precision, processor)
+        if not reference.is_complete(folder):
+            raise RuntimeError(f"no reference log-probabilities in {folder}: trainer/reference.py ensure() "
+                               f"computes them before training")
+        data = {name: reference.attach(p, folder, name) for name, p in data.items()}
     model_id = checkpoints.model_identity(cfg.model)
     universal = checkpoint is not None and checkpoints.universal_copy(
         Path(checkpoint), model_id, world, rank, reporter.log if rank == 0 else (lambda text: None))
@@ -109,7 +117,7 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: R
         reporter.log(f"loss: {loss_impl.name} (train.loss_impl: {cfg.train.loss_impl}), the logits in "
                      f"{loss_impl.chunks} chunk(s) per micro-batch")
     shard = Shard(lambda batch: engine(**batch).logits, task.collator(processor), rank, world,
-                  cfg.train.micro_batch_size, device, model=engine, loss_impl=loss_impl)
+                  cfg.train.micro_batch_size, device, model=engine, loss_impl=loss_impl, config=cfg)
     whole_model = partial(generation_weights, engine, cfg.eval.generate.zero3, cfg.deepspeed.zero_stage, world, device)
     return Setup(task, engine, processor, shard, data, labels, steps, rank, world,
                  model_id, checkpoints.trainable_digest(trainable), precision, whole_model)

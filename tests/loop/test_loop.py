@@ -45,14 +45,14 @@ def test_same_seed_same_losses_and_validation_decreases(tmp_path, tokenizer_dir,
 
 
 def test_the_task_module_defines_the_training_objective(tmp_path, tokenizer_dir, process_group, monkeypatch):
-    """The loop trains on the task's `loss(model, batch, impl)` (impl: train.loss_impl resolved; auto is
+    """The loop trains on the task's `loss(model, batch, impl, cfg)` (impl: train.loss_impl resolved; auto is
     standard for logits this small): an objective that is zero everywhere leaves
     the weights (so the validation loss) where they started, while the model's own loss goes down."""
     from trainer.tasks import causal_lm, common
 
     seen = []
 
-    def flat(model, batch, impl):
+    def flat(model, batch, impl, cfg):
         seen.append((type(model).__name__, sorted(batch), impl.name))
         return 0.0 * common.model_loss(model, batch)
 

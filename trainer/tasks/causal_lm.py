@@ -61,7 +61,7 @@ def hidden_state_objective(lm, impl: str, chunks: int):
             lm.forward = before
 
 
-def loss(model, batch: dict, impl):
+def loss(model, batch: dict, impl, cfg=None):
     """The training objective: the model's own loss (standard), or the same mean token cross-entropy
     without the full logits (chunked, liger; trainer/chunked_loss.py). `impl`: a LossImpl."""
     if impl.name == "standard":

@@ -28,7 +28,7 @@ class NoUsableRows(ConfigError):
         return type(self), (str(self), self.dropped)
 
 
-def model_loss(model, batch: dict, impl=None):
+def model_loss(model, batch: dict, impl=None, cfg=None):
     """The training objective most tasks use: the model's own loss on the batch's labels (token
     cross-entropy for causal LMs, cross-entropy over the label ids for classifiers). `model` is the
     DeepSpeed engine (its forward is the model's, with ZeRO's gathering); `batch` is what the task's

@@ -39,6 +39,12 @@ class TaskSpec:
     # train.loss_impl chunked / liger apply: the module's loss and evaluate compute the logits from
     # the model's last hidden states a slice at a time (trainer/chunked_loss.py).
     chunks_loss: bool = False
+    # The objective may compare with the starting model's per-example log-probabilities, computed once
+    # before training (trainer/reference.py); then the module also has needs_reference(cfg) -> bool
+    # and reference_logps(shard, prepared) -> [(chosen, rejected)] by position.
+    references: bool = False
+    # The config section that holds this task's own settings (RunConfig.<section>); other tasks refuse it.
+    section: Optional[str] = None
 
 
 # model.task -> what the task is and the module that implements it.
@@ -50,6 +56,10 @@ TASKS = {
                                         "tokenizer", "tokens", ("loss", "accuracy", "macro_f1")),
     "token_classification": TaskSpec("trainer.tasks.token_classification", "AutoModelForTokenClassification",
                                      "tokenizer", "tokens", ("loss", "precision", "recall", "f1", "token_accuracy")),
+    "preference": TaskSpec("trainer.tasks.preference", "AutoModelForCausalLM", "tokenizer", "tokens",
+                           ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                            "logps/chosen", "logps/rejected"), generates=True, references=True,
+                           section="preference"),
     "image_classification": TaskSpec("trainer.tasks.image_classification", "AutoModelForImageClassification",
                                      "image_processor", "samples", ("loss", "accuracy", "macro_f1")),
 }
@@ -76,19 +86,20 @@ class Task(Protocol):
     def count(self, examples: list[dict]) -> int:
         """How many units (TaskSpec.unit) a micro-batch's examples hold (real tokens, not padding; or samples)."""
 
-    def loss(self, model: Any, batch: dict, impl: LossImpl) -> Any:
+    def loss(self, model: Any, batch: dict, impl: LossImpl, cfg: RunConfig) -> Any:
         """The training objective of one micro-batch, a scalar tensor the engine backpropagates.
         `model`: the DeepSpeed engine (its forward is the model's; its `module` the model itself,
         whose submodules, the LM head say, can be called on their own, also under ZeRO-3); `batch`:
         the collator's output on the device, extra per-example columns included (the model's forward
         takes only its own: pop the others); `impl`: train.loss_impl as resolved for this run
-        (trainer/chunked_loss.py; only tasks with TaskSpec.chunks_loss see other than standard).
+        (trainer/chunked_loss.py; only tasks with TaskSpec.chunks_loss see other than standard);
+        `cfg`: the run's config (an objective's own settings, e.g. the preference: section).
         Most tasks: common.model_loss, the model's own loss."""
 
     def evaluate(self, shard: Shard, prepared: Prepared, labels: list[str]) -> tuple[dict, list[dict]]:
         """Metrics over the whole split (each example once across ranks) and per-example rows for
         test_predictions.jsonl (empty when the task has none). `shard.model` is the engine, for a
-        task whose evaluation is not a function of the logits (shard.forward)."""
+        task whose evaluation is not a function of the logits (shard.forward); `shard.config` the run's config."""
 
 
 def get_task(name: str) -> Task:
