@@ -1,9 +1,8 @@
 """model.task: preference on tiny real models: the concatenated forward's log-probabilities, the
-reference pass (once, reused), training that learns the preferred answers, and ZeRO-3 on two ranks
-giving one worker's reference and metrics."""
+reference pass (once, reused), training that learns the preferred answers, LoRA's adapters-off
+reference, resume. Two ZeRO-3 ranks giving one worker's reference and metrics:
+tests/ranks/test_preference_ranks.py."""
 import json
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -109,56 +108,6 @@ def test_training_learns_the_chosen_answers_with_the_reference_computed_once(tmp
                                      test_after=False))
     assert not [line for line in again.lines if line.startswith("reference: computed")]
     assert [m.validation for m, _ in again.calls] == validation  # the same reference, the same run
-
-
-def _rank(rank: int, world: int, port: int, raw: dict, out: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
-    import torch.distributed as dist
-
-    from trainer.loop import run
-    from trainer.reference import location
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    cfg, args = from_dict(raw), WorkerArgs(cache_dir=os.path.join(out, "cache"))
-    reporter = ListReporter(Path(out) / "ckpt" / str(rank))
-    run(cfg, reporter, args)
-    if rank == 0:
-        folder = location(cfg, args)
-        with open(os.path.join(out, "result.json"), "w") as f:
-            json.dump({"validation": [m.validation for m, _ in reporter.calls],
-                       "reference": {s: np.load(folder / f"{s}.npy").tolist() for s in ("train", "validation", "test")}},
-                      f)
-    dist.destroy_process_group()
-
-
-def _run_spawned(tmp_path: Path, raw: dict, world: int) -> dict:
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = tmp_path / f"world{world}"
-    out.mkdir()
-    mp.spawn(_rank, args=(world, port, raw, str(out)), nprocs=world, join=True)
-    return json.loads((out / "result.json").read_text())
-
-
-def test_two_zero3_ranks_give_one_workers_reference_and_metrics(tmp_path, tokenizer_dir):
-    """The same global batch (2 x 4 or 1 x 8) under ZeRO-3: the distributed reference pass stores the
-    values one worker computes, and the validation metrics (35 pairs: uneven shards) agree."""
-    base = preference_config(tmp_path, tokenizer_dir, deepspeed={"zero_stage": 3},
-                             train={"max_steps": 4, "eval_every": 2, "save_every": 4, "micro_batch_size": 4},
-                             scaling={"workers_per_node": 2})
-    one = {**base, "train": {**base["train"], "micro_batch_size": 8}, "scaling": {**base["scaling"], "workers_per_node": 1}}
-    two_ranks, one_rank = _run_spawned(tmp_path, base, 2), _run_spawned(tmp_path, one, 1)
-    for split in ("train", "validation", "test"):
-        assert np.allclose(two_ranks["reference"][split], one_rank["reference"][split], atol=1e-5)
-    assert len(two_ranks["validation"]) == 2
-    for a, b in zip(two_ranks["validation"], one_rank["validation"]):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert a[key] == pytest.approx(b[key], abs=1e-4), key
 
 
 def test_lora_with_adapters_off_as_the_reference_needs_no_reference_pass(tmp_path, tokenizer_dir, process_group):
