@@ -1,0 +1,57 @@
+"""Elastic continuation (scaling.min_nodes): the keys, and the global batch kept on every worker count
+of the range (the accumulation recomputed, the step count and LR schedule unchanged)."""
+import pytest
+
+from trainer.config import ConfigError
+from trainer.config_load import from_dict
+from trainer.ds_config import deepspeed_config
+from trainer.schedule import accumulation, check_elastic, counts_losing_the_global_batch, steps_of_run
+
+
+def cfg(scaling, **train):
+    return from_dict({"model": {"name_or_path": "gpt2"}, "data": {"train_file": "x"},
+                      "train": {"micro_batch_size": 2, "gradient_accumulation": 1, **train}, "scaling": scaling},
+                     "cfg.yaml")
+
+
+def test_min_nodes_defaults_to_nodes_and_is_checked():
+    plain = cfg({"nodes": 3, "workers_per_node": 2})
+    assert plain.scaling.min_world_size == 6 and not plain.scaling.is_elastic
+    elastic = cfg({"nodes": 3, "workers_per_node": 2, "min_nodes": 1, "resize_check_s": 5})
+    assert elastic.scaling.min_world_size == 2 and elastic.scaling.is_elastic
+    assert elastic.scaling.resize_check_s == 5.0
+    with pytest.raises(ConfigError, match=r"cfg.yaml: scaling.min_nodes must be between 1 and scaling.nodes \(2\), got 3"):
+        cfg({"nodes": 2, "min_nodes": 3})
+    with pytest.raises(ConfigError, match=r"scaling.resize_check_s must be > 0, got 0"):
+        cfg({"nodes": 2, "min_nodes": 1, "resize_check_s": 0})
+
+
+def test_an_elastic_run_keeps_its_global_batch_on_every_size():
+    c = cfg({"nodes": 2, "workers_per_node": 2, "min_nodes": 1}, gradient_accumulation=3)  # 12 micro-batches a step
+    assert [accumulation(c.scaling, c.train, w) for w in (2, 3, 4)] == [6, 4, 3]
+    for world in (2, 3, 4):
+        ds = deepspeed_config(c, world, "fp32")
+        assert ds["train_batch_size"] == 2 * 12 and ds["gradient_accumulation_steps"] * world == 12
+    plain = cfg({"nodes": 2, "workers_per_node": 2}, gradient_accumulation=3)
+    assert accumulation(plain.scaling, plain.train, 1) == 3  # a --resume on another size keeps the key's value
+
+
+def test_the_step_count_is_that_of_the_starting_size():
+    c = cfg({"nodes": 2, "workers_per_node": 1, "min_nodes": 1}, gradient_accumulation=1, epochs=1.0, max_steps=None)
+    # 10 examples, micro batch 2: 5 micro-batches per epoch on 2 workers -> 3 steps, on 1 worker at the
+    # recomputed accumulation of 2 also 3; counted at the starting size whatever the worker count.
+    assert steps_of_run(c, 10, 1) == steps_of_run(c, 10, 2) == 3
+
+
+def test_counts_that_cannot_keep_the_global_batch_are_refused_by_name():
+    c = cfg({"nodes": 4, "workers_per_node": 1, "min_nodes": 2}, gradient_accumulation=1)  # 4 micro-batches a step
+    assert counts_losing_the_global_batch(c.scaling, c.train) == [3]
+    with pytest.raises(ConfigError) as err:
+        check_elastic(c)
+    text = str(err.value)
+    assert "does not divide among 3 worker(s) (it does among 2, 4)" in text
+    assert "train.gradient_accumulation that every count divides (for example 3)" in text
+    check_elastic(cfg({"nodes": 4, "workers_per_node": 1, "min_nodes": 2}, gradient_accumulation=3))  # 12: 2, 3, 4
+    check_elastic(cfg({"nodes": 4, "workers_per_node": 1}))  # not elastic: nothing to keep
+    with pytest.raises(ConfigError, match="3 worker\\(s\\) cannot keep the global batch of 4 micro-batch"):
+        accumulation(c.scaling, c.train, 3)
