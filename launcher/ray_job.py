@@ -19,7 +19,8 @@ from typing import Callable, Optional
 from trainer.config import ConfigError, RunConfig
 from trainer.config_load import from_dict, to_dict
 from trainer.jobs import WorkerArgs
-from trainer.messages import BadInput, LogLine, Received, StorageFailure, Where, WorkerFailure, decode, encode
+from trainer.messages import (BadInput, GroupStarted, GroupStarting, LogLine, Received, StorageFailure, Where, WorkerFailure,
+                              decode, encode)
 from trainer.storage import as_storage_error, writing
 
 # Environment for the driver, the raylet and every worker: quiet, and no Ray features we do not use.
@@ -146,7 +147,8 @@ def cluster_gpus_per_node() -> list[float]:
 
 def check_resources(cfg: RunConfig, gpus_per_worker: float) -> list[str]:
     """The ids of the nodes that will host the workers (the first `scaling.nodes` that can hold
-    `workers_per_node` workers each). Fails within seconds, saying what is missing, when too few can."""
+    `workers_per_node` workers each; an elastic run starts with `scaling.min_nodes` of them too). Fails
+    within seconds, saying what is missing, when too few can."""
     import ray
 
     s = cfg.scaling
@@ -154,12 +156,14 @@ def check_resources(cfg: RunConfig, gpus_per_worker: float) -> list[str]:
     need_cpu, need_gpu = s.workers_per_node * s.cpus_per_worker, s.workers_per_node * gpus_per_worker
     fitting = [n["NodeID"] for n in nodes
                if n["Resources"].get("CPU", 0) >= need_cpu and n["Resources"].get("GPU", 0) >= need_gpu]
-    if len(fitting) >= s.nodes:
+    fewest = s.min_world_size // s.workers_per_node
+    if len(fitting) >= fewest:
         return fitting[:s.nodes]
     total_cpu = sum(n["Resources"].get("CPU", 0) for n in nodes)
     total_gpu = sum(n["Resources"].get("GPU", 0) for n in nodes)
+    asked = f"{fewest} (scaling.min_nodes) to {s.nodes}" if s.is_elastic else f"{s.nodes}"
     raise LaunchError(
-        f"the Ray cluster cannot place {s.nodes} node(s) x {s.workers_per_node} worker(s): each node needs "
+        f"the Ray cluster cannot place {asked} node(s) x {s.workers_per_node} worker(s): each node needs "
         f"{need_cpu:g} CPU(s){f' and {need_gpu:g} GPU(s)' if need_gpu else ''}, and {len(fitting)} of its "
         f"{len(nodes)} node(s) have that (cluster total: {total_cpu:g} CPUs, {total_gpu:g} GPUs). Lower "
         f"--nodes / --workers-per-node / scaling.cpus_per_worker, or add nodes to the cluster.")
@@ -196,10 +200,14 @@ def check_shared_storage(node_ids: list[str], directory: Path, key: str = "outpu
 
 def placement(cfg: RunConfig, node_ids: list[str]) -> dict:
     """ScalingConfig placement: on one node, pack; on several, pin `workers_per_node` workers to each
-    chosen node by its id label, which no placement strategy alone can express."""
+    chosen node by its id label, which no placement strategy alone can express. An elastic run is
+    placed by resources alone: on a resize Ray 2.60 keeps the first entries of a per-worker label
+    list, which could pin the new group to the node that was lost."""
     s = cfg.scaling
     if s.nodes == 1:
         return {"placement_strategy": "PACK"}
+    if s.is_elastic:
+        return {"placement_strategy": "SPREAD"}
     return {"placement_strategy": "SPREAD",
             "label_selector": [{"ray.io/node-id": node_ids[i // s.workers_per_node]} for i in range(s.world_size)]}
 
@@ -303,10 +311,22 @@ def test_worker(loop_config: dict) -> None:
 
 def _forwarding_callback(q):
     from ray.train import UserCallback
+    from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
 
-    class Forward(UserCallback):
+    class Forward(UserCallback, ControllerCallback, WorkerGroupCallback):
         """Runs in Ray Train's controller; hands every report to the driver through a queue actor, as
-        the controller's typed message (one per report, each rank's part and place in it)."""
+        the controller's typed message (one per report, each rank's part and place in it), and every
+        worker group it starts (an elastic run's resizes). The two group hooks are Ray Train 2.60's
+        internal callback interfaces (pyproject bounds Ray below 2.61); the controller accepts any
+        RayTrainCallback in RunConfig.callbacks and calls the hooks of the classes it derives from."""
+
+        def before_controller_execute_resize_decision(self, resize_decision):
+            q.actor.put_nowait.remote(GroupStarting(resize_decision.num_workers))
+
+        def after_worker_group_start(self, worker_group):
+            q.actor.put_nowait.remote(GroupStarted(tuple(
+                Where(w.metadata.node_id, w.metadata.node_ip, w.metadata.hostname, w.metadata.pid)
+                for w in worker_group.get_workers())))
 
         def after_report(self, run_context, metrics, checkpoint):
             decoded = [decode(m) for m in metrics]
@@ -408,19 +428,32 @@ def fit(cfg: RunConfig, worker: Callable, args: WorkerArgs, storage: Path, name:
         check_shared_storage(node_ids, Path(cfg.output_dir).resolve())
         if args.data_dir:
             check_shared_storage(node_ids, Path(args.data_dir), "data.cache_dir")
-    q = Queue(actor_options={"num_cpus": 0})  # fits in a search trial's placement group too
+    # The queue lives on the driver's node (losing another node must not take it along); with one node
+    # it fits in a search trial's placement group too.
+    queue_options = {"num_cpus": 0}
+    if s.nodes > 1:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        queue_options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False)
+    q = Queue(actor_options=queue_options)
     args = dataclasses.replace(args, threads=s.cpus_per_worker, use_gpu=gpus > 0)
     trainer = TorchTrainer(
         train_loop_per_worker=worker,
         train_loop_config={"cfg": to_dict(cfg), "args": args, "queue": q},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=s.world_size, use_gpu=gpus > 0, **placement(cfg, node_ids),
+            # elastic: Ray's worker range, resized at a failure and checked for growth every resize_check_s
+            num_workers=(s.min_world_size, s.world_size) if s.is_elastic else s.world_size,
+            **({"elastic_resize_monitor_interval_s": s.resize_check_s} if s.is_elastic else {}),
+            use_gpu=gpus > 0, **placement(cfg, node_ids),
             resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": gpus} if gpus > 0 else {})}),
         torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),  # retention: controller
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            # Ray charges a lost node to max_failures like any worker failure; for an elastic run the driver
+            # counts only the failures that no resize absorbed (Controller.on_group_started).
+            failure_config=ray.train.FailureConfig(max_failures=-1 if s.is_elastic else cfg.train.max_failures),
             callbacks=[_forwarding_callback(q)],
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )

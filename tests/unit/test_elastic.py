@@ -55,3 +55,53 @@ def test_counts_that_cannot_keep_the_global_batch_are_refused_by_name():
     check_elastic(cfg({"nodes": 4, "workers_per_node": 1}))  # not elastic: nothing to keep
     with pytest.raises(ConfigError, match="3 worker\\(s\\) cannot keep the global batch of 4 micro-batch"):
         accumulation(c.scaling, c.train, 3)
+
+
+# ---- the driver's side: resizes and what a failure costs (launcher/resizes.py, the controller)
+
+def where(node, pid):
+    from trainer.messages import Where
+
+    return Where(node, "127.0.0.1", "h", pid)
+
+
+def test_group_log_records_a_shrink_and_a_growth_with_the_node_and_the_time_lost():
+    from launcher.resizes import GroupLog, Resize
+
+    log = GroupLog()
+    assert log.started((where("A", 1), where("B", 2)), now=0.0) == "first"
+    assert log.stepped(1, now=1.0) is None
+    log.halted(now=10.0)  # the failure
+    log.halted(now=11.0)  # Ray's decision to start the smaller group: the clock started already
+    assert log.started((where("A", 3),), now=30.0) == "resize"
+    assert log.stepped(5, now=40.5) == Resize(4, 2, 1, "B", 30.5)
+    log.halted(now=100.0)  # a resize check found node C
+    assert log.started((where("A", 4), where("C", 5)), now=110.0) == "resize"
+    assert log.stepped(9, now=112.0) == Resize(8, 1, 2, "C", 12.0)
+    log.halted(now=200.0)  # a worker process died; the group restarts on as many workers
+    assert log.started((where("A", 6), where("C", 7)), now=210.0) == "same size"
+    assert log.stepped(10, now=211.0) is None and len(log.resizes) == 2 and log.world_size == 2
+
+
+def test_an_elastic_run_counts_only_failures_that_no_resize_absorbed(tmp_path):
+    from launcher.controller import Controller, FailuresExhausted
+    from tests.helpers import tiny_config
+    from trainer.messages import GroupStarted, WorkerFailure
+
+    raw = tiny_config(tmp_path, tmp_path, scaling={"nodes": 2, "workers_per_node": 1, "min_nodes": 1},
+                      train={"max_steps": 20, "max_failures": 1})
+    ctl = Controller(from_dict(raw), tmp_path)
+
+    def failed(pid):
+        return WorkerFailure({0: f"ActorDiedError: worker pid={pid} died"}, {0: "Traceback ..."})
+
+    ctl.receive(GroupStarted((where("A", 1), where("B", 2))))
+    ctl.receive(failed(2))
+    ctl.receive(GroupStarted((where("A", 3),)))  # node B lost: a resize
+    ctl.receive(failed(3))
+    ctl.receive(GroupStarted((where("A", 4),)))  # same size: a restart, the first of max_failures = 1
+    assert ctl.restarts == 1 and ctl.groups.world_size == 1
+    ctl.receive(GroupStarted((where("A", 4), where("C", 5))))  # grown back: no failure, no restart
+    ctl.receive(failed(5))
+    with pytest.raises(FailuresExhausted, match="2 failures that a resize did not absorb"):
+        ctl.receive(GroupStarted((where("A", 6), where("C", 7))))
