@@ -185,6 +185,8 @@ class Controller:
             self.on_failure(item)
         elif isinstance(item, StorageFailure):
             raise StorageError(item.what, item.path, item.error)
+        elif isinstance(item, BadInput):  # one rank's, sent at once (ray_job.RayReporter.refuse)
+            raise ConfigError(item.message)
         elif isinstance(item.first, BadInput):
             self.bad_input = item.first.message
         elif isinstance(item.first, TestResult):

@@ -36,6 +36,12 @@ RAY_ENV = {
     "PYTHONWARNINGS": "ignore",
     "RAY_CHDIR_TO_TRIAL_DIR": "0",  # a search trial runs where a plain run does (relative paths hold)
     "TUNE_DISABLE_SIGINT_HANDLER": "1",  # the launcher's own stop (checkpoint first) handles Ctrl-C
+    # How long Ray Train waits for a worker group's placement before it decides again (default 60 s).
+    # After a lost node its first restart still counts the node (the GCS declares a node dead only
+    # after missed health checks) and waits for a placement that cannot come; measured here: 60 s of
+    # the 72 s from a node's loss to the smaller group's first step. On a cluster that has the
+    # resources, a placement takes well under a second; a timeout is retried, not fatal.
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15",
 }
 
 # The training workers' C allocator: tensors of 64 KiB and more are mapped, and unmapped when freed.
@@ -246,6 +252,12 @@ class RayReporter:
     def track(self, metrics):
         self._queue.actor.put_nowait.remote(metrics)
 
+    def refuse(self, message: str) -> None:
+        """Bad input only this rank sees (a node without the shared storage): at once, through the queue."""
+        import ray
+
+        ray.get(self._queue.actor.put_nowait.remote(BadInput(message)))
+
     def storage_failure(self, failure: StorageFailure) -> None:
         """At once, through the queue: not through report(), whose calls every rank must pair."""
         import ray
@@ -284,12 +296,28 @@ def _reporting_user_faults(reporter: RayReporter, body: Callable[[], object]) ->
         raise
 
 
+def _blind_to_shared_storage(args: WorkerArgs) -> Optional[str]:
+    """Preflight checks shared storage on the nodes present at the start; a node that joins an elastic
+    run later is checked by its own workers: what to tell the user when this one cannot see it."""
+    if not args.shared_probe or Path(args.shared_probe).is_file():
+        return None
+    import ray
+
+    return (f"node {socket.gethostname()} (Ray node {ray.get_runtime_context().get_node_id()[:12]}) does not see "
+            f"output_dir {Path(args.shared_probe).parent}: it is not shared storage there. Every node that may join "
+            f"the run (scaling.min_nodes < nodes: the group grows back onto nodes that join) must mount it")
+
+
 def train_worker(loop_config: dict) -> None:
     import ray.train
 
     from trainer import loop
 
     cfg, args, reporter = _worker_args(loop_config)
+    blind = _blind_to_shared_storage(args)
+    if blind:  # this rank alone: at once through the queue (a report would wait for every rank's)
+        reporter.refuse(blind)
+        return
     latest = ray.train.get_checkpoint()  # set when Ray restarted the worker group mid-run
     if latest is not None:
         with latest.as_directory() as d:
@@ -424,10 +452,14 @@ def fit(cfg: RunConfig, worker: Callable, args: WorkerArgs, storage: Path, name:
     s = cfg.scaling
     gpus = gpus_per_worker(cfg)
     node_ids = check_resources(cfg, gpus)
+    probe = None
     if s.nodes > 1:
         check_shared_storage(node_ids, Path(cfg.output_dir).resolve())
         if args.data_dir:
             check_shared_storage(node_ids, Path(args.data_dir), "data.cache_dir")
+        probe = Path(cfg.output_dir).resolve() / f".shared-probe-{name}"  # for the nodes that join later
+        probe.write_text("sft")
+        args = dataclasses.replace(args, shared_probe=str(probe))
     # The queue lives on the driver's node (losing another node must not take it along); with one node
     # it fits in a search trial's placement group too.
     queue_options = {"num_cpus": 0}
@@ -474,8 +506,12 @@ def fit(cfg: RunConfig, worker: Callable, args: WorkerArgs, storage: Path, name:
             raise Aborted(reason)
         return finished()
 
-    error = in_background("ray-train-fit", trainer.fit, tick)
-    drain(0)
+    try:
+        error = in_background("ray-train-fit", trainer.fit, tick)
+        drain(0)
+    finally:
+        if probe is not None:
+            probe.unlink(missing_ok=True)
     if error is not None:
         inner = _unwrap(error)
         if isinstance(inner, ConfigError):

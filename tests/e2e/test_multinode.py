@@ -1,13 +1,18 @@
 """A real two-node Ray cluster on this machine (two `ray start` processes, token auth on): --nodes 2
-spreads the ranks over both nodes and gives the same results as the single-node run."""
+spreads the ranks over both nodes and gives the same results as the single-node run; an elastic run
+(scaling.min_nodes 1) loses the second node mid-run, goes on on the first, and grows back when a node
+joins again."""
+import contextlib
 import json
 import os
+import re
 import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -30,6 +35,46 @@ def _alive_nodes(address: str, env: dict) -> int:
     return int(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 and proc.stdout.strip() else 0
 
 
+COMMON = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--object-store-memory=100000000", "--block"]
+
+
+@dataclass
+class Cluster:
+    """The head (the driver's node) and the nodes that joined it, each its own `ray start` process
+    group: the node's raylet and every worker it started."""
+    address: str
+    env: dict
+    procs: list = field(default_factory=list)
+
+    def add_node(self) -> None:
+        """Start one more node and wait until the cluster counts it alive (no blind sleep)."""
+        alive = _alive_nodes(self.address, self.env)
+        self.procs.append(subprocess.Popen([RAY, "start", f"--address={self.address}", *COMMON], env=self.env,
+                                           start_new_session=True, stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL))
+        deadline = time.monotonic() + 90
+        while _alive_nodes(self.address, self.env) < alive + 1:
+            assert time.monotonic() < deadline, "the new Ray node did not join"
+            time.sleep(1)
+
+    def kill_node(self, proc) -> list[int]:
+        """SIGKILL every process of a node (its `ray start`, raylet and workers), by pid: the node is lost."""
+        pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _pgid(int(p.name)) == proc.pid]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return pids
+
+
+def _pgid(pid: int):
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
     """Starts and stops only its own Ray processes (never `ray stop`, which ends every Ray here)."""
@@ -37,22 +82,18 @@ def two_nodes(tmp_path_factory):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "RAY_USAGE_STATS_ENABLED": "0"}
     port = _free_port()
-    address = f"127.0.0.1:{port}"
-    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--object-store-memory=100000000", "--block"]
-    procs = [subprocess.Popen([RAY, "start", "--head", f"--port={port}", "--include-dashboard=false",
-                               f"--temp-dir={tmp / 'ray'}", *common], env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    cluster = Cluster(f"127.0.0.1:{port}", env)
+    procs = cluster.procs
+    procs.append(subprocess.Popen([RAY, "start", "--head", f"--port={port}", "--include-dashboard=false",
+                                   f"--temp-dir={tmp / 'ray'}", *COMMON], env=env, start_new_session=True,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     try:
         deadline = time.monotonic() + 90
-        while _alive_nodes(address, env) < 1:
+        while _alive_nodes(cluster.address, env) < 1:
             assert time.monotonic() < deadline, "the Ray head did not come up"
             time.sleep(1)
-        procs.append(subprocess.Popen([RAY, "start", f"--address={address}", *common], env=env,
-                                      start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        while _alive_nodes(address, env) < 2:  # wait until the second node has joined: no blind sleep
-            assert time.monotonic() < deadline, "the second Ray node did not join"
-            time.sleep(1)
-        yield address, env
+        cluster.add_node()
+        yield cluster
     finally:
         for proc in reversed(procs):
             try:
@@ -68,7 +109,7 @@ def two_nodes(tmp_path_factory):
 
 
 def test_two_nodes_one_worker_each_match_the_single_node_run(two_nodes, zero2, tmp_path):
-    address, env = two_nodes
+    address, env = two_nodes.address, two_nodes.env
     single, config, _ = zero2
     target = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "launcher.cli", str(config), "--address", address, "--nodes", "2",
@@ -86,10 +127,88 @@ def test_two_nodes_one_worker_each_match_the_single_node_run(two_nodes, zero2, t
 @pytest.mark.parametrize("extra, message", [
     (("--nodes", "2", "--workers-per-node", "64"), "cannot place 2 node(s) x 64 worker(s)")])
 def test_asking_for_more_than_the_cluster_has_fails_fast(two_nodes, zero2, tmp_path, extra, message):
-    address, env = two_nodes
+    address, env = two_nodes.address, two_nodes.env
     _, config, _ = zero2
     proc = subprocess.run([sys.executable, "-m", "launcher.cli", str(config), "--address", address, *extra,
                            "--output", str(tmp_path / "run")],
                           env=env, capture_output=True, text=True, timeout=300)  # a hang would time out
     assert proc.returncode == 1 and message in proc.stderr
     assert "of its 2 node(s)" in proc.stderr and "CPUs" in proc.stderr
+
+
+def test_a_lost_node_is_absorbed_by_a_resize_and_the_group_grows_back_when_a_node_joins(two_nodes, tokenizer_dir,
+                                                                                       tmp_path):
+    """scaling.min_nodes 1 of 2, one worker per node: the second node's Ray processes are killed by pid
+    after the first checkpoint; the run goes on on the head node alone (from the latest checkpoint,
+    converted to the new world size, the global batch kept), checkpoints there, and grows back to two
+    workers once a new node joins; it completes with every step, each training example of the steps
+    once, and the test evaluation, with train.max_failures 0 (a lost node is not a failure).
+
+    The single worker is held (SIGSTOP) while the new node joins, so the run cannot end before Ray's
+    resize check sees the node: nothing here depends on how fast the machine trains."""
+    from tests.e2e.common import scalars, train_worker_pids
+    from tests.helpers import tiny_config, write_config
+    from trainer import checkpoints
+
+    steps, global_batch = 24, 4 * 2  # micro batch 4 x 2 workers (x accumulation 2 on one worker)
+    raw = tiny_config(tmp_path, tokenizer_dir, train={
+        "max_steps": steps, "micro_batch_size": 4, "eval_every": 12, "save_every": 2, "keep_last": 100,
+        "log_every": 1, "max_failures": 0}, scaling={"nodes": 2, "workers_per_node": 1, "min_nodes": 1,
+                                                     "resize_check_s": 1})
+    config = write_config(tmp_path / "elastic.yaml", raw)
+    target = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", str(config), "--address", two_nodes.address,
+                             "--output", str(target)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**two_nodes.env, "PYTHONUNBUFFERED": "1"})
+    lines, killed, held = [], None, None
+    for line in proc.stdout:
+        lines.append(line)
+        if killed is None and line.startswith(f"[sft] step 3/{steps} "):  # step 2's checkpoint is reported
+            killed = two_nodes.kill_node(two_nodes.procs[1])
+        if held is None and "resize: the worker group goes from 2 to 1 worker(s)" in line:
+            held = "shrunk"
+        if held == "shrunk" and _one_worker_checkpoint(target / "checkpoints"):
+            held = train_worker_pids()
+            for pid in held:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                two_nodes.add_node()
+            finally:
+                for pid in held:
+                    with contextlib.suppress(ProcessLookupError):  # a resize may have ended it meanwhile
+                        os.kill(pid, signal.SIGCONT)
+    text = "".join(lines)
+    assert proc.wait(timeout=600) == 0, text[-4000:]
+    assert killed and isinstance(held, list) and held, text[-4000:]
+    resize_lines = [line for line in lines if line.startswith("[sft] resize: ")]
+    assert len(resize_lines) == 2 and "from 1 to 2 worker(s)" in resize_lines[1], text[-4000:]
+    summary = json.loads((target / "run_summary.json").read_text())
+    assert summary["status"] == "completed" and summary["global_step"] == steps
+    assert summary["world_size"] == 2 and summary["restarts"] == 0  # max_failures 0 was not used up
+    lost, grown = summary["resizes"]
+    final_nodes = {r["node_id"] for r in summary["ranks"]}
+    assert (lost["from_world_size"], lost["to_world_size"], grown["from_world_size"], grown["to_world_size"]) == (2, 1, 1, 2)
+    assert lost["node"] not in final_nodes and grown["node"] in final_nodes and lost["node"] != grown["node"]
+    assert 2 <= lost["step"] < grown["step"] < steps and lost["lost_s"] > 0 and grown["lost_s"] > 0
+    # The data positions: every checkpoint, whichever size wrote it, is at step x global batch places of
+    # epoch 0's order, so the run saw the first steps x global batch examples of that order, each once
+    # (steps x global batch < the training split: no epoch boundary blurs it).
+    states = [checkpoints.read_state(p) for _, p in checkpoints.find_checkpoints(target / "checkpoints")]
+    assert [s.step for s in states] == list(range(2, steps + 1, 2))
+    assert all(s.epoch == 0 and s.position == s.step * global_batch for s in states), \
+        [(s.step, s.world_size, s.epoch, s.position) for s in states]
+    sizes = [s.world_size for s in states]
+    assert [w for i, w in enumerate(sizes) if i == 0 or sizes[i - 1] != w] == [2, 1, 2], sizes  # who wrote each
+    train_rows = int(re.search(r"\[sft\] data: train (\d+), ", text).group(1))
+    assert steps * global_batch < train_rows
+    world = scalars(target / "tensorboard", "train/world_size")
+    assert sorted(world) == list(range(1, steps + 1)) and world[steps] == 2 and 1 in world.values()
+    tested = json.loads((target / "test_metrics.json").read_text())
+    assert tested["step"] == steps and tested["after"]["loss"] < tested["before"]["loss"]
+
+
+def _one_worker_checkpoint(root: Path) -> bool:
+    """A complete checkpoint written by a group of one worker exists (the run went on on one node)."""
+    from trainer import checkpoints
+
+    return any(checkpoints.read_state(p).world_size == 1 for _, p in checkpoints.find_checkpoints(root))
