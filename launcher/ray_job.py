@@ -337,16 +337,15 @@ def test_worker(loop_config: dict) -> None:
 # ---------------------------------------------------------------- driver side
 
 
-def _forwarding_callback(q):
-    from ray.train import UserCallback
+def _group_callback(q):
     from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
 
-    class Forward(UserCallback, ControllerCallback, WorkerGroupCallback):
-        """Runs in Ray Train's controller; hands every report to the driver through a queue actor, as
-        the controller's typed message (one per report, each rank's part and place in it), and every
-        worker group it starts (an elastic run's resizes). The two group hooks are Ray Train 2.60's
-        internal callback interfaces (pyproject bounds Ray below 2.61); the controller accepts any
-        RayTrainCallback in RunConfig.callbacks and calls the hooks of the classes it derives from."""
+    class Groups(ControllerCallback, WorkerGroupCallback):
+        """Runs in Ray Train's controller; tells the driver of every worker group it is about to start
+        and has started, with where each rank runs (an elastic run's resizes). Ray Train 2.60's internal
+        callback interfaces (pyproject bounds Ray below 2.61): RunConfig.callbacks takes any
+        RayTrainCallback; a UserCallback is wrapped and sees only reports and errors, any other one is
+        handed to the controller and the worker group as it is."""
 
         def before_controller_execute_resize_decision(self, resize_decision):
             q.actor.put_nowait.remote(GroupStarting(resize_decision.num_workers))
@@ -355,6 +354,16 @@ def _forwarding_callback(q):
             q.actor.put_nowait.remote(GroupStarted(tuple(
                 Where(w.metadata.node_id, w.metadata.node_ip, w.metadata.hostname, w.metadata.pid)
                 for w in worker_group.get_workers())))
+
+    return Groups()
+
+
+def _forwarding_callback(q):
+    from ray.train import UserCallback
+
+    class Forward(UserCallback):
+        """Runs in Ray Train's controller; hands every report to the driver through a queue actor, as
+        the controller's typed message (one per report, each rank's part and place in it)."""
 
         def after_report(self, run_context, metrics, checkpoint):
             decoded = [decode(m) for m in metrics]
@@ -486,7 +495,7 @@ def fit(cfg: RunConfig, worker: Callable, args: WorkerArgs, storage: Path, name:
             # Ray charges a lost node to max_failures like any worker failure; for an elastic run the driver
             # counts only the failures that no resize absorbed (Controller.on_group_started).
             failure_config=ray.train.FailureConfig(max_failures=-1 if s.is_elastic else cfg.train.max_failures),
-            callbacks=[_forwarding_callback(q)],
+            callbacks=[_forwarding_callback(q), _group_callback(q)],
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
 

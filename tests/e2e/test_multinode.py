@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,14 +59,23 @@ class Cluster:
             time.sleep(1)
 
     def kill_node(self, proc) -> list[int]:
-        """SIGKILL every process of a node (its `ray start`, raylet and workers), by pid: the node is lost."""
-        pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _pgid(int(p.name)) == proc.pid]
-        for pid in pids:
-            try:
+        """SIGKILL every process of a node, by pid: its `ray start`, raylet and agents (the process group
+        of `proc`) and the workers the raylet started (its descendants, in sessions of their own)."""
+        parents = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        node = {pid for pid in parents if _pgid(pid) == proc.pid}
+        while True:
+            more = {pid for pid, parent in parents.items() if parent in node} - node
+            if not more:
+                break
+            node |= more
+        for pid in node:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        return pids
+        return sorted(node)
 
 
 def _pgid(pid: int):
@@ -160,26 +170,28 @@ def test_a_lost_node_is_absorbed_by_a_resize_and_the_group_grows_back_when_a_nod
     proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", str(config), "--address", two_nodes.address,
                              "--output", str(target)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**two_nodes.env, "PYTHONUNBUFFERED": "1"})
-    lines, killed, held = [], None, None
-    for line in proc.stdout:
-        lines.append(line)
-        if killed is None and line.startswith(f"[sft] step 3/{steps} "):  # step 2's checkpoint is reported
-            killed = two_nodes.kill_node(two_nodes.procs[1])
-        if held is None and "resize: the worker group goes from 2 to 1 worker(s)" in line:
-            held = "shrunk"
-        if held == "shrunk" and _one_worker_checkpoint(target / "checkpoints"):
-            held = train_worker_pids()
-            for pid in held:
-                os.kill(pid, signal.SIGSTOP)
-            try:
-                two_nodes.add_node()
-            finally:
-                for pid in held:
-                    with contextlib.suppress(ProcessLookupError):  # a resize may have ended it meanwhile
-                        os.kill(pid, signal.SIGCONT)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    # The events are checkpoints as the workers persist them (every 20 ms a look): the console reaches
+    # the driver up to a poll later, when the group may be steps further.
+    _wait_for(lambda: _written_by(target, 2), proc)  # the first checkpoint, by two workers
+    killed = two_nodes.kill_node(two_nodes.procs[1])
+    _wait_for(lambda: _written_by(target, 1), proc)  # the group of one went on, and checkpointed
+    held = train_worker_pids()
+    for pid in held:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        two_nodes.add_node()
+    finally:
+        for pid in held:
+            with contextlib.suppress(ProcessLookupError):  # a resize may have ended it meanwhile
+                os.kill(pid, signal.SIGCONT)
+    code = proc.wait(timeout=600)
+    reader.join(timeout=60)
     text = "".join(lines)
-    assert proc.wait(timeout=600) == 0, text[-4000:]
-    assert killed and isinstance(held, list) and held, text[-4000:]
+    assert code == 0, text[-4000:]
+    assert len(killed) > 2 and len(held) == 1, (killed, held)
     resize_lines = [line for line in lines if line.startswith("[sft] resize: ")]
     assert len(resize_lines) == 2 and "from 1 to 2 worker(s)" in resize_lines[1], text[-4000:]
     summary = json.loads((target / "run_summary.json").read_text())
@@ -207,8 +219,18 @@ def test_a_lost_node_is_absorbed_by_a_resize_and_the_group_grows_back_when_a_nod
     assert tested["step"] == steps and tested["after"]["loss"] < tested["before"]["loss"]
 
 
-def _one_worker_checkpoint(root: Path) -> bool:
-    """A complete checkpoint written by a group of one worker exists (the run went on on one node)."""
+def _written_by(out: Path, world_size: int) -> bool:
+    """A checkpoint of `out` persisted by a group of `world_size` workers (its state file written)."""
     from trainer import checkpoints
 
-    return any(checkpoints.read_state(p).world_size == 1 for _, p in checkpoints.find_checkpoints(root))
+    for state in out.glob(f"checkpoints/attempt-*/step_*/{checkpoints.STATE_FILE}"):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            if json.loads(state.read_text())["world_size"] == world_size:
+                return True
+    return False
+
+
+def _wait_for(event, proc) -> None:
+    while not event():
+        assert proc.poll() is None, "the launcher ended before the event the test waits for"
+        time.sleep(0.02)

@@ -105,3 +105,15 @@ def test_an_elastic_run_counts_only_failures_that_no_resize_absorbed(tmp_path):
     ctl.receive(failed(5))
     with pytest.raises(FailuresExhausted, match="2 failures that a resize did not absorb"):
         ctl.receive(GroupStarted((where("A", 6), where("C", 7))))
+
+
+def test_one_rank_without_the_shared_storage_ends_the_run_with_its_message(tmp_path):
+    """A node that joined later and cannot see output_dir: its worker's BadInput comes through the queue
+    alone, at once, and ends the run as bad input (exit 2)."""
+    from launcher.controller import Controller
+    from tests.helpers import tiny_config
+    from trainer.messages import BadInput
+
+    ctl = Controller(from_dict(tiny_config(tmp_path, tmp_path)), tmp_path)
+    with pytest.raises(ConfigError, match="does not see output_dir"):
+        ctl.receive(BadInput("node h does not see output_dir /x: it is not shared storage there"))
