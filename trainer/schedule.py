@@ -1,8 +1,9 @@
 """Optimizer steps and the learning-rate schedule over them, as pure functions.
 
 How many optimizer steps a run takes (from the training split, the world size and the batch sizes;
-preflight and the workers count the same way), how many of them warm up, and the schedule DeepSpeed
-builds over them. Imports only the stdlib (transformers inside `lr_scheduler`).
+preflight and the workers count the same way), how many micro-steps make one on a given world size (an
+elastic run keeps its global batch across resizes), how many steps warm up, and the schedule DeepSpeed
+builds over them. Imports only the stdlib and the config schema (transformers inside `lr_scheduler`).
 """
 from __future__ import annotations
 
