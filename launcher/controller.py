@@ -281,6 +281,12 @@ class Controller:
         workers counts against train.max_failures (Ray's own budget is unlimited for elastic runs)."""
         before = self.groups.world_size
         kind = self.groups.started(started.where, time.monotonic())
+        if kind != "first":
+            # What the failed group half wrote goes before the new one replays its steps. Ray's controller
+            # sent every registered checkpoint's report before this message (one sender, in order), so
+            # each of those is marked complete by now.
+            for path in checkpoints.partial_after_latest(self.out / "checkpoints"):
+                shutil.rmtree(path, ignore_errors=True)
         failure, self.unsettled = self.unsettled, None
         latest = checkpoints.find_checkpoints(self.out / "checkpoints")
         resume_at = f"step {latest[-1][0]}" if latest else "the start"

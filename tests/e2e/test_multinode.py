@@ -174,18 +174,25 @@ def test_a_lost_node_is_absorbed_by_a_resize_and_the_group_grows_back_when_a_nod
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
     # The events are checkpoints as the workers persist them (every 20 ms a look): the console reaches
-    # the driver up to a poll later, when the group may be steps further.
-    _wait_for(lambda: _written_by(target, 2), proc)  # the first checkpoint, by two workers
+    # the driver up to a poll later, when the group may be steps further. When the two workers write
+    # step 4, Ray has registered step 2 (a report returns once the controller took it).
+    _wait_for(lambda: _written_by(target, 2, from_step=4), proc)
     killed = two_nodes.kill_node(two_nodes.procs[1])
-    _wait_for(lambda: _written_by(target, 1), proc)  # the group of one went on, and checkpointed
+    # The group of one went on and wrote two checkpoints (so Ray has registered the first of them).
+    _wait_for(lambda: _written_by(target, 1, count=2), proc)
     held = train_worker_pids()
     for pid in held:
         os.kill(pid, signal.SIGSTOP)
     try:
         two_nodes.add_node()
+        # Held until Ray has grown the group (its resize check finds the node, shuts the held group down
+        # after its 5 s of patience and starts two workers): the run cannot end first.
+        deadline = time.monotonic() + 300
+        _wait_for(lambda: any("resize: the worker group goes from 1 to 2" in line for line in lines), proc,
+                  deadline)
     finally:
         for pid in held:
-            with contextlib.suppress(ProcessLookupError):  # a resize may have ended it meanwhile
+            with contextlib.suppress(ProcessLookupError):  # the resize has ended it
                 os.kill(pid, signal.SIGCONT)
     code = proc.wait(timeout=600)
     reader.join(timeout=60)
@@ -219,18 +226,21 @@ def test_a_lost_node_is_absorbed_by_a_resize_and_the_group_grows_back_when_a_nod
     assert tested["step"] == steps and tested["after"]["loss"] < tested["before"]["loss"]
 
 
-def _written_by(out: Path, world_size: int) -> bool:
-    """A checkpoint of `out` persisted by a group of `world_size` workers (its state file written)."""
+def _written_by(out: Path, world_size: int, from_step: int = 0, count: int = 1) -> bool:
+    """`count` checkpoints of `out` (at `from_step` or later) persisted by a group of `world_size`
+    workers: their state files written, whether or not the driver has marked them complete yet."""
     from trainer import checkpoints
 
+    found = 0
     for state in out.glob(f"checkpoints/attempt-*/step_*/{checkpoints.STATE_FILE}"):
         with contextlib.suppress(OSError, ValueError, KeyError):
-            if json.loads(state.read_text())["world_size"] == world_size:
-                return True
-    return False
+            written = json.loads(state.read_text())
+            found += written["world_size"] == world_size and written["step"] >= from_step
+    return found >= count
 
 
-def _wait_for(event, proc) -> None:
+def _wait_for(event, proc, deadline: float = float("inf")) -> None:
     while not event():
         assert proc.poll() is None, "the launcher ended before the event the test waits for"
+        assert time.monotonic() < deadline, "the event the test waits for did not come within 300 s"
         time.sleep(0.02)
