@@ -37,11 +37,11 @@ RAY_ENV = {
     "RAY_CHDIR_TO_TRIAL_DIR": "0",  # a search trial runs where a plain run does (relative paths hold)
     "TUNE_DISABLE_SIGINT_HANDLER": "1",  # the launcher's own stop (checkpoint first) handles Ctrl-C
     # How long Ray Train waits for a worker group's placement before it decides again (default 60 s).
-    # After a lost node its first restart still counts the node (the GCS declares a node dead only
-    # after missed health checks) and waits for a placement that cannot come; measured here: 60 s of
-    # the 72 s from a node's loss to the smaller group's first step. On a cluster that has the
-    # resources, a placement takes well under a second; a timeout is retried, not fatal.
-    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15",
+    # After a lost node its restart still counts the node until Ray's autoscaling coordinator looks at
+    # the cluster again (every 20 s) and waits for a placement that cannot come; measured here with the
+    # default: 60 s of the 72 s from a node's loss to the smaller group's first step. On a cluster
+    # that has the resources a placement takes well under a second; a timeout is retried, not fatal.
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10",
 }
 
 # The training workers' C allocator: tensors of 64 KiB and more are mapped, and unmapped when freed.
