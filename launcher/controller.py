@@ -156,8 +156,8 @@ class Controller:
         if metrics.step <= self.tracked_step:  # a restarted group replays the steps after its checkpoint
             self.tracker.rewind(metrics.step - 1)
         self.tracked_step = metrics.step
-        self.tracker.scalars({**metrics.scalars, "train/world_size": float(self.groups.world_size or self.cfg.scaling.world_size)},
-                             metrics.step)
+        world = self.groups.world_size or self.cfg.scaling.world_size  # the group that took the step
+        self.tracker.scalars({**metrics.scalars, "train/world_size": float(world)}, metrics.step)
         for tag, markdown in metrics.texts.items():
             self.tracker.text(tag, markdown, metrics.step)
 
@@ -243,7 +243,8 @@ class Controller:
         repeated = self.last_failure is not None and self.failed_at == self.last_step \
             and set(self.last_failure.errors.values()) == set(failure.errors.values())
         self.failed_at = self.last_step
-        self.restarts += 0 if self.cfg.scaling.is_elastic else 1  # elastic: counted once the next group shows
+        if not self.cfg.scaling.is_elastic:  # elastic: counted once the next group shows what it cost
+            self.restarts += 1
         latest = checkpoints.find_checkpoints(self.out / "checkpoints")
         resume_at = f"step {latest[-1][0]}" if latest else "the start"
         detail = "; ".join(f"rank {r}: {msg}" for r, msg in sorted(failure.errors.items()))
@@ -293,15 +294,16 @@ class Controller:
         if kind == "resize":
             node = self.groups.pending[2] if self.groups.pending else ""
             how = f"node {node} left" if started.world_size < before else f"node {node} joined"
+            absorbed = f"; the failure ({failure}) does not count against train.max_failures" if failure else ""
             say(f"resize: the worker group goes from {before} to {started.world_size} worker(s) ({how}; "
-                f"{len(set(self.groups.nodes))} node(s) now) and continues from the latest checkpoint ({resume_at}), the global "
-                f"batch kept" + (f"; the failure ({failure}) does not count against train.max_failures" if failure else ""))
+                f"{len(set(self.groups.nodes))} node(s) now) and continues from the latest checkpoint ({resume_at}), "
+                f"the global batch kept{absorbed}")
         elif kind == "same size" and failure is not None:
             self.restarts += 1
             if self.restarts > self.cfg.train.max_failures:
                 say(f"train.max_failures = {self.cfg.train.max_failures} reached: not continuing")
-                raise FailuresExhausted(f"{self.restarts} failures that a resize did not absorb (the last: {failure}); "
-                                        f"train.max_failures = {self.cfg.train.max_failures}")
+                raise FailuresExhausted(f"{self.restarts} failures that a resize did not absorb (the last: "
+                                        f"{failure}); train.max_failures = {self.cfg.train.max_failures}")
             say(f"restart {self.restarts}/{self.cfg.train.max_failures}: the worker group continues on "
                 f"{started.world_size} worker(s) from the latest checkpoint ({resume_at})")
 

@@ -19,8 +19,8 @@ from typing import Callable, Optional
 from trainer.config import ConfigError, RunConfig
 from trainer.config_load import from_dict, to_dict
 from trainer.jobs import WorkerArgs
-from trainer.messages import (BadInput, GroupStarted, GroupStarting, LogLine, Received, StorageFailure, Where, WorkerFailure,
-                              decode, encode)
+from trainer.messages import (BadInput, GroupStarted, GroupStarting, LogLine, Received, StorageFailure, Where,
+                              WorkerFailure, decode, encode)
 from trainer.storage import as_storage_error, writing
 
 # Environment for the driver, the raylet and every worker: quiet, and no Ray features we do not use.
