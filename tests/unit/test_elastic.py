@@ -117,3 +117,19 @@ def test_one_rank_without_the_shared_storage_ends_the_run_with_its_message(tmp_p
     ctl = Controller(from_dict(tiny_config(tmp_path, tmp_path)), tmp_path)
     with pytest.raises(ConfigError, match="does not see output_dir"):
         ctl.receive(BadInput("node h does not see output_dir /x: it is not shared storage there"))
+
+
+def test_an_elastic_run_still_ends_at_once_on_a_deterministic_failure(tmp_path):
+    from launcher.controller import Controller, RepeatedFailure
+    from tests.helpers import tiny_config
+    from trainer.messages import GroupStarted, WorkerFailure
+
+    raw = tiny_config(tmp_path, tmp_path, scaling={"nodes": 2, "workers_per_node": 1, "min_nodes": 1},
+                      train={"max_steps": 20, "max_failures": 5})
+    ctl = Controller(from_dict(raw), tmp_path)
+    bad = WorkerFailure({0: "IndexError: index out of range in self"}, {0: "Traceback ..."})
+    ctl.receive(GroupStarted((where("A", 1), where("B", 2))))
+    ctl.receive(bad)
+    ctl.receive(GroupStarted((where("A", 3), where("B", 4))))
+    with pytest.raises(RepeatedFailure, match="the same error twice before the first step"):
+        ctl.receive(bad)
