@@ -27,12 +27,13 @@ from typing import Optional
 
 from launcher.console import say
 from launcher.records import Evaluation, Outcome, one_per_step
+from launcher.resizes import GroupLog
 from launcher.tracking import Parent, Tracker, open_tracker, public_config, run_params
 from trainer import checkpoints, early_stopping
 from trainer.config import ConfigError, RunConfig
 from trainer.jobs import WorkerArgs
-from trainer.messages import (BadInput, LogLine, Received, StepMetrics, StorageFailure, TestResult, TrainReport,
-                              WorkerFailure)
+from trainer.messages import (BadInput, GroupStarted, GroupStarting, LogLine, Received, StepMetrics, StorageFailure,
+                              TestResult, TrainReport, WorkerFailure)
 from trainer.storage import StorageError, writing
 
 
@@ -136,6 +137,8 @@ class Controller:
     held: list = field(default_factory=list)  # LogLines waiting for the last training report
     tracker: Optional[Tracker] = None  # the run's one writer of metrics (launcher/tracking.py)
     tracked_step: int = 0  # the last step whose metrics went to the tracker
+    groups: GroupLog = field(default_factory=GroupLog)  # the worker groups' sizes and resizes (elastic runs)
+    unsettled: Optional[str] = None  # an elastic run's last failure, until the next group shows what it cost
 
     @property
     def failure_log(self) -> Path:
@@ -153,7 +156,8 @@ class Controller:
         if metrics.step <= self.tracked_step:  # a restarted group replays the steps after its checkpoint
             self.tracker.rewind(metrics.step - 1)
         self.tracked_step = metrics.step
-        self.tracker.scalars(metrics.scalars, metrics.step)
+        world = self.groups.world_size or self.cfg.scaling.world_size  # the group that took the step
+        self.tracker.scalars({**metrics.scalars, "train/world_size": float(world)}, metrics.step)
         for tag, markdown in metrics.texts.items():
             self.tracker.text(tag, markdown, metrics.step)
 
@@ -163,7 +167,15 @@ class Controller:
 
     def receive(self, item) -> None:
         if isinstance(item, StepMetrics):
+            resize = self.groups.stepped(item.step, time.monotonic())
+            if resize is not None:
+                say(f"training again at step {item.step} on {resize.to_world_size} worker(s), {resize.lost_s:g} s "
+                    f"after the group stopped")
             self.track(item)
+        elif isinstance(item, GroupStarting):
+            self.groups.halted(time.monotonic())
+        elif isinstance(item, GroupStarted):
+            self.on_group_started(item)
         elif isinstance(item, LogLine):
             if item.after_training and not self.trained:
                 self.held.append(item.text)
@@ -173,6 +185,8 @@ class Controller:
             self.on_failure(item)
         elif isinstance(item, StorageFailure):
             raise StorageError(item.what, item.path, item.error)
+        elif isinstance(item, BadInput):  # one rank's, sent at once (ray_job.RayReporter.refuse)
+            raise ConfigError(item.message)
         elif isinstance(item.first, BadInput):
             self.bad_input = item.first.message
         elif isinstance(item.first, TestResult):
@@ -229,7 +243,8 @@ class Controller:
         repeated = self.last_failure is not None and self.failed_at == self.last_step \
             and set(self.last_failure.errors.values()) == set(failure.errors.values())
         self.failed_at = self.last_step
-        self.restarts += 1
+        if not self.cfg.scaling.is_elastic:  # elastic: counted once the next group shows what it cost
+            self.restarts += 1
         latest = checkpoints.find_checkpoints(self.out / "checkpoints")
         resume_at = f"step {latest[-1][0]}" if latest else "the start"
         detail = "; ".join(f"rank {r}: {msg}" for r, msg in sorted(failure.errors.items()))
@@ -243,6 +258,15 @@ class Controller:
             for rank, text in sorted(failure.details.items()):
                 print(text.rstrip(), file=sys.stderr, flush=True)
         self.last_failure = failure
+        if self.cfg.scaling.is_elastic and not repeated:
+            # Ray restarts the group on the workers that remain placeable: fewer after a lost node (a
+            # resize, not a restart: it does not use up train.max_failures), as many after a process
+            # death (a restart). Which one, the next group's size tells (on_group_started).
+            self.groups.halted(time.monotonic())
+            self.unsettled = detail
+            say(f"worker failure ({detail}); the worker group restarts from the latest checkpoint ({resume_at}) "
+                f"on the workers that remain placeable")
+            return
         if repeated:
             say(f"worker failure ({detail}) again, with no progress since the last restart: not restarting")
             when = f"after step {self.last_step}" if self.last_step else "before the first step"
@@ -252,6 +276,36 @@ class Controller:
         else:
             say(f"worker failure ({detail}); restart {self.restarts}/{self.cfg.train.max_failures}: "
                 f"the worker group continues from the latest checkpoint ({resume_at})")
+
+    def on_group_started(self, started: GroupStarted) -> None:
+        """An elastic run's group runs: say so when it is a resize; a failure that restarted it on as many
+        workers counts against train.max_failures (Ray's own budget is unlimited for elastic runs)."""
+        before = self.groups.world_size
+        kind = self.groups.started(started.where, time.monotonic())
+        if kind != "first":
+            # What the failed group half wrote goes before the new one replays its steps. Ray's controller
+            # sent every registered checkpoint's report before this message (one sender, in order), so
+            # each of those is marked complete by now.
+            for path in checkpoints.partial_after_latest(self.out / "checkpoints"):
+                shutil.rmtree(path, ignore_errors=True)
+        failure, self.unsettled = self.unsettled, None
+        latest = checkpoints.find_checkpoints(self.out / "checkpoints")
+        resume_at = f"step {latest[-1][0]}" if latest else "the start"
+        if kind == "resize":
+            node = self.groups.pending[2] if self.groups.pending else ""
+            how = f"node {node} left" if started.world_size < before else f"node {node} joined"
+            absorbed = f"; the failure ({failure}) does not count against train.max_failures" if failure else ""
+            say(f"resize: the worker group goes from {before} to {started.world_size} worker(s) ({how}; "
+                f"{len(set(self.groups.nodes))} node(s) now) and continues from the latest checkpoint ({resume_at}), "
+                f"the global batch kept{absorbed}")
+        elif kind == "same size" and failure is not None:
+            self.restarts += 1
+            if self.restarts > self.cfg.train.max_failures:
+                say(f"train.max_failures = {self.cfg.train.max_failures} reached: not continuing")
+                raise FailuresExhausted(f"{self.restarts} failures that a resize did not absorb (the last: "
+                                        f"{failure}); train.max_failures = {self.cfg.train.max_failures}")
+            say(f"restart {self.restarts}/{self.cfg.train.max_failures}: the worker group continues on "
+                f"{started.world_size} worker(s) from the latest checkpoint ({resume_at})")
 
     def prune(self, keep: Path) -> None:
         found = checkpoints.find_checkpoints(self.out / "checkpoints")
@@ -266,6 +320,10 @@ class Controller:
 
 class RepeatedFailure(Exception):
     """The same worker error again after a restart, at the same point."""
+
+
+class FailuresExhausted(Exception):
+    """An elastic run met more failures that no resize absorbed than train.max_failures allows."""
 
 
 class Stopper:
@@ -413,7 +471,7 @@ def run_group(cfg: RunConfig, worker, args: WorkerArgs, storage: Path, name: str
         ray_job.fit(cfg, worker, args, storage, name, on_report or ctl.receive, abort_reason, finished)
     except ray_job.Aborted:
         raise
-    except (ray_job.LaunchError, RepeatedFailure) as err:
+    except (ray_job.LaunchError, RepeatedFailure, FailuresExhausted) as err:
         details = ctl.last_failure.details if ctl.last_failure else {}
         if not details:
             raise
@@ -540,8 +598,9 @@ def summarise(cfg: RunConfig, paths: Paths, ctl: Controller, plan, final: Option
     summary = {
         "status": "completed" if ctl.test else "stopped",
         "global_step": step,
-        "world_size": cfg.scaling.world_size,
+        "world_size": ctl.groups.world_size or cfg.scaling.world_size,  # the size the run ended with
         "nodes": cfg.scaling.nodes,
+        "resizes": [r.as_json() for r in ctl.groups.resizes],
         "final_checkpoint": str(final) if final else None,
         "checkpoints": [str(p) for _, p in checkpoints.find_checkpoints(paths.checkpoints)],
         "checkpoint_bytes": {str(p): checkpoints.size_bytes(p) for _, p in checkpoints.find_checkpoints(paths.checkpoints)},

@@ -56,10 +56,11 @@ def make_plan(cfg: RunConfig, cache_dir: str) -> Plan:
     from trainer.freezing import describe_layout, summarize
     from trainer.lora import lora_layout, trainable_model
     from trainer.model import build_skeleton, load_processor, prepare_pretrained
-    from trainer.schedule import total_steps
+    from trainer.schedule import check_elastic, steps_of_run
     from trainer.tasks.common import require_rows
     from trainer.tasks.registry import get_task
 
+    check_elastic(cfg)  # every worker count it may be resized to keeps the global batch
     task = get_task(cfg.model.task)
     sources, validation, test = load_splits(cfg)
     splits = (*sources, validation, test)
@@ -87,7 +88,7 @@ def make_plan(cfg: RunConfig, cache_dir: str) -> Plan:
     rows = {"train": sum(len(s) for s in sources), "validation": len(validation), "test": len(test)}
 
     def steps() -> int:
-        return total_steps(rows["train"], world, t.micro_batch_size, t.gradient_accumulation, t.epochs, t.max_steps)
+        return steps_of_run(cfg, rows["train"], world)
 
     n_total, n_trainable = sum(s for _, s in sizes), sum(s for n, s in sizes if n in trainable)
     # fp32 weights of every parameter, plus Adam's two fp32 moments (and fp32 master weights in
@@ -120,15 +121,13 @@ def with_prepared_data(plan: Plan, cfg: RunConfig, data_root: Path, log: Callabl
 
     from trainer import data_cache
     from trainer.model import load_processor
-    from trainer.schedule import total_steps
+    from trainer.schedule import steps_of_run
 
     prepared = data_cache.prepare(cfg, load_processor(cfg.model, plan.model_dir), data_root, log)
     for line in prepared.describe():
         log(f"data: {line}")
     rows = {name: len(p) for name, p in prepared.splits.items()}
-    t = cfg.train
-    steps = total_steps(rows["train"], plan.world_size, t.micro_batch_size, t.gradient_accumulation, t.epochs,
-                        t.max_steps)
+    steps = steps_of_run(cfg, rows["train"], plan.world_size)
     return replace(plan, rows=rows, steps=steps, data_dir=str(prepared.directory),
                    sources=mix_shares(cfg, prepared.splits["train"].parts))
 
@@ -242,7 +241,10 @@ def describe(plan: Plan, cfg: RunConfig) -> str:
     return "\n".join([
         f"world size {plan.world_size} ({cfg.scaling.nodes} node(s) x {cfg.scaling.workers_per_node} worker(s)); "
         f"micro batch {plan.micro_batch_size} per worker x accumulation {t.gradient_accumulation} "
-        f"= global batch {plan.global_batch_size}",
+        f"= global batch {plan.global_batch_size}" + (
+            f"; elastic down to {cfg.scaling.min_world_size} worker(s) (scaling.min_nodes {cfg.scaling.min_nodes}), "
+            f"the accumulation recomputed to keep the global batch; growing back checked every "
+            f"{cfg.scaling.resize_check_s:g} s" if cfg.scaling.is_elastic else ""),
         f"data: {rows} {'examples' if plan.data_dir else 'rows'}; {plan.steps} optimizer steps "
         f"({'train.max_steps' if t.max_steps else f'{t.epochs:g} epoch(s)'}), eval every {t.eval_every}, "
         f"checkpoint every {t.save_interval}, keep last {t.keep_last} + best",

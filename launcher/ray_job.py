@@ -19,7 +19,8 @@ from typing import Callable, Optional
 from trainer.config import ConfigError, RunConfig
 from trainer.config_load import from_dict, to_dict
 from trainer.jobs import WorkerArgs
-from trainer.messages import BadInput, LogLine, Received, StorageFailure, Where, WorkerFailure, decode, encode
+from trainer.messages import (BadInput, GroupStarted, GroupStarting, LogLine, Received, StorageFailure, Where,
+                              WorkerFailure, decode, encode)
 from trainer.storage import as_storage_error, writing
 
 # Environment for the driver, the raylet and every worker: quiet, and no Ray features we do not use.
@@ -35,6 +36,12 @@ RAY_ENV = {
     "PYTHONWARNINGS": "ignore",
     "RAY_CHDIR_TO_TRIAL_DIR": "0",  # a search trial runs where a plain run does (relative paths hold)
     "TUNE_DISABLE_SIGINT_HANDLER": "1",  # the launcher's own stop (checkpoint first) handles Ctrl-C
+    # How long Ray Train waits for a worker group's placement before it decides again (default 60 s).
+    # After a lost node its restart still counts the node until Ray's autoscaling coordinator looks at
+    # the cluster again (every 20 s) and waits for a placement that cannot come; measured here with the
+    # default: 60 s of the 72 s from a node's loss to the smaller group's first step. On a cluster
+    # that has the resources a placement takes well under a second; a timeout is retried, not fatal.
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10",
 }
 
 # The training workers' C allocator: tensors of 64 KiB and more are mapped, and unmapped when freed.
@@ -146,7 +153,8 @@ def cluster_gpus_per_node() -> list[float]:
 
 def check_resources(cfg: RunConfig, gpus_per_worker: float) -> list[str]:
     """The ids of the nodes that will host the workers (the first `scaling.nodes` that can hold
-    `workers_per_node` workers each). Fails within seconds, saying what is missing, when too few can."""
+    `workers_per_node` workers each; an elastic run starts with `scaling.min_nodes` of them too). Fails
+    within seconds, saying what is missing, when too few can."""
     import ray
 
     s = cfg.scaling
@@ -154,12 +162,14 @@ def check_resources(cfg: RunConfig, gpus_per_worker: float) -> list[str]:
     need_cpu, need_gpu = s.workers_per_node * s.cpus_per_worker, s.workers_per_node * gpus_per_worker
     fitting = [n["NodeID"] for n in nodes
                if n["Resources"].get("CPU", 0) >= need_cpu and n["Resources"].get("GPU", 0) >= need_gpu]
-    if len(fitting) >= s.nodes:
+    fewest = s.min_world_size // s.workers_per_node
+    if len(fitting) >= fewest:
         return fitting[:s.nodes]
     total_cpu = sum(n["Resources"].get("CPU", 0) for n in nodes)
     total_gpu = sum(n["Resources"].get("GPU", 0) for n in nodes)
+    asked = f"{fewest} (scaling.min_nodes) to {s.nodes}" if s.is_elastic else f"{s.nodes}"
     raise LaunchError(
-        f"the Ray cluster cannot place {s.nodes} node(s) x {s.workers_per_node} worker(s): each node needs "
+        f"the Ray cluster cannot place {asked} node(s) x {s.workers_per_node} worker(s): each node needs "
         f"{need_cpu:g} CPU(s){f' and {need_gpu:g} GPU(s)' if need_gpu else ''}, and {len(fitting)} of its "
         f"{len(nodes)} node(s) have that (cluster total: {total_cpu:g} CPUs, {total_gpu:g} GPUs). Lower "
         f"--nodes / --workers-per-node / scaling.cpus_per_worker, or add nodes to the cluster.")
@@ -196,10 +206,14 @@ def check_shared_storage(node_ids: list[str], directory: Path, key: str = "outpu
 
 def placement(cfg: RunConfig, node_ids: list[str]) -> dict:
     """ScalingConfig placement: on one node, pack; on several, pin `workers_per_node` workers to each
-    chosen node by its id label, which no placement strategy alone can express."""
+    chosen node by its id label, which no placement strategy alone can express. An elastic run is
+    placed by resources alone: on a resize Ray 2.60 keeps the first entries of a per-worker label
+    list, which could pin the new group to the node that was lost."""
     s = cfg.scaling
     if s.nodes == 1:
         return {"placement_strategy": "PACK"}
+    if s.is_elastic:
+        return {"placement_strategy": "SPREAD"}
     return {"placement_strategy": "SPREAD",
             "label_selector": [{"ray.io/node-id": node_ids[i // s.workers_per_node]} for i in range(s.world_size)]}
 
@@ -237,6 +251,12 @@ class RayReporter:
 
     def track(self, metrics):
         self._queue.actor.put_nowait.remote(metrics)
+
+    def refuse(self, message: str) -> None:
+        """Bad input only this rank sees (a node without the shared storage): at once, through the queue."""
+        import ray
+
+        ray.get(self._queue.actor.put_nowait.remote(BadInput(message)))
 
     def storage_failure(self, failure: StorageFailure) -> None:
         """At once, through the queue: not through report(), whose calls every rank must pair."""
@@ -276,12 +296,28 @@ def _reporting_user_faults(reporter: RayReporter, body: Callable[[], object]) ->
         raise
 
 
+def _blind_to_shared_storage(args: WorkerArgs) -> Optional[str]:
+    """Preflight checks shared storage on the nodes present at the start; a node that joins an elastic
+    run later is checked by its own workers: what to tell the user when this one cannot see it."""
+    if not args.shared_probe or Path(args.shared_probe).is_file():
+        return None
+    import ray
+
+    return (f"node {socket.gethostname()} (Ray node {ray.get_runtime_context().get_node_id()[:12]}) does not see "
+            f"output_dir {Path(args.shared_probe).parent}: it is not shared storage there. Every node that may join "
+            f"the run (scaling.min_nodes < nodes: the group grows back onto nodes that join) must mount it")
+
+
 def train_worker(loop_config: dict) -> None:
     import ray.train
 
     from trainer import loop
 
     cfg, args, reporter = _worker_args(loop_config)
+    blind = _blind_to_shared_storage(args)
+    if blind:  # this rank alone: at once through the queue (a report would wait for every rank's)
+        reporter.refuse(blind)
+        return
     latest = ray.train.get_checkpoint()  # set when Ray restarted the worker group mid-run
     if latest is not None:
         with latest.as_directory() as d:
@@ -299,6 +335,27 @@ def test_worker(loop_config: dict) -> None:
 
 
 # ---------------------------------------------------------------- driver side
+
+
+def _group_callback(q):
+    from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
+
+    class Groups(ControllerCallback, WorkerGroupCallback):
+        """Runs in Ray Train's controller; tells the driver of every worker group it is about to start
+        and has started, with where each rank runs (an elastic run's resizes). Ray Train 2.60's internal
+        callback interfaces (pyproject bounds Ray below 2.61): RunConfig.callbacks takes any
+        RayTrainCallback; a UserCallback is wrapped and sees only reports and errors, any other one is
+        handed to the controller and the worker group as it is."""
+
+        def before_controller_execute_resize_decision(self, resize_decision):
+            q.actor.put_nowait.remote(GroupStarting(resize_decision.num_workers))
+
+        def after_worker_group_start(self, worker_group):
+            q.actor.put_nowait.remote(GroupStarted(tuple(
+                Where(w.metadata.node_id, w.metadata.node_ip, w.metadata.hostname, w.metadata.pid)
+                for w in worker_group.get_workers())))
+
+    return Groups()
 
 
 def _forwarding_callback(q):
@@ -404,24 +461,41 @@ def fit(cfg: RunConfig, worker: Callable, args: WorkerArgs, storage: Path, name:
     s = cfg.scaling
     gpus = gpus_per_worker(cfg)
     node_ids = check_resources(cfg, gpus)
+    probe = None
     if s.nodes > 1:
         check_shared_storage(node_ids, Path(cfg.output_dir).resolve())
         if args.data_dir:
             check_shared_storage(node_ids, Path(args.data_dir), "data.cache_dir")
-    q = Queue(actor_options={"num_cpus": 0})  # fits in a search trial's placement group too
+        probe = Path(cfg.output_dir).resolve() / f".shared-probe-{name}"  # for the nodes that join later
+        probe.write_text("sft")
+        args = dataclasses.replace(args, shared_probe=str(probe))
+    # The queue lives on the driver's node (losing another node must not take it along); with one node
+    # it fits in a search trial's placement group too.
+    queue_options = {"num_cpus": 0}
+    if s.nodes > 1:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        queue_options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False)
+    q = Queue(actor_options=queue_options)
     args = dataclasses.replace(args, threads=s.cpus_per_worker, use_gpu=gpus > 0)
     trainer = TorchTrainer(
         train_loop_per_worker=worker,
         train_loop_config={"cfg": to_dict(cfg), "args": args, "queue": q},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=s.world_size, use_gpu=gpus > 0, **placement(cfg, node_ids),
+            # elastic: Ray's worker range, resized at a failure and checked for growth every resize_check_s
+            num_workers=(s.min_world_size, s.world_size) if s.is_elastic else s.world_size,
+            **({"elastic_resize_monitor_interval_s": s.resize_check_s} if s.is_elastic else {}),
+            use_gpu=gpus > 0, **placement(cfg, node_ids),
             resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": gpus} if gpus > 0 else {})}),
         torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),  # retention: controller
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            callbacks=[_forwarding_callback(q)],
+            # Ray charges a lost node to max_failures like any worker failure; for an elastic run the driver
+            # counts only the failures that no resize absorbed (Controller.on_group_started).
+            failure_config=ray.train.FailureConfig(max_failures=-1 if s.is_elastic else cfg.train.max_failures),
+            callbacks=[_forwarding_callback(q), _group_callback(q)],
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
 
@@ -441,8 +515,12 @@ def fit(cfg: RunConfig, worker: Callable, args: WorkerArgs, storage: Path, name:
             raise Aborted(reason)
         return finished()
 
-    error = in_background("ray-train-fit", trainer.fit, tick)
-    drain(0)
+    try:
+        error = in_background("ray-train-fit", trainer.fit, tick)
+        drain(0)
+    finally:
+        if probe is not None:
+            probe.unlink(missing_ok=True)
     if error is not None:
         inner = _unwrap(error)
         if isinstance(inner, ConfigError):

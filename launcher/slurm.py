@@ -25,6 +25,10 @@ def sbatch_lines(cfg: RunConfig, config_path: Path, output_dir: Path) -> list[st
              f"--cpus-per-task={cpus}", f"--time={sl.time}",
              f"--output={sl.log or output_dir / 'slurm-%j.out'}", "--open-mode=append",
              "--requeue", f"--signal=B:USR1@{sl.signal_grace_s}"]
+    if s.is_elastic:
+        # Slurm ends the whole allocation when one of its nodes fails; an elastic run goes on on the
+        # others (the script starts each node's Ray once and never restarts a lost one).
+        lines.append("--no-kill")
     if gpus:
         lines.append(f"--gpus-per-node={gpus}")
     if sl.partition:

@@ -123,6 +123,26 @@ def mark_complete(path: Path) -> None:
     (Path(path) / MARKER).touch()
 
 
+def partial_after_latest(root: Path) -> list[Path]:
+    """Checkpoint folders under `root` that the orchestrator never marked complete and that are newer
+    than the latest complete one: what a worker group that failed while checkpointing left. A group of
+    another size that replays the step writes into the same folder, and the dead group's extra ranks'
+    shards would stay beside its own (DeepSpeed's universal conversion then reads both)."""
+    complete = find_checkpoints(root)
+    newest = complete[-1][0] if complete else 0
+    marked = {path for _, path in complete}
+    found = []
+    for folder, subfolders, _ in os.walk(root):
+        steps = [name for name in subfolders if name.startswith(PREFIX)]
+        subfolders[:] = [name for name in subfolders if not name.startswith(PREFIX)]
+        for name in steps:
+            path = Path(folder) / name
+            step = name[len(PREFIX):]
+            if path not in marked and step.isdigit() and int(step) > newest:
+                found.append(path)
+    return sorted(found)
+
+
 def _attempt(path: Path) -> int:
     """The launch that wrote a checkpoint (`.../attempt-<N>/step_...`); 0 outside that layout."""
     name = path.parent.name

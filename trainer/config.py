@@ -363,6 +363,11 @@ class ScalingConfig:
     workers_per_node: int = 2
     cpus_per_worker: int = 1
     gpus_per_worker: Optional[float] = None  # None: 1 where the cluster has GPUs, else 0
+    # Elastic continuation: fewer nodes than `nodes` the run may go on with after losing some (None:
+    # `nodes`, no elasticity). Ray Train resizes the group by worker count, within
+    # min_nodes x workers_per_node .. nodes x workers_per_node, from the latest checkpoint.
+    min_nodes: Optional[int] = None
+    resize_check_s: float = 60.0  # how often Ray looks for returned or new nodes to grow back onto
 
     def __post_init__(self) -> None:
         for key in ("nodes", "workers_per_node", "cpus_per_worker"):
@@ -370,10 +375,25 @@ class ScalingConfig:
                 raise ValueError(f"scaling.{key} must be >= 1, got {getattr(self, key)}")
         if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
             raise ValueError(f"scaling.gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
+        if self.min_nodes is not None and not 1 <= self.min_nodes <= self.nodes:
+            raise ValueError(f"scaling.min_nodes must be between 1 and scaling.nodes ({self.nodes}), got "
+                             f"{self.min_nodes}")
+        if self.resize_check_s <= 0:
+            raise ValueError(f"scaling.resize_check_s must be > 0, got {self.resize_check_s:g}")
 
     @property
     def world_size(self) -> int:
+        """The worker count the run starts with (and the most it grows back to)."""
         return self.nodes * self.workers_per_node
+
+    @property
+    def min_world_size(self) -> int:
+        """The fewest workers the run goes on with (scaling.min_nodes x workers_per_node)."""
+        return (self.min_nodes if self.min_nodes is not None else self.nodes) * self.workers_per_node
+
+    @property
+    def is_elastic(self) -> bool:
+        return self.min_world_size < self.world_size
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from trainer import schedule
 from trainer.config import ConfigError, RunConfig
 
 
@@ -56,10 +57,11 @@ def deepspeed_config(cfg: RunConfig, world_size: int, precision: str, load_unive
                 raise ConfigError(f"deepspeed.config_file {cfg.deepspeed.config_file} sets '{key}'; it comes from "
                                   f"{owner}, so remove it from the JSON file")
     t = cfg.train
+    accumulation = schedule.accumulation(cfg.scaling, t, world_size)  # an elastic run keeps its global batch
     ours = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.gradient_accumulation,
-        "train_batch_size": t.micro_batch_size * t.gradient_accumulation * world_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": t.micro_batch_size * accumulation * world_size,
         "gradient_clipping": cfg.optim.max_grad_norm,
     }
     for key, value in ours.items():

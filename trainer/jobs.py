@@ -27,3 +27,6 @@ class WorkerArgs:
     threads: int = 1  # CPU threads per worker (scaling.cpus_per_worker)
     use_gpu: bool = False  # the worker has a GPU (then nccl); else DeepSpeed is told to use the CPU
     verbose: bool = False  # keep the libraries' own progress bars and notices
+    # A file the driver keeps in output_dir while the group runs (several nodes): a worker that cannot
+    # see it runs on a node without the shared storage (one that joined an elastic run later, say).
+    shared_probe: Optional[str] = None

@@ -17,7 +17,7 @@ from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 
-from trainer import checkpoints, early_stopping, reference
+from trainer import checkpoints, early_stopping, reference, schedule
 from trainer.checkpoints import TrainState
 from trainer.config import RunConfig
 from trainer.config_checks import generate_examples, generates_test
@@ -72,7 +72,7 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
     state = checkpoints.restore(engine, start_from, fresh, rank, cfg.train.early_stopping, log)
 
     track = reporter.track if rank == 0 else (lambda metrics: None)  # the controller writes the tracker
-    accumulation, unit = cfg.train.gradient_accumulation, TASKS[cfg.model.task].unit
+    accumulation, unit = schedule.accumulation(cfg.scaling, cfg.train, s.world), TASKS[cfg.model.task].unit
     batches = micro_batches(cfg, s.data["train"], rank, s.world, state.epoch, state.position)
     rows = "packed rows" if s.data["train"].packed else "examples"
     log(f"training steps {state.step + 1}..{s.total_steps} on {s.world} worker(s), "

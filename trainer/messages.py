@@ -83,6 +83,23 @@ class WorkerFailure:
     details: dict = field(default_factory=dict)  # the whole traceback each
 
 
+@dataclass(frozen=True)
+class GroupStarting:
+    """Made in Ray Train's controller when it is about to start a worker group of `world_size` workers
+    (the first, a restart after a failure, or a resize that grows the group back)."""
+    world_size: int
+
+
+@dataclass(frozen=True)
+class GroupStarted:
+    """Made in Ray Train's controller once a worker group runs: where each rank runs, by rank."""
+    where: tuple  # Where
+
+    @property
+    def world_size(self) -> int:
+        return len(self.where)
+
+
 Message = Union[LogLine, StepMetrics, TrainReport, TestResult, BadInput, StorageFailure]
 KINDS = {cls.__name__: cls for cls in (LogLine, StepMetrics, TrainReport, TestResult, BadInput, StorageFailure)}
 

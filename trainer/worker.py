@@ -26,7 +26,7 @@ from trainer.jobs import WorkerArgs
 from trainer.lora import trainable_model
 from trainer.model import build_model, load_processor, model_config, prepare_pretrained
 from trainer.report import Reporter
-from trainer.schedule import total_steps
+from trainer.schedule import steps_of_run
 from trainer.tasks.registry import TASKS, Task, get_task
 from trainer.zero3_generation import GenerationWeights, generation_weights
 
@@ -107,9 +107,7 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: R
     model, trainable = trainable_model(model, cfg.finetune)  # freezing rules, or LoRA adapters
     torch.manual_seed(cfg.seed + 1000 * (rank + 1))  # dropout differs across ranks, reproducibly
 
-    t = cfg.train
-    steps = total_steps(len(prepared.splits["train"]), world, t.micro_batch_size, t.gradient_accumulation, t.epochs,
-                        t.max_steps)
+    steps = steps_of_run(cfg, len(prepared.splits["train"]), world)  # an elastic run's: at its starting size
     engine = build_engine(cfg, model, ds_config, steps)  # after freezing: ZeRO holds only what it is given
     # Which causal-LM objective (train.loss_impl); evaluation follows it (trainer/chunked_loss.py).
     loss_impl = loss_implementation(cfg, model.config, on_gpu, importlib.util.find_spec("liger_kernel") is not None)

@@ -40,3 +40,15 @@ def texts(logdir: Path, tag: str) -> dict[int, str]:
     if tag not in acc.Tags()["tensors"]:
         return {}
     return {e.step: e.tensor_proto.string_val[0].decode() for e in acc.Tensors(tag)}
+
+
+def train_worker_pids() -> list[int]:
+    """The Ray Train worker processes running now (Ray titles them ray::RayTrainWorker...)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"RayTrainWorker" in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            pass
+    return sorted(pids)

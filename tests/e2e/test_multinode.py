@@ -1,14 +1,21 @@
 """A real two-node Ray cluster on this machine (two `ray start` processes, token auth on), joined with
---address. That two ranks on two nodes give the single-node run's results is proven by the Slurm job
-(tests/slurm: two nodes, a rank on each, the same test loss), which joins its cluster the same way; a
-second launch here would only repeat it."""
+--address: an elastic run (scaling.min_nodes 1) loses the second node mid-run, goes on on the first,
+and grows back when a node joins again; a request the cluster cannot hold fails fast. That two ranks
+on two nodes give the single-node run's results is proven by the Slurm job (tests/slurm: two nodes, a
+rank on each, the same test loss), which joins its cluster the same way; a launch here would only
+repeat it."""
+import contextlib
+import json
 import os
+import re
 import secrets
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -31,6 +38,57 @@ def _alive_nodes(address: str, env: dict) -> int:
     return int(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 and proc.stdout.strip() else 0
 
 
+COMMON = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--object-store-memory=100000000", "--block"]
+
+
+@dataclass
+class Cluster:
+    """The head (the driver's node) and the nodes that joined it, each its own `ray start` process
+    group: the node's raylet and every worker it started."""
+    address: str
+    env: dict
+    procs: list = field(default_factory=list)
+
+    def add_node(self, wait: bool = True) -> None:
+        """Start one more node; `wait`: until the cluster counts it alive (no blind sleep)."""
+        alive = _alive_nodes(self.address, self.env) if wait else 0
+        self.procs.append(subprocess.Popen([RAY, "start", f"--address={self.address}", *COMMON], env=self.env,
+                                           start_new_session=True, stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL))
+        if not wait:
+            return
+        deadline = time.monotonic() + 90
+        while _alive_nodes(self.address, self.env) < alive + 1:
+            assert time.monotonic() < deadline, "the new Ray node did not join"
+            time.sleep(1)
+
+    def kill_node(self, proc) -> list[int]:
+        """SIGKILL every process of a node, by pid: its `ray start`, raylet and agents (the process group
+        of `proc`) and the workers the raylet started (its descendants, in sessions of their own)."""
+        parents = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        node = {pid for pid in parents if _pgid(pid) == proc.pid}
+        while True:
+            more = {pid for pid, parent in parents.items() if parent in node} - node
+            if not more:
+                break
+            node |= more
+        for pid in node:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return sorted(node)
+
+
+def _pgid(pid: int):
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
     """Starts and stops only its own Ray processes (never `ray stop`, which ends every Ray here)."""
@@ -38,22 +96,21 @@ def two_nodes(tmp_path_factory):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "RAY_USAGE_STATS_ENABLED": "0"}
     port = _free_port()
-    address = f"127.0.0.1:{port}"
-    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--object-store-memory=100000000", "--block"]
-    procs = [subprocess.Popen([RAY, "start", "--head", f"--port={port}", "--include-dashboard=false",
-                               f"--temp-dir={tmp / 'ray'}", *common], env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    cluster = Cluster(f"127.0.0.1:{port}", env)
+    procs = cluster.procs
+    # The GCS declares a node dead after missed health checks: 5 misses 3 s apart by default, here 2
+    # misses 1 s apart, so the node-loss test does not wait out Ray's production margins.
+    head_env = {**env, "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "2"}
+    procs.append(subprocess.Popen([RAY, "start", "--head", f"--port={port}", "--include-dashboard=false",
+                                   f"--temp-dir={tmp / 'ray'}", *COMMON], env=head_env, start_new_session=True,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     try:
         deadline = time.monotonic() + 90
-        while _alive_nodes(address, env) < 1:
+        while _alive_nodes(cluster.address, env) < 1:
             assert time.monotonic() < deadline, "the Ray head did not come up"
             time.sleep(1)
-        procs.append(subprocess.Popen([RAY, "start", f"--address={address}", *common], env=env,
-                                      start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        while _alive_nodes(address, env) < 2:  # wait until the second node has joined: no blind sleep
-            assert time.monotonic() < deadline, "the second Ray node did not join"
-            time.sleep(1)
-        yield address, env
+        cluster.add_node()
+        yield cluster
     finally:
         for proc in reversed(procs):
             try:
@@ -71,10 +128,111 @@ def two_nodes(tmp_path_factory):
 @pytest.mark.parametrize("extra, message", [
     (("--nodes", "2", "--workers-per-node", "64"), "cannot place 2 node(s) x 64 worker(s)")])
 def test_asking_for_more_than_the_cluster_has_fails_fast(two_nodes, zero2, tmp_path, extra, message):
-    address, env = two_nodes
+    address, env = two_nodes.address, two_nodes.env
     _, config, _ = zero2
     proc = subprocess.run([sys.executable, "-m", "launcher.cli", str(config), "--address", address, *extra,
                            "--output", str(tmp_path / "run")],
                           env=env, capture_output=True, text=True, timeout=300)  # a hang would time out
     assert proc.returncode == 1 and message in proc.stderr
     assert "of its 2 node(s)" in proc.stderr and "CPUs" in proc.stderr
+
+
+def test_a_lost_node_is_absorbed_by_a_resize_and_the_group_grows_back_when_a_node_joins(two_nodes, tokenizer_dir,
+                                                                                       tmp_path):
+    """scaling.min_nodes 1 of 2, one worker per node: the second node's Ray processes are killed by pid
+    after the first checkpoint; the run goes on on the head node alone (from the latest checkpoint,
+    converted to the new world size, the global batch kept), checkpoints there, and grows back to two
+    workers once a new node joins; it completes with every step, each training example of the steps
+    once, and the test evaluation, with train.max_failures 0 (a lost node is not a failure).
+
+    The single worker is held (SIGSTOP) while the new node joins, so the run cannot end before Ray's
+    resize check sees the node: nothing here depends on how fast the machine trains."""
+    from tests.e2e.common import scalars, train_worker_pids
+    from tests.helpers import tiny_config, write_config
+    from trainer import checkpoints
+
+    steps, global_batch = 24, 4 * 2  # micro batch 4 x 2 workers (x accumulation 2 on one worker)
+    raw = tiny_config(tmp_path, tokenizer_dir, train={
+        "max_steps": steps, "micro_batch_size": 4, "eval_every": 12, "save_every": 2, "keep_last": 100,
+        "log_every": 1, "max_failures": 0}, scaling={"nodes": 2, "workers_per_node": 1, "min_nodes": 1,
+                                                     "resize_check_s": 1})
+    config = write_config(tmp_path / "elastic.yaml", raw)
+    target = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", str(config), "--address", two_nodes.address,
+                             "--output", str(target)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**two_nodes.env, "PYTHONUNBUFFERED": "1"})
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    # The events are checkpoints as the workers persist them (every 20 ms a look): the console reaches
+    # the driver up to a poll later, when the group may be steps further. When the two workers write
+    # step 4, Ray has registered step 2 (a report returns once the controller took it).
+    _wait_for(lambda: _written_by(target, 2, from_step=4), proc)
+    killed = two_nodes.kill_node(two_nodes.procs[1])
+    # The group of one went on and wrote two checkpoints (so Ray has registered the first of them).
+    _wait_for(lambda: _written_by(target, 1, count=2), proc)
+    held = train_worker_pids()
+    for pid in held:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        two_nodes.add_node(wait=False)  # the resize line below is the event
+        # Held until Ray has grown the group (its autoscaling coordinator counts the node at its next
+        # 20 s tick, the resize check then decides, and the held group is shut down after Ray's 5 s of
+        # patience): the run cannot end first.
+        deadline = time.monotonic() + 300
+        _wait_for(lambda: any("resize: the worker group goes from 1 to 2" in line for line in lines), proc,
+                  deadline)
+    finally:
+        for pid in held:
+            with contextlib.suppress(ProcessLookupError):  # the resize has ended it
+                os.kill(pid, signal.SIGCONT)
+    code = proc.wait(timeout=600)
+    reader.join(timeout=60)
+    text = "".join(lines)
+    assert code == 0, text[-4000:]
+    assert len(killed) > 2 and len(held) == 1, (killed, held)
+    resize_lines = [line for line in lines if line.startswith("[sft] resize: ")]
+    assert len(resize_lines) == 2 and "from 1 to 2 worker(s)" in resize_lines[1], text[-4000:]
+    summary = json.loads((target / "run_summary.json").read_text())
+    assert summary["status"] == "completed" and summary["global_step"] == steps
+    assert summary["world_size"] == 2 and summary["restarts"] == 0  # max_failures 0 was not used up
+    lost, grown = summary["resizes"]
+    final_nodes = {r["node_id"] for r in summary["ranks"]}
+    assert (lost["from_world_size"], lost["to_world_size"], grown["from_world_size"], grown["to_world_size"]) == (2, 1, 1, 2)
+    assert lost["node"] not in final_nodes and grown["node"] in final_nodes and lost["node"] != grown["node"]
+    assert 2 <= lost["step"] < grown["step"] < steps and lost["lost_s"] > 0 and grown["lost_s"] > 0
+    # The data positions: every checkpoint, whichever size wrote it, is at step x global batch places of
+    # epoch 0's order, so the run saw the first steps x global batch examples of that order, each once
+    # (steps x global batch < the training split: no epoch boundary blurs it).
+    states = [checkpoints.read_state(p) for _, p in checkpoints.find_checkpoints(target / "checkpoints")]
+    assert [s.step for s in states] == list(range(2, steps + 1, 2))
+    assert all(s.epoch == 0 and s.position == s.step * global_batch for s in states), \
+        [(s.step, s.world_size, s.epoch, s.position) for s in states]
+    sizes = [s.world_size for s in states]
+    assert [w for i, w in enumerate(sizes) if i == 0 or sizes[i - 1] != w] == [2, 1, 2], sizes  # who wrote each
+    train_rows = int(re.search(r"\[sft\] data: train (\d+), ", text).group(1))
+    assert steps * global_batch < train_rows
+    world = scalars(target / "tensorboard", "train/world_size")
+    assert sorted(world) == list(range(1, steps + 1)) and world[steps] == 2 and 1 in world.values()
+    tested = json.loads((target / "test_metrics.json").read_text())
+    assert tested["step"] == steps and tested["after"]["loss"] < tested["before"]["loss"]
+
+
+def _written_by(out: Path, world_size: int, from_step: int = 0, count: int = 1) -> bool:
+    """`count` checkpoints of `out` (at `from_step` or later) persisted by a group of `world_size`
+    workers: their state files written, whether or not the driver has marked them complete yet."""
+    from trainer import checkpoints
+
+    found = 0
+    for state in out.glob(f"checkpoints/attempt-*/step_*/{checkpoints.STATE_FILE}"):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            written = json.loads(state.read_text())
+            found += written["world_size"] == world_size and written["step"] >= from_step
+    return found >= count
+
+
+def _wait_for(event, proc, deadline: float = float("inf")) -> None:
+    while not event():
+        assert proc.poll() is None, "the launcher ended before the event the test waits for"
+        assert time.monotonic() < deadline, "the event the test waits for did not come within 300 s"
+        time.sleep(0.02)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.common import launch, scalars
+from tests.e2e.common import launch, scalars, train_worker_pids
 from tests.helpers import tiny_config, write_config
 
 pytestmark = pytest.mark.e2e
@@ -24,18 +24,6 @@ def long_config(tmp, tokenizer_dir, **sections):
         tmp, tokenizer_dir, train={"max_steps": 150, "eval_every": 25, "save_every": 25, "log_every": 5,
                                    "keep_last": 2, "max_failures": 2},
         scaling={"workers_per_node": 1}, **sections))  # one worker: its death restarts the group all the same
-
-
-def train_worker_pids() -> list[int]:
-    """The Ray Train worker processes running now (Ray titles them ray::RayTrainWorker...)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and b"RayTrainWorker" in (proc / "cmdline").read_bytes():
-                pids.append(int(proc.name))
-        except OSError:
-            pass
-    return sorted(pids)
 
 
 def popen(config, *extra):

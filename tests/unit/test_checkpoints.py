@@ -53,3 +53,17 @@ def test_retention_keeps_last_k_plus_best_plus_protected():
     assert retained(ckpts, keep_last=2) == {p[8], p[10], p[4]}
     assert retained(ckpts, keep_last=1, protected={p[2]}) == {p[10], p[4], p[2]}
     assert retained([(c[0], c[1], None) for c in ckpts], keep_last=3) == {p[6], p[8], p[10]}
+
+
+def test_a_failed_group_s_half_written_checkpoints_are_found_for_removal(tmp_path):
+    """After a failure, the folders past the latest complete checkpoint are partial writes (a group of
+    another size would replay into them beside the dead ranks' shards)."""
+    from trainer.checkpoints import partial_after_latest
+
+    root = tmp_path / "checkpoints"
+    fake(root / "attempt-1", 2)
+    fake(root / "attempt-1", 4, marked=False)  # being written when the node was lost
+    fake(root / "attempt-1", 6, ranks=[0], marked=False)
+    assert [p.name for p in partial_after_latest(root)] == ["step_0000004", "step_0000006"]
+    mark_complete(root / "attempt-1" / "step_0000004")
+    assert [p.name for p in partial_after_latest(root)] == ["step_0000006"]

@@ -39,3 +39,10 @@ def test_a_search_runs_in_the_batch_job_and_a_requeued_job_continues_it(tmp_path
     text = (tmp_path / "run" / "sft.sbatch").read_text()
     assert "ARGS=(--tune)" in text
     assert '[ -d "$OUT/tune" ]' in text  # the requeued job passes --resume when a search was started
+
+
+def test_an_elastic_run_asks_slurm_not_to_kill_the_job_when_a_node_fails():
+    elastic = sbatch_lines(cfg(scaling={"nodes": 4, "min_nodes": 2}), Path("c.yaml"), Path("/shared/run"))
+    assert "#SBATCH --no-kill" in elastic
+    fixed = sbatch_lines(cfg(scaling={"nodes": 4}), Path("c.yaml"), Path("/shared/run"))
+    assert "#SBATCH --no-kill" not in fixed
