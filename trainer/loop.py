@@ -63,8 +63,8 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
     import torch.distributed as dist
 
     start_from = args.restart_from or args.resume_from
-    reference.ensure(cfg, args, reporter)  # a preference objective's reference pass, once (its engine released)
-    s = setup(cfg, args, ("train", "validation"), reporter, start_from)
+    stored = reference.ensure(cfg, args, reporter)  # a preference objective's reference pass, once (its engine released)
+    s = setup(cfg, args, ("train", "validation"), reporter, start_from, reference_folder=stored)
     engine, rank = s.engine, s.rank
     log = reporter.log if rank == 0 else (lambda text: None)
     fresh = TrainState(step=0, micro_step=0, world_size=s.world, zero_stage=cfg.deepspeed.zero_stage,
@@ -165,8 +165,8 @@ def run_test(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TestResult
     import torch.distributed as dist
 
     phases = Phases(reporter if dist.get_rank() == 0 else None)  # each part's seconds, on the console
-    reference.ensure(cfg, args, reporter)  # stored by training already (a search's test group reads it)
-    s = setup(cfg, args, ("test",), reporter, args.final_checkpoint)
+    stored = reference.ensure(cfg, args, reporter)  # stored by training already (a search's test group reads it)
+    s = setup(cfg, args, ("test",), reporter, args.final_checkpoint, reference_folder=stored)
     answering = len(s.data["test"]) if generates_test(cfg) else 0  # every test prompt, or none
     phases.done("test phase: the model and engine built")
     with one_pass(s):

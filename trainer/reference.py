@@ -124,9 +124,10 @@ def root_for(args) -> Path:
     return Path(args.data_dir) if args.data_dir else Path(args.cache_dir) / "preference-reference"
 
 
-def ensure(cfg: RunConfig, args, reporter) -> None:
-    """Compute and store the reference unless a stored one fits (every rank calls this together;
-    a no-op for tasks and objectives without a precomputed reference)."""
+def ensure(cfg: RunConfig, args, reporter) -> Optional[Path]:
+    """Compute and store the reference unless a stored one fits (every rank calls this together);
+    its folder, for setup to attach (None for tasks and objectives without a precomputed reference).
+    Rank 0 alone locates it (hashing the weights' files) and tells the others."""
     import gc
 
     import torch.distributed as dist
@@ -136,15 +137,17 @@ def ensure(cfg: RunConfig, args, reporter) -> None:
     from trainer.worker import one_pass, setup
 
     if not TASKS[cfg.model.task].references or not get_task(cfg.model.task).needs_reference(cfg):
-        return
+        return None
     rank = dist.get_rank()
     log = reporter.log if rank == 0 else (lambda text: None)
-    folder = location(cfg, args)
-    found = [is_complete(folder)]
+    found = [str(location(cfg, args)), False] if rank == 0 else [None, None]
+    if rank == 0:
+        found[1] = is_complete(Path(found[0]))
     dist.broadcast_object_list(found, src=0)  # every rank decides as rank 0 sees the storage
-    if found[0]:
+    folder = Path(found[0])
+    if found[1]:
         log(f"reference: cached ({folder})")
-        return
+        return folder
     started = time.perf_counter()
     s = setup(cfg, args, SPLITS, reporter, with_reference=False)
     log(f"reference: the starting model's log-probabilities of {sum(len(p) for p in s.data.values()):,} pairs "
@@ -162,3 +165,4 @@ def ensure(cfg: RunConfig, args, reporter) -> None:
     release_engine(s.engine)  # training never holds a second model
     del s
     gc.collect()
+    return folder

@@ -53,11 +53,13 @@ class Setup:
 
 
 def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: Reporter,
-          checkpoint: Optional[str] = None, with_reference: bool = True) -> Setup:
+          checkpoint: Optional[str] = None, with_reference: bool = True,
+          reference_folder: Optional[Path] = None) -> Setup:
     """Model, freezing, data and DeepSpeed engine, identical on every rank; the engine ready to load
     `checkpoint` (of another world size too: checkpoints.universal_copy). A task whose objective
     reads the starting model's log-probabilities gets them as columns of its splits (computed before
-    by trainer/reference.py; `with_reference=False`: the pass that computes them)."""
+    by trainer/reference.py, whose ensure() says where: `reference_folder`; `with_reference=False`: the
+    pass that computes them)."""
     import torch
     import torch.distributed as dist
 
@@ -84,7 +86,7 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: R
         prepared = data_cache.prepare(cfg, processor, None)
     labels, data = prepared.labels, {name: prepared.splits[name] for name in splits}
     if with_reference and TASKS[cfg.model.task].references and task.needs_reference(cfg):
-        folder = reference.folder_for(cfg, reference.root_for(args), model_dir, precision, processor)
+        folder = reference_folder or reference.folder_for(cfg, reference.root_for(args), model_dir, precision, processor)
         if not reference.is_complete(folder):
             raise RuntimeError(f"no reference log-probabilities in {folder}: trainer/reference.py ensure() "
                                f"computes them before training")
