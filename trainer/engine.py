@@ -86,11 +86,31 @@ def grad_norm(parameters) -> float:
 
 def release_engine(engine) -> None:
     """Let the engine, its model and all its states go (at the next gc). destroy() removes ZeRO's hooks;
-    under ZeRO-3 the model is also unpinned: DeepSpeed (0.19) appends every ZeRO-3 model to a
-    module-level stack (parameter_offload.FWD_MODULE_STACK) and never takes it off, which kept the
-    training engine alive through the test phase and the test engine through the export (#27)."""
+    under ZeRO-3 two module-level holds of DeepSpeed (0.19) go too, each of which kept the training
+    engine (weights, gradients, the optimizer's fp32 partitions and Adam moments) alive through the test
+    phase, and the test engine through the export (#27): every ZeRO-3 model is appended to
+    parameter_offload.FWD_MODULE_STACK and never taken off; and the parameter coordinator's
+    `__params_to_release` is an lru_cache on the class, keyed by (coordinator, submodule, step), so the
+    class held every coordinator, module and parameter (and through the parameters the optimizer) ever
+    traced."""
     engine.destroy()
     from deepspeed.runtime.zero import parameter_offload
 
     mine = {id(m) for m in engine.module.modules()}
     parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if id(m) not in mine]
+    for cache in _release_caches():
+        cache.cache_clear()  # a cache only: the next engine's coordinator fills it again
+
+
+def _release_caches() -> list:
+    """The lru_caches DeepSpeed keeps on ZeRO-3's PartitionedParameterCoordinator class (private:
+    `__params_to_release`, wrapped by instrument_w_nvtx without functools.wraps, so the cache is
+    found in the wrapper's closure). Empty where a DeepSpeed version has none."""
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    found = []
+    for attribute in vars(PartitionedParameterCoordinator).values():
+        for fn in (attribute, *(cell.cell_contents for cell in getattr(attribute, "__closure__", None) or ())):
+            if hasattr(fn, "cache_clear") and fn not in found:
+                found.append(fn)
+    return found
