@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -50,9 +51,11 @@ class Cluster:
     env: dict
     procs: list = field(default_factory=list)
 
-    def add_node(self, wait: bool = True) -> None:
-        """Start one more node; `wait`: until the cluster counts it alive (no blind sleep)."""
-        alive = _alive_nodes(self.address, self.env) if wait else 0
+    def add_node(self, wait: bool = True, alive: Optional[int] = None) -> None:
+        """Start one more node; `wait`: until the cluster counts it alive (no blind sleep), beside the
+        `alive` nodes it had (counted here unless the caller knows: each count is a Ray client, ~3 s)."""
+        if wait and alive is None:
+            alive = _alive_nodes(self.address, self.env)
         self.procs.append(subprocess.Popen([RAY, "start", f"--address={self.address}", *COMMON], env=self.env,
                                            start_new_session=True, stdout=subprocess.DEVNULL,
                                            stderr=subprocess.DEVNULL))
@@ -110,7 +113,7 @@ def two_nodes(tmp_path_factory):
         while _alive_nodes(cluster.address, env) < 1:
             assert time.monotonic() < deadline, "the Ray head did not come up"
             time.sleep(1)
-        cluster.add_node()
+        cluster.add_node(alive=1)
         yield cluster
     finally:
         for proc in reversed(procs):
@@ -118,9 +121,11 @@ def two_nodes(tmp_path_factory):
                 os.killpg(proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        for proc in procs:  # `ray start --block` takes ~30 s to end on SIGTERM; its group is ours alone
+        # `ray start --block` takes ~30 s to end on SIGTERM; its group is ours alone: 5 s for them all.
+        deadline = time.monotonic() + 5
+        for proc in procs:
             try:
-                proc.wait(timeout=5)
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
