@@ -42,8 +42,8 @@ def test_every_trial_of_an_elastic_search_gets_the_worker_range_and_runs_on_the_
     options = scaling_options(trial, ["node-a", "node-b"], 0.0)
     assert options["num_workers"] == (2, 4) and options["elastic_resize_monitor_interval_s"] == 5.0
     assert options["placement_strategy"] == "SPREAD" and "label_selector" not in options
-    fixed = scaling_options(trial_config(from_dict({**BASE, "data": {"train_file": "x.jsonl"},
-                                                    "scaling": {"nodes": 2, "workers_per_node": 2}}), {}), ["a", "b"], 0.0)
+    plain = from_dict({**BASE, "data": {"train_file": "x.jsonl"}, "scaling": {"nodes": 2, "workers_per_node": 2}})
+    fixed = scaling_options(trial_config(plain, {}), ["a", "b"], 0.0)
     assert fixed["num_workers"] == 4 and [s["ray.io/node-id"] for s in fixed["label_selector"]] == ["a", "a", "b", "b"]
     assert trial_resources()[HEAD_NODE] > 0 and trial_resources()["CPU"] == 0
     # The search builds no worker group of its own: launcher/tune.py names no Ray Train class.
