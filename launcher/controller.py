@@ -27,7 +27,7 @@ from typing import Optional
 
 from launcher.console import say
 from launcher.records import Evaluation, Outcome, one_per_step
-from launcher.resizes import GroupLog
+from launcher.resizes import GroupLog, read_history, write_history
 from launcher.tracking import Parent, Tracker, open_tracker, public_config, run_params
 from trainer import checkpoints, early_stopping
 from trainer.config import ConfigError, RunConfig
@@ -225,6 +225,8 @@ class Controller:
         if item.checkpoint:
             path = Path(item.checkpoint)
             with writing(f"the completion marker of checkpoint {path.name}", path):
+                # The resizes so far go with it (before the marker): a launch that resumes it carries them.
+                write_history(path, self.groups.resizes)
                 checkpoints.mark_complete(path)  # every rank's part is persisted now
             if self.tracker is not None:
                 self.tracker.commit(report.step)  # what was tracked up to it is final (tracking.Held)
@@ -429,9 +431,11 @@ def open_run(cfg: RunConfig, out: Path, resume_from: Optional[Path], parent: Opt
     """The output layout and the controller of one training run (a plain run, or a search trial, filed
     under the search's `parent` run as `child`): a new attempt folder, the run's trackers
     (tracking.report_to; TensorBoard under <out>/tensorboard), the resumed checkpoint protected from
-    pruning, and the trackers rewound to it."""
+    pruning, the trackers rewound to it, and the resizes of the launches that led to it carried on
+    (run_summary.json `resizes`; launcher/resizes.py)."""
     paths = Paths.next_attempt(out, resume_from)
-    ctl = Controller(cfg, out, protected={resume_from} if resume_from else set(),
+    earlier = read_history(resume_from) if resume_from else []
+    ctl = Controller(cfg, out, protected={resume_from} if resume_from else set(), groups=GroupLog(resizes=earlier),
                      tracker=open_tracker(cfg, out, parent, child))
     if resume_from:
         ctl.start_from(checkpoints.read_state(resume_from).step)

@@ -218,6 +218,17 @@ def placement(cfg: RunConfig, node_ids: list[str]) -> dict:
             "label_selector": [{"ray.io/node-id": node_ids[i // s.workers_per_node]} for i in range(s.world_size)]}
 
 
+def scaling_options(cfg: RunConfig, node_ids: list[str], gpus: float) -> dict:
+    """Ray Train's ScalingConfig for `cfg`'s worker group, as keyword arguments (every group: a plain
+    run's, each search trial's, a search's test group). An elastic run (scaling.min_nodes < nodes) gets
+    Ray's worker range, resized at a failure and checked for growth every scaling.resize_check_s."""
+    s = cfg.scaling
+    elastic = {"num_workers": (s.min_world_size, s.world_size),
+               "elastic_resize_monitor_interval_s": s.resize_check_s} if s.is_elastic else {"num_workers": s.world_size}
+    return {**elastic, "use_gpu": gpus > 0, **placement(cfg, node_ids),
+            "resources_per_worker": {"CPU": s.cpus_per_worker, **({"GPU": gpus} if gpus > 0 else {})}}
+
+
 # ---------------------------------------------------------------- worker side
 
 
@@ -482,12 +493,7 @@ def fit(cfg: RunConfig, worker: Callable, args: WorkerArgs, storage: Path, name:
     trainer = TorchTrainer(
         train_loop_per_worker=worker,
         train_loop_config={"cfg": to_dict(cfg), "args": args, "queue": q},
-        scaling_config=ray.train.ScalingConfig(
-            # elastic: Ray's worker range, resized at a failure and checked for growth every resize_check_s
-            num_workers=(s.min_world_size, s.world_size) if s.is_elastic else s.world_size,
-            **({"elastic_resize_monitor_interval_s": s.resize_check_s} if s.is_elastic else {}),
-            use_gpu=gpus > 0, **placement(cfg, node_ids),
-            resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": gpus} if gpus > 0 else {})}),
+        scaling_config=ray.train.ScalingConfig(**scaling_options(cfg, node_ids, gpus)),
         torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(storage),

@@ -5,14 +5,23 @@ back at a resize check; the driver learns of it only as messages: a failure, a g
 a group started (where its ranks run), and the steps that follow. `GroupLog` turns them into the
 run's resize records (run_summary.json `resizes`) and says whether a failure was absorbed by a resize
 (it does not count against train.max_failures) or restarted the group on as many workers (it does).
-Pure: stdlib and trainer/messages.py only.
+
+A run may span launches (`--resume`), and a launch knows only its own groups: the driver keeps the
+resizes so far beside each checkpoint it completes (`resizes.json`, `write_history`), and a resumed launch
+starts from those of the checkpoint it resumes (`read_history`): the resizes on the way to that step, also
+when the launch that made them died without a summary. Stdlib and trainer/ only.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Literal, Optional
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Literal, Optional, Sequence
 
+from trainer.config import ConfigError
 from trainer.messages import Where
+
+HISTORY = "resizes.json"  # in a checkpoint folder: the run's resizes up to that checkpoint, oldest first
 
 
 @dataclass(frozen=True)
@@ -72,3 +81,26 @@ class GroupLog:
         resize = Resize(step - 1, before, after, node, round(now - since, 1))
         self.resizes.append(resize)
         return resize
+
+
+def write_history(checkpoint: Path, resizes: Sequence[Resize]) -> None:
+    """The run's resizes up to `checkpoint`, beside it (before its completion marker: a checkpoint marked
+    complete has its whole history). Nothing is written for a run that has none."""
+    if not resizes:
+        return
+    tmp = Path(checkpoint) / f".{HISTORY}.tmp"
+    tmp.write_text(json.dumps([r.as_json() for r in resizes], indent=1))
+    tmp.replace(Path(checkpoint) / HISTORY)
+
+
+def read_history(checkpoint: Path) -> list[Resize]:
+    """The resizes of the launches that led to `checkpoint` ([] when it has none: no resize, or a run
+    that was not elastic)."""
+    path = Path(checkpoint) / HISTORY
+    try:
+        return [Resize(**{f.name: item[f.name] for f in fields(Resize)}) for item in json.loads(path.read_text())]
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise ConfigError(f"--resume {checkpoint}: {HISTORY} is not the list of resizes the run wrote ({err!r}); "
+                          f"delete it to resume without the record of the earlier launches' resizes") from None

@@ -1,7 +1,8 @@
 """`sft-launch CONFIG --tune`: a hyperparameter search on the validation metric with Ray Tune.
 
 Every trial is a complete sft run (its own DeepSpeed worker group, checkpoints, TensorBoard and
-worker restarts) in `<output_dir>/trials/<trial id>/`, driven the way Ray Train V2 documents for
+worker restarts; with scaling.min_nodes < nodes an elastic one, resized as a plain run's group is) in
+`<output_dir>/trials/<trial id>/`, driven the way Ray Train V2 documents for
 Tune: a Tune function per trial that runs the TorchTrainer and passes each validation to Tune, so
 ASHA can stop a trial between evaluations. No trial touches the test split: when the search ends,
 the controller tests the best trial's final sharded checkpoint once, exports it, and writes
@@ -146,6 +147,18 @@ def param_space(tune: TuneConfig) -> dict:
             "randint": lambda a: rt.randint(*a), "choice": rt.choice, "grid": rt.grid_search}
     return {key: make[kind](args) for key, (kind, args) in
             ((key, distribution(key, spec)) for key, spec in tune.space.items())}
+
+
+HEAD_NODE = "node:__internal_head__"  # the resource Ray gives its head node alone (Ray Train's state actor asks it too)
+
+
+def trial_resources() -> dict:
+    """What a trial's function asks Ray for. Its workers hold the CPUs (through each trial's ScalingConfig),
+    but Tune places nothing that asks for nothing: one byte of Ray's memory resource. And a sliver of the
+    head node: the trial's Ray Train controller and message queue are attached to the node its function
+    runs on, so on another node the loss of that node would end the trial, where an elastic trial's
+    group should be resized (a plain run's are on the driver's node; losing the head is fatal anyway)."""
+    return {"CPU": 0, "memory": 1, HEAD_NODE: 0.001}
 
 
 def concurrency(cfg: RunConfig, cluster: dict, gpus_per_worker: float) -> int:
@@ -341,9 +354,7 @@ def run_search(cfg: RunConfig, setup: TrialSetup, resume: bool, stopper) -> None
     gpus = ray_job.gpus_per_worker(cfg)
     ray_job.check_resources(cfg, gpus)  # one trial at least must fit: say so now, not in a trial
     limit = tune.max_concurrent_trials or concurrency(cfg, ray.cluster_resources(), gpus)
-    # The trial function needs no CPU of its own (its workers hold the CPUs, through ScalingConfig), but
-    # Tune places nothing that asks for nothing: it asks for one byte of Ray's memory resource.
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, setup=setup), {"CPU": 0, "memory": 1})
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, setup=setup), trial_resources())
     experiment = Path(setup.out) / EXPERIMENT
     callbacks = [_trial_lines(Path(setup.out), tune)]
     if resume:

@@ -125,11 +125,15 @@ def mark_complete(path: Path) -> None:
 
 def partial_after_latest(root: Path) -> list[Path]:
     """Checkpoint folders under `root` that the orchestrator never marked complete and that are newer
-    than the latest complete one: what a worker group that failed while checkpointing left. A group of
-    another size that replays the step writes into the same folder, and the dead group's extra ranks'
-    shards would stay beside its own (DeepSpeed's universal conversion then reads both)."""
+    than the latest complete one of the same launch (attempt folder): what a worker group that failed
+    while checkpointing left. A group of another size that replays the step writes into the same folder,
+    and the dead group's extra ranks' shards would stay beside its own (DeepSpeed's universal conversion
+    then reads both). Per launch: one resumed from an earlier step (`--resume PATH`) replays steps below
+    the latest of the launch it resumed."""
     complete = find_checkpoints(root)
-    newest = complete[-1][0] if complete else 0
+    newest: dict[Path, int] = {}
+    for step, path in complete:
+        newest[path.parent] = max(step, newest.get(path.parent, 0))
     marked = {path for _, path in complete}
     found = []
     for folder, subfolders, _ in os.walk(root):
@@ -138,7 +142,7 @@ def partial_after_latest(root: Path) -> list[Path]:
         for name in steps:
             path = Path(folder) / name
             step = name[len(PREFIX):]
-            if path not in marked and step.isdigit() and int(step) > newest:
+            if path not in marked and step.isdigit() and int(step) > newest.get(path.parent, 0):
                 found.append(path)
     return sorted(found)
 

@@ -1,9 +1,10 @@
 """A real two-node Ray cluster on this machine (two `ray start` processes, token auth on), joined with
 --address: an elastic run (scaling.min_nodes 1) loses the second node mid-run, goes on on the first,
-and grows back when a node joins again; a request the cluster cannot hold fails fast. That two ranks
-on two nodes give the single-node run's results is proven by the Slurm job (tests/slurm: two nodes, a
-rank on each, the same test loss), which joins its cluster the same way; a launch here would only
-repeat it."""
+is stopped, and its --resume grows back when a node joins again; a request the cluster cannot hold
+fails fast. That a search's trials get the same elastic worker group is shown without Ray
+(tests/unit/test_tune_search.py). That two ranks on two nodes give the single-node run's results is
+proven by the Slurm job (tests/slurm: two nodes, a rank on each, the same test loss), which joins its
+cluster the same way; a launch here would only repeat it."""
 import contextlib
 import json
 import os
@@ -17,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -49,9 +51,11 @@ class Cluster:
     env: dict
     procs: list = field(default_factory=list)
 
-    def add_node(self, wait: bool = True) -> None:
-        """Start one more node; `wait`: until the cluster counts it alive (no blind sleep)."""
-        alive = _alive_nodes(self.address, self.env) if wait else 0
+    def add_node(self, wait: bool = True, alive: Optional[int] = None) -> None:
+        """Start one more node; `wait`: until the cluster counts it alive (no blind sleep), beside the
+        `alive` nodes it had (counted here unless the caller knows: each count is a Ray client, ~3 s)."""
+        if wait and alive is None:
+            alive = _alive_nodes(self.address, self.env)
         self.procs.append(subprocess.Popen([RAY, "start", f"--address={self.address}", *COMMON], env=self.env,
                                            start_new_session=True, stdout=subprocess.DEVNULL,
                                            stderr=subprocess.DEVNULL))
@@ -109,7 +113,7 @@ def two_nodes(tmp_path_factory):
         while _alive_nodes(cluster.address, env) < 1:
             assert time.monotonic() < deadline, "the Ray head did not come up"
             time.sleep(1)
-        cluster.add_node()
+        cluster.add_node(alive=1)
         yield cluster
     finally:
         for proc in reversed(procs):
@@ -117,9 +121,11 @@ def two_nodes(tmp_path_factory):
                 os.killpg(proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        for proc in procs:  # `ray start --block` takes ~30 s to end on SIGTERM; its group is ours alone
+        # `ray start --block` takes ~30 s to end on SIGTERM; its group is ours alone: 5 s for them all.
+        deadline = time.monotonic() + 5
+        for proc in procs:
             try:
-                proc.wait(timeout=5)
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
@@ -137,16 +143,20 @@ def test_asking_for_more_than_the_cluster_has_fails_fast(two_nodes, zero2, tmp_p
     assert "of its 2 node(s)" in proc.stderr and "CPUs" in proc.stderr
 
 
-def test_a_lost_node_is_absorbed_by_a_resize_and_the_group_grows_back_when_a_node_joins(two_nodes, tokenizer_dir,
-                                                                                       tmp_path):
-    """scaling.min_nodes 1 of 2, one worker per node: the second node's Ray processes are killed by pid
-    after the first checkpoint; the run goes on on the head node alone (from the latest checkpoint,
-    converted to the new world size, the global batch kept), checkpoints there, and grows back to two
-    workers once a new node joins; it completes with every step, each training example of the steps
-    once, and the test evaluation, with train.max_failures 0 (a lost node is not a failure).
+def test_a_lost_node_is_absorbed_by_a_resize_and_the_resumed_run_grows_back_when_a_node_joins(two_nodes, tokenizer_dir,
+                                                                                              tmp_path):
+    """scaling.min_nodes 1 of 2, one worker per node. Launch 1: the second node's Ray processes are killed
+    by pid after the first checkpoints; the run goes on on the head node alone (from the latest checkpoint,
+    converted to the new world size, the global batch kept), checkpoints there, and is stopped (SIGTERM,
+    exit 75). Launch 2, `--resume` on the one node left: it continues from that checkpoint of one worker
+    (the ones before the loss are of two), is still elastic (it starts on one node of the two it asks
+    for) and grows back to two workers once a new node joins (converting its latest checkpoint); it
+    completes with every step, each training example of the steps once, the test evaluation, and both
+    resizes in run_summary.json (the first carried from launch 1), with train.max_failures 0 (a lost node
+    is not a failure).
 
-    The single worker is held (SIGSTOP) while the new node joins, so the run cannot end before Ray's
-    resize check sees the node: nothing here depends on how fast the machine trains."""
+    The single worker of launch 2 is held (SIGSTOP) while the new node joins, so the run cannot end
+    before Ray's resize check sees the node: nothing here depends on how fast the machine trains."""
     from tests.e2e.common import scalars, train_worker_pids
     from tests.helpers import tiny_config, write_config
     from trainer import checkpoints
@@ -158,19 +168,25 @@ def test_a_lost_node_is_absorbed_by_a_resize_and_the_group_grows_back_when_a_nod
                                                      "resize_check_s": 1})
     config = write_config(tmp_path / "elastic.yaml", raw)
     target = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", str(config), "--address", two_nodes.address,
-                             "--output", str(target)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**two_nodes.env, "PYTHONUNBUFFERED": "1"})
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
+    first = _Launch(two_nodes, config, target)
     # The events are checkpoints as the workers persist them (every 20 ms a look): the console reaches
     # the driver up to a poll later, when the group may be steps further. When the two workers write
     # step 4, Ray has registered step 2 (a report returns once the controller took it).
-    _wait_for(lambda: _written_by(target, 2, from_step=4), proc)
+    first.wait_for(lambda: _written_by(target, 2, from_step=4))
     killed = two_nodes.kill_node(two_nodes.procs[1])
-    # The group of one went on and wrote two checkpoints (so Ray has registered the first of them).
-    _wait_for(lambda: _written_by(target, 1, count=2), proc)
+    first.wait_for(lambda: _written_by(target, 1))  # the group of one went on from the latest checkpoint
+    first.proc.send_signal(signal.SIGTERM)  # the workers checkpoint after the current step and stop
+    assert first.end() == 75, first.text[-4000:]
+    assert len(killed) > 2, killed
+    stopped = json.loads((target / "run_summary.json").read_text())
+    assert stopped["status"] == "stopped" and stopped["world_size"] == 1 and stopped["restarts"] == 0
+    assert [(r["from_world_size"], r["to_world_size"]) for r in stopped["resizes"]] == [(2, 1)]
+    resize_lines = [line for line in first.lines if line.startswith("[sft] resize: ")]
+    assert len(resize_lines) == 1 and "from 2 to 1 worker(s)" in resize_lines[0], first.text[-4000:]
+
+    second = _Launch(two_nodes, config, target, "--resume")
+    # Two checkpoints of its own: Ray has registered the first, which the grown group converts.
+    second.wait_for(lambda: _written_by(target, 1, count=2, attempt="attempt-2"))
     held = train_worker_pids()
     for pid in held:
         os.kill(pid, signal.SIGSTOP)
@@ -179,38 +195,45 @@ def test_a_lost_node_is_absorbed_by_a_resize_and_the_group_grows_back_when_a_nod
         # Held until Ray has grown the group (its autoscaling coordinator counts the node at its next
         # 20 s tick, the resize check then decides, and the held group is shut down after Ray's 5 s of
         # patience): the run cannot end first.
-        deadline = time.monotonic() + 300
-        _wait_for(lambda: any("resize: the worker group goes from 1 to 2" in line for line in lines), proc,
-                  deadline)
+        second.wait_for(lambda: any("resize: the worker group goes from 1 to 2" in line for line in second.lines),
+                        deadline=time.monotonic() + 300)
     finally:
         for pid in held:
             with contextlib.suppress(ProcessLookupError):  # the resize has ended it
                 os.kill(pid, signal.SIGCONT)
-    code = proc.wait(timeout=600)
-    reader.join(timeout=60)
-    text = "".join(lines)
-    assert code == 0, text[-4000:]
-    assert len(killed) > 2 and len(held) == 1, (killed, held)
-    resize_lines = [line for line in lines if line.startswith("[sft] resize: ")]
-    assert len(resize_lines) == 2 and "from 1 to 2 worker(s)" in resize_lines[1], text[-4000:]
+    assert second.end() == 0, second.text[-4000:]
+    assert len(held) == 1, held
+    resize_lines = [line for line in second.lines if line.startswith("[sft] resize: ")]
+    assert len(resize_lines) == 1 and "from 1 to 2 worker(s)" in resize_lines[0], second.text[-4000:]
     summary = json.loads((target / "run_summary.json").read_text())
     assert summary["status"] == "completed" and summary["global_step"] == steps
     assert summary["world_size"] == 2 and summary["restarts"] == 0  # max_failures 0 was not used up
+    resumed_from = Path(summary["resumed_from"])
+    assert resumed_from == Path(stopped["final_checkpoint"]) and checkpoints.read_state(resumed_from).world_size == 1
     lost, grown = summary["resizes"]
+    assert lost == stopped["resizes"][0]  # carried from launch 1
     final_nodes = {r["node_id"] for r in summary["ranks"]}
     assert (lost["from_world_size"], lost["to_world_size"], grown["from_world_size"], grown["to_world_size"]) == (2, 1, 1, 2)
     assert lost["node"] not in final_nodes and grown["node"] in final_nodes and lost["node"] != grown["node"]
-    assert 2 <= lost["step"] < grown["step"] < steps and lost["lost_s"] > 0 and grown["lost_s"] > 0
-    # The data positions: every checkpoint, whichever size wrote it, is at step x global batch places of
-    # epoch 0's order, so the run saw the first steps x global batch examples of that order, each once
-    # (steps x global batch < the training split: no epoch boundary blurs it).
-    states = [checkpoints.read_state(p) for _, p in checkpoints.find_checkpoints(target / "checkpoints")]
-    assert [s.step for s in states] == list(range(2, steps + 1, 2))
-    assert all(s.epoch == 0 and s.position == s.step * global_batch for s in states), \
-        [(s.step, s.world_size, s.epoch, s.position) for s in states]
-    sizes = [s.world_size for s in states]
+    resumed_at = checkpoints.read_state(resumed_from).step
+    assert 2 <= lost["step"] < resumed_at <= grown["step"] < steps and lost["lost_s"] > 0 and grown["lost_s"] > 0
+    # The data positions: every checkpoint, whichever launch and size wrote it, is at step x global batch
+    # places of epoch 0's order, so the run saw the first steps x global batch examples of that order,
+    # each once (steps x global batch < the training split: no epoch boundary blurs it).
+    found = checkpoints.find_checkpoints(target / "checkpoints")
+    states = [(path.parent.name, checkpoints.read_state(path)) for _, path in found]
+    assert [s.step for a, s in states if a == "attempt-1"][-1] == resumed_at
+    assert [s.step for a, s in states if a == "attempt-2"][-1] == steps and all(
+        s.step > resumed_at for a, s in states if a == "attempt-2")
+    assert all(s.epoch == 0 and s.position == s.step * global_batch for _, s in states), \
+        [(a, s.step, s.world_size, s.epoch, s.position) for a, s in states]
+    sizes = [s.world_size for _, s in states]
     assert [w for i, w in enumerate(sizes) if i == 0 or sizes[i - 1] != w] == [2, 1, 2], sizes  # who wrote each
-    train_rows = int(re.search(r"\[sft\] data: train (\d+), ", text).group(1))
+    # The workers converted exactly the checkpoints each resized group went on from (launch 2 started
+    # on one worker from a checkpoint of one: nothing to convert).
+    converted = [(path.parent.name, step) for step, path in found if (path / checkpoints.UNIVERSAL_TAG).is_dir()]
+    assert converted == [("attempt-1", lost["step"]), ("attempt-2", grown["step"])], converted
+    train_rows = int(re.search(r"\[sft\] data: train (\d+), ", first.text).group(1))
     assert steps * global_batch < train_rows
     world = scalars(target / "tensorboard", "train/world_size")
     assert sorted(world) == list(range(1, steps + 1)) and world[steps] == 2 and 1 in world.values()
@@ -218,13 +241,39 @@ def test_a_lost_node_is_absorbed_by_a_resize_and_the_group_grows_back_when_a_nod
     assert tested["step"] == steps and tested["after"]["loss"] < tested["before"]["loss"]
 
 
-def _written_by(out: Path, world_size: int, from_step: int = 0, count: int = 1) -> bool:
-    """`count` checkpoints of `out` (at `from_step` or later) persisted by a group of `world_size`
-    workers: their state files written, whether or not the driver has marked them complete yet."""
+class _Launch:
+    """`sft-launch CONFIG --address <cluster> --output OUT [extra]` as its own process, its lines gathered
+    as they come (they are the events waited on). Not in the test process: Ray caches its auth token per
+    process, and an in-process launch of another test may have cached that of a private instance."""
+
+    def __init__(self, cluster: Cluster, config: Path, out: Path, *extra: str):
+        self.proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", str(config), "--address", cluster.address,
+                                      "--output", str(out), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env={**cluster.env, "PYTHONUNBUFFERED": "1"})
+        self.lines = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self.reader.start()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, event, deadline: float = float("inf")) -> None:
+        _wait_for(event, self.proc, deadline)
+
+    def end(self) -> int:
+        code = self.proc.wait(timeout=600)
+        self.reader.join(timeout=60)
+        return code
+
+
+def _written_by(out: Path, world_size: int, from_step: int = 0, count: int = 1, attempt: str = "attempt-*") -> bool:
+    """`count` checkpoints of `out` (at `from_step` or later; of launch `attempt`) persisted by a group of
+    `world_size` workers: their state files written, whether or not the driver has marked them complete yet."""
     from trainer import checkpoints
 
     found = 0
-    for state in out.glob(f"checkpoints/attempt-*/step_*/{checkpoints.STATE_FILE}"):
+    for state in out.glob(f"checkpoints/{attempt}/step_*/{checkpoints.STATE_FILE}"):
         with contextlib.suppress(OSError, ValueError, KeyError):
             written = json.loads(state.read_text())
             found += written["world_size"] == world_size and written["step"] >= from_step

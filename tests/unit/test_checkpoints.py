@@ -67,3 +67,18 @@ def test_a_failed_group_s_half_written_checkpoints_are_found_for_removal(tmp_pat
     assert [p.name for p in partial_after_latest(root)] == ["step_0000004", "step_0000006"]
     mark_complete(root / "attempt-1" / "step_0000004")
     assert [p.name for p in partial_after_latest(root)] == ["step_0000006"]
+
+
+def test_a_launch_resumed_from_an_earlier_step_has_its_half_written_checkpoints_found_too(tmp_path):
+    """`--resume PATH` from step 2 of a run whose first launch went on to step 8: the second launch's
+    group failed while writing step 4 (below the first launch's latest), and the group that replays it
+    must not find the dead group's shards there."""
+    from trainer.checkpoints import partial_after_latest
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6, 8):
+        fake(root / "attempt-1", step)
+    fake(root / "attempt-2", 4, ranks=[1], marked=False)
+    assert partial_after_latest(root) == [root / "attempt-2" / "step_0000004"]
+    fake(root / "attempt-1", 10, ranks=[0], marked=False)  # the first launch's own, past its latest
+    assert partial_after_latest(root) == [root / "attempt-1" / "step_0000010", root / "attempt-2" / "step_0000004"]

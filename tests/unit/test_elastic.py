@@ -133,3 +133,71 @@ def test_an_elastic_run_still_ends_at_once_on_a_deterministic_failure(tmp_path):
     ctl.receive(GroupStarted((where("A", 3), where("B", 4))))
     with pytest.raises(RepeatedFailure, match="the same error twice before the first step"):
         ctl.receive(bad)
+
+
+def test_a_resumed_launch_carries_the_resizes_that_led_to_its_checkpoint(tmp_path):
+    """The driver keeps the resizes so far beside each checkpoint it completes; a launch resumed from one
+    starts with those (and no later ones), adds its own, and run_summary.json lists them all in order."""
+    import json
+    from types import SimpleNamespace
+
+    from launcher.controller import open_run, summarise
+    from launcher.resizes import HISTORY, read_history
+    from tests.helpers import tiny_config
+    from tests.unit.test_checkpoints import fake
+    from trainer.messages import GroupStarted, GroupStarting, Received, StepMetrics, TrainReport, WorkerFailure
+
+    cfg = from_dict(tiny_config(tmp_path, tmp_path, scaling={"nodes": 2, "workers_per_node": 1, "min_nodes": 1},
+                                train={"max_steps": 20, "keep_last": 100}))
+    out = tmp_path / "run"
+
+    def checkpointed(ctl, attempt, step, world):
+        path = fake(out / "checkpoints" / attempt, step, world=world, marked=False)
+        ctl.receive(Received((TrainReport(step, 1.0),) * world, (where("A", 0),) * world, str(path)))
+        return path
+
+    paths, first = open_run(cfg, out, None)
+    first.receive(GroupStarted((where("A", 1), where("B", 2))))
+    first.receive(StepMetrics(1))
+    at_2 = checkpointed(first, paths.attempt, 2, world=2)
+    first.receive(WorkerFailure({1: "ActorDiedError: node B lost"}))
+    first.receive(GroupStarted((where("A", 3),)))  # node B lost: 2 -> 1 from step 2
+    first.receive(StepMetrics(3))
+    at_4 = checkpointed(first, paths.attempt, 4, world=1)
+    first.close()
+    assert not (at_2 / HISTORY).exists()  # no resize had happened by then
+    assert [(r.step, r.from_world_size, r.to_world_size, r.node) for r in read_history(at_4)] == [(2, 2, 1, "B")]
+
+    # The launch that died after step 4 is resumed: it carries the resize and grows back on its own.
+    paths, resumed = open_run(cfg, out, at_4)
+    assert paths.attempt == "attempt-2" and resumed.groups.resizes == read_history(at_4)
+    resumed.receive(GroupStarted((where("A", 5),)))  # its first group: not a resize
+    resumed.receive(StepMetrics(5))
+    resumed.receive(GroupStarting(2))  # the resize check found node C
+    resumed.receive(GroupStarted((where("A", 6), where("C", 7))))
+    resumed.receive(StepMetrics(6))
+    at_6 = checkpointed(resumed, paths.attempt, 6, world=2)
+    assert [(r.step, r.from_world_size, r.to_world_size, r.node) for r in read_history(at_6)] == \
+        [(2, 2, 1, "B"), (5, 1, 2, "C")]
+    summary = summarise(cfg, paths, resumed, SimpleNamespace(trainable=1, total=1), at_6, 1.0).summary
+    resumed.close()
+    assert summary["resizes"] == [r.as_json() for r in read_history(at_6)] and summary["world_size"] == 2
+    assert json.loads((out / "run_summary.json").read_text())["resizes"] == summary["resizes"]
+
+    # Resumed from step 2 instead: the resize after it is not on that run's way.
+    _, earlier = open_run(cfg, out, at_2)
+    earlier.close()
+    assert earlier.groups.resizes == []
+
+
+def test_a_resize_history_that_is_not_one_is_refused_naming_the_file(tmp_path):
+    from launcher.controller import open_run
+    from launcher.resizes import HISTORY
+    from tests.helpers import tiny_config
+    from tests.unit.test_checkpoints import fake
+
+    cfg = from_dict(tiny_config(tmp_path, tmp_path, scaling={"nodes": 2, "workers_per_node": 1, "min_nodes": 1}))
+    at_4 = fake(tmp_path / "run" / "checkpoints" / "attempt-1", 4)
+    (at_4 / HISTORY).write_text('[{"step": 2}]')
+    with pytest.raises(ConfigError, match=f"--resume {at_4}: {HISTORY} is not the list of resizes the run wrote"):
+        open_run(cfg, tmp_path / "run", at_4)
