@@ -150,14 +150,21 @@ def measure(config: Path, args: list[str], spawn: bool = False, workers: int = 2
                                      # what sft-launch gives its Ray workers (launcher/ray_job.py)
                                      **({"MALLOC_MMAP_THRESHOLD_": "65536"} if spawn else {})})
         title = b"spawn_main" if spawn else b"RayTrainWorker"
-        phase, done = ["setup"], threading.Event()
+        phase, part, done = ["setup"], ["test: build"], threading.Event()
         peaks = {name: {} for p in PHASES for name in (p, p + "_anon")}
+        parts: dict[str, dict] = {}  # within the test phase: the peak (RSS, anon) between its console lines
+
+        def note(rss: float, anon: float) -> None:
+            if phase[0] == "test":
+                old = parts.setdefault(part[0], (0.0, 0.0))
+                parts[part[0]] = (max(old[0], rss), max(old[1], anon))
 
         def sample():
             while not done.is_set():
                 for pid, (rss, anon) in worker_memory_mb(proc.pid, title).items():
                     for name, mb in ((phase[0], rss), (phase[0] + "_anon", anon)):
                         peaks[name][pid] = max(peaks[name].get(pid, 0.0), mb)
+                    note(rss, anon)
                 time.sleep(0.2)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -175,12 +182,17 @@ def measure(config: Path, args: list[str], spawn: bool = False, workers: int = 2
                 phase[0] = "test"  # a fresh model and engine for the test split, in the same workers
             elif "test engine released" in line:
                 phase[0] = "export"  # rank 0 exports; the others wait (trainer/loop.py run_test)
+            elif "test phase: the model and engine built" in line:
+                part[0] = "test: before fine-tuning (evaluate, answer)"
+            elif "test phase: the model before fine-tuning evaluated" in line:
+                part[0] = "test: final checkpoint (load, evaluate, answer)"
         code = proc.wait()
         done.set()
         sampler.join()
         if code != 0:
             raise SystemExit(f"sft-launch failed ({code}):\n{''.join(lines[-30:])}")
         peak = {k: max(v.values(), default=0.0) for k, v in peaks.items()}
+        peak["test_parts"] = parts
         if spawn:
             return {**peak, "s_per_step": statistics.median(seconds[1:] if len(seconds) > 1 else seconds)}
         summary = json.loads((Path(out) / "run_summary.json").read_text())
@@ -267,6 +279,8 @@ def by_phase(a) -> None:
                 print(f"{name:<10} {workers:>7} {mode:<7} "
                       + " ".join(f"{pair(peak[p], peak[p + '_anon']):>22}" for p in PHASES)
                       + f" {pair(whole, whole_anon):>20} {zero0:>13.2f} {whole / peak['steps']:>16.2f}", flush=True)
+                for part, (rss, anon) in runs[0]["test_parts"].items():  # the first launch's, any worker
+                    print(f"{'':<10} {'':>7} {'':<7}   {part}: {pair(rss, anon)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -174,11 +174,14 @@ def run_test(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> TestResult
         answered_before = generate_split(s, cfg, "test", answering, reporter)
     phases.done(f"test phase: the model before fine-tuning evaluated{f' and {answering} prompts answered' if answering else ''}")
     # The weights come from the shards on disk, not from any model still in memory.
-    state = checkpoints.load(s.engine, Path(args.final_checkpoint), s.rank, load_optimizer=False)
+    final = Path(args.final_checkpoint)
+    own = checkpoints.own_partition_fits(s.engine, checkpoints.read_state(final))  # ZeRO-3: no consolidation
+    state = checkpoints.load(s.engine, final, s.rank, load_optimizer=False)
     with one_pass(s):
         after, rows = evaluate_split(s, "test")
         answered_after = generate_split(s, cfg, "test", answering, reporter)
-    phases.done(f"test phase: step {state.step} loaded and evaluated{f' and {answering} prompts answered' if answering else ''}")
+    phases.done(f"test phase: step {state.step} loaded{' (each rank its own shard)' if own else ''} and evaluated"
+                f"{f' and {answering} prompts answered' if answering else ''}")
     if s.rank == 0 and args.predictions_path and rows:
         with writing("the test predictions", args.predictions_path):
             Path(args.predictions_path).write_text("".join(json.dumps(r) + "\n" for r in rows))
