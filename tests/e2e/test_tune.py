@@ -1,9 +1,8 @@
-"""`sft-launch --tune`: a real Ray Tune search, three trials two at a time, one DeepSpeed worker each.
+"""`sft-launch --tune`: a real Ray Tune search, four trials two at a time, one DeepSpeed worker each.
 
-Two of the three learning rates are deliberately bad (30 and 100): ASHA (grace 1 evaluation, reduction
-factor 2) must stop at least one of them early (100, the trial that waits for a free slot, reaches each
-evaluation after the others have: it is always compared), the good one runs its schedule, the controller
-tests the best trial once, and best_config.yaml reproduces the best trial as a plain run.
+Two of the four learning rates are deliberately bad (30 and 100): ASHA (grace 1 evaluation, reduction
+factor 2) must stop at least one of them early, the others run their schedule, the controller tests
+the best trial once, and best_config.yaml reproduces the best trial as a plain run.
 """
 import csv
 import json
@@ -17,7 +16,7 @@ from tests.helpers import tiny_config, write_config
 
 pytestmark = pytest.mark.e2e
 
-LRS = [3e-3, 30.0, 100.0]
+LRS = [3e-3, 1e-3, 30.0, 100.0]
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +42,9 @@ def test_every_trial_is_a_run_and_asha_stops_a_bad_one_early(search):
     assert sorted(float(r["optim.lr"]) for r in rows) == sorted(LRS)
     statuses = {float(r["optim.lr"]): r["status"] for r in rows}
     assert "stopped early" in {statuses[30.0], statuses[100.0]}, statuses
-    # 3e-3 leads at every evaluation, so ASHA never stops it (trials are compared as they reach an
-    # evaluation, in whatever order they get there: 30 may reach one first and go on)
-    assert statuses[3e-3] == "completed", statuses
+    # 3e-3 leads at every evaluation, so ASHA never stops it; 1e-3 may go either way (trials are
+    # compared as they reach an evaluation, in whatever order they get there)
+    assert statuses[3e-3] == "completed" and statuses[1e-3] in ("completed", "stopped early"), statuses
     for r in rows:
         trial = out / "trials" / r["trial"]
         assert (trial / "tensorboard").is_dir() and list((trial / "checkpoints").glob("attempt-*/step_*/.complete"))
@@ -56,7 +55,7 @@ def test_every_trial_is_a_run_and_asha_stops_a_bad_one_early(search):
             assert int(r["steps"]) < 12
     # one console line per trial that ended, then the table of the best
     lines = proc.stdout.splitlines()
-    assert sum(line.startswith("[sft] trial ") for line in lines) == len(LRS)
+    assert sum(line.startswith("[sft] trial ") for line in lines) == 4
     assert any("stopped by ASHA" in line for line in lines)
     assert any(line.startswith("[sft] top trials by final val loss") for line in lines)
 
