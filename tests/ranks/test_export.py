@@ -27,27 +27,34 @@ def _cfg(tmp: Path, tokenizer_dir, mode: str):
                                  train={"max_steps": 2, "eval_every": 2, "save_every": 2, "micro_batch_size": 4}))
 
 
-def _train_test_export(rank: int, port: int, raw: dict, out: str) -> None:
+def _train_test_export(rank: int, port: int, jobs: list) -> None:
+    """Each job (a config as plain data, its folder) in turn on the same two ranks: train, test, export."""
     import torch.distributed as dist
 
     join_group(rank, 2, port)
-    cfg, root = from_dict(raw), Path(out)
-    trained = ListReporter(root / "ckpt")
-    run(cfg, trained, WorkerArgs(cache_dir=str(root / "cache")))
-    checkpoint = str(trained.calls[-1][1])
-    tester = ListReporter()
-    result = run_test(cfg, tester, WorkerArgs(cache_dir=str(root / "cache"), final_checkpoint=checkpoint,
-                                                     export_dir=str(root / "final_model")))
-    dist.barrier()
-    if rank == 0:
-        (root / "tested.json").write_text(json.dumps({"loss": result.after["loss"], "checkpoint": checkpoint,
-                                                      "lines": tester.lines}))
+    for raw, out in jobs:
+        cfg, root = from_dict(raw), Path(out)
+        trained = ListReporter(root / "ckpt")
+        run(cfg, trained, WorkerArgs(cache_dir=str(root / "cache")))
+        checkpoint = str(trained.calls[-1][1])
+        tester = ListReporter()
+        result = run_test(cfg, tester, WorkerArgs(cache_dir=str(root / "cache"), final_checkpoint=checkpoint,
+                                                  export_dir=str(root / "final_model")))
+        dist.barrier()
+        if rank == 0:
+            (root / "tested.json").write_text(json.dumps({"loss": result.after["loss"], "checkpoint": checkpoint,
+                                                          "lines": tester.lines}))
     os._exit(0)  # the files are on disk; the native teardown is not what this test is about
 
 
-def _spawn(cfg, tmp: Path) -> dict:
-    run_ranks(_train_test_export, (to_dict(cfg), str(tmp)))
-    return json.loads((tmp / "tested.json").read_text())
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory, tokenizer_dir) -> dict:
+    """The global and the local (lean) run on one spawn of two ranks, global first in the fresh processes
+    (a spawn's cost is mostly the ranks' start-up): mode -> (config, its folder, what rank 0 tested)."""
+    tmps = {mode: tmp_path_factory.mktemp(f"export_{mode}") for mode in ("global", "local")}
+    cfgs = {mode: _cfg(tmp, tokenizer_dir, mode) for mode, tmp in tmps.items()}
+    run_ranks(_train_test_export, ([(to_dict(cfgs[mode]), str(tmp)) for mode, tmp in tmps.items()],))
+    return {mode: (cfgs[mode], tmp, json.loads((tmp / "tested.json").read_text())) for mode, tmp in tmps.items()}
 
 
 def _tensors(folder: Path) -> dict:
@@ -102,11 +109,10 @@ def _tokenizer(tmp: Path):
     return AutoTokenizer.from_pretrained(tmp / "pretrained")
 
 
-def test_streamed_export_of_a_zero3_checkpoint_is_the_built_one_bit_for_bit(tmp_path, tokenizer_dir, process_group):
+def test_streamed_export_of_a_zero3_checkpoint_is_the_built_one_bit_for_bit(spawned, process_group):
     from trainer.export import saved_names, write_safetensors
 
-    cfg = _cfg(tmp_path, tokenizer_dir, "global")
-    tested = _spawn(cfg, tmp_path)
+    cfg, tmp_path, tested = spawned["global"]
     _same_as_built(cfg, tmp_path, tested, "fp32")
     _same_as_built(cfg, tmp_path, tested, "bf16")  # streamed as bf16, never the fp32 model first
 
@@ -128,12 +134,10 @@ def test_streamed_export_of_a_zero3_checkpoint_is_the_built_one_bit_for_bit(tmp_
     assert saved_names(AutoModelForCausalLM.from_pretrained(sharded)) == names
 
 
-def test_streamed_export_of_a_lean_checkpoint_reads_the_frozen_weights_from_the_base(tmp_path, tokenizer_dir,
-                                                                                     process_group):
+def test_streamed_export_of_a_lean_checkpoint_reads_the_frozen_weights_from_the_base(spawned, process_group):
     from safetensors.torch import load_file
 
-    cfg = _cfg(tmp_path, tokenizer_dir, "local")
-    tested = _spawn(cfg, tmp_path)
+    cfg, tmp_path, tested = spawned["local"]
     _same_as_built(cfg, tmp_path, tested, "fp32")
     exported, base = _tensors(tmp_path / "final_model"), load_file(tmp_path / "pretrained" / "model.safetensors")
     assert torch.equal(exported["model.embed_tokens.weight"], base["model.embed_tokens.weight"])  # frozen
