@@ -188,7 +188,8 @@ def memory_line(plan: Plan, cfg: RunConfig) -> str:
 
     def phases(precision: str) -> dict[str, dict[str, int]]:
         exported = precision if cfg.export.dtype == "auto" else cfg.export.dtype
-        streamed = cfg.finetune.mode != "lora"  # LoRA merged: the whole model built (trainer/export.py)
+        # peft's adapter folder (export.lora: adapter | both) is written from the whole model, built
+        streamed = cfg.finetune.mode != "lora" or cfg.export.lora == "merged"
         return {"training steps": model_state_bytes(plan.total, plan.trainable, stage, world, precision),
                 "test evaluation": test_phase_bytes(plan.total, plan.trainable, stage, world, precision,
                                                     cfg.eval.generate.zero3 != "synced"),

@@ -146,5 +146,5 @@ def test_phase_bytes(total: int, trainable: int, stage: int, world_size: int, pr
 def export_bytes(total: int, largest: int, streamed: bool, dtype_width: int) -> int:
     """Bytes rank 0's export holds once the test engine is released: streamed, the largest tensor
     read in fp32 and, unless fp32 is the export's dtype, its converted copy (trainer/export.py); built
-    (LoRA merged), the whole model in fp32."""
+    (peft's adapter folder, export.lora: adapter | both), the whole model in fp32."""
     return (4 + (dtype_width if dtype_width != 4 else 0)) * largest if streamed else 4 * total

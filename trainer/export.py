@@ -5,9 +5,11 @@ state dict (ZeRO 1-3: the fp32 masters, memory-mapped) or from stage 0's memory-
 converted to export.dtype and written straight into safetensors shards whose headers are laid out
 first; no model is built with weights (a meta-device skeleton gives the names, the tied weights and
 the config), so the peak is one tensor, not the model. A lean checkpoint's frozen weights are read,
-tensor by tensor, from the base model's own safetensors files. What the stream cannot source (LoRA
-merged, a frozen head that is new for the task, a base without safetensors) takes `export_built`:
-the whole model built and filled, then `save_pretrained`. Never imports ray.
+tensor by tensor, from the base model's own safetensors files. LoRA merged streams too: each adapted
+layer's weight is merged as it is read (`merged_lora_sources`). What the stream cannot source (peft's
+adapter folder, export.lora: adapter | both; a layer peft merges otherwise, such as a convolution; a
+frozen head that is new for the task; a base without safetensors) takes `export_built`: the whole
+model built and filled, then `save_pretrained`. Never imports ray.
 """
 from __future__ import annotations
 
@@ -57,32 +59,37 @@ def export_model(cfg: RunConfig, checkpoint: Path, target: Path, processor, labe
     usable in a transformers pipeline. Returns how: "streamed", or "built" (see the module docstring)."""
     import torch
 
-    if cfg.finetune.mode == "lora":
+    lora = cfg.finetune.mode == "lora"
+    if lora and cfg.export.lora != "merged":  # peft's adapter folder is written from the built model
         export_built(cfg, checkpoint, target, processor, labels, cache_dir, dtype)
         return "built"
     model_dir = prepare_pretrained(cfg.model, cache_dir)
     skeleton = build_skeleton(cfg.model, model_dir, labels)
     names = saved_names(skeleton)
     checkpointed = consolidated_state_dict(checkpoint, cfg.deepspeed.zero_stage, lazy=True)
-    unexpected = sorted(set(checkpointed) - set(skeleton.state_dict()))
-    if unexpected:
-        raise RuntimeError(f"the checkpoint holds parameters the model lacks: {unexpected[:5]}")
-    base = base_tensors(model_dir, [n for n in names if n not in checkpointed])
+    meta = skeleton.state_dict()
     # The shapes are the model's (its skeleton's): a base weight of another shape (a head resized to the
     # task's labels, say) cannot be streamed as it lies in the base files.
-    meta = skeleton.state_dict()
     shapes = {n: tuple(meta[n].shape) for n in names}
-    if any(n not in checkpointed and (n not in base or base[n][1] != shapes[n]) for n in names):
+    if lora:
+        sources = merged_lora_sources(cfg, model_dir, labels, names, shapes, checkpointed)
+    else:
+        unexpected = sorted(set(checkpointed) - set(meta))
+        if unexpected:
+            raise RuntimeError(f"the checkpoint holds parameters the model lacks: {unexpected[:5]}")
+        base = base_tensors(model_dir, [n for n in names if n not in checkpointed])
+        sources = {n: (lambda n=n: checkpointed[n].contiguous(), checkpointed[n].dtype) if n in checkpointed
+                   else (base[n][0], base[n][2]) for n in names
+                   if n in checkpointed or (n in base and base[n][1] == shapes[n])}
+    if sources is None or len(sources) < len(names):
         del checkpointed
         export_built(cfg, checkpoint, target, processor, labels, cache_dir, dtype)
         return "built"
     to = getattr(torch, DTYPES[dtype])
-    kinds = {n: (checkpointed[n].dtype if n in checkpointed else base[n][2]) for n in names}
-    kinds = {n: to if k.is_floating_point else k for n, k in kinds.items()}
+    kinds = {n: to if sources[n][1].is_floating_point else sources[n][1] for n in names}
 
     def tensor(name: str):
-        value = checkpointed[name].contiguous() if name in checkpointed else base[name][0]()
-        return value.to(kinds[name])
+        return sources[name][0]().to(kinds[name])
 
     def write(staging: Path) -> None:
         write_safetensors(staging, names, shapes, kinds, tensor)
@@ -95,6 +102,67 @@ def export_model(cfg: RunConfig, checkpoint: Path, target: Path, processor, labe
 
     _staged(target, write, cfg, processor)
     return "streamed"
+
+
+PEFT_PREFIX = "base_model.model."  # peft's names: the wrapped model's, under this prefix
+
+
+def merged_lora_sources(cfg: RunConfig, model_dir: str | None, labels: list[str], names: list[str],
+                        shapes: dict, checkpointed: dict) -> dict[str, tuple[Callable, object]] | None:
+    """name -> (read it, dtype) of the merged LoRA model's tensors: an adapted layer's weight is its base
+    weight plus peft's delta, `transpose(B @ A, fan_in_fan_out) * scaling` (as merge_and_unload adds it,
+    in fp32), read one layer at a time; a fully trained module's weights come from its
+    `modules_to_save` copy; the rest from the checkpoint or, for a lean one, the base files. None where
+    the stream cannot merge (a layer peft merges otherwise: convolution, DoRA, a LoRA bias); names
+    missing from the result cannot be sourced. The names are the plain model's (the skeleton's)."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    from peft.tuners.lora.layer import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    from trainer.lora import ADAPTER
+
+    wrapped, _ = trainable_model(build_skeleton(cfg.model, model_dir, labels), cfg.finetune)
+    plain = lambda name: name[len(PEFT_PREFIX):]  # noqa: E731
+    layers = {plain(n): m for n, m in wrapped.named_modules() if isinstance(m, LoraLayer)}
+    if any(type(m) is not LoraLinear or m.use_dora.get(ADAPTER) or m.lora_bias.get(ADAPTER) for m in layers.values()):
+        return None
+    full = [plain(n) for n, m in wrapped.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    base = base_tensors(model_dir, names)
+
+    def stored(name: str) -> str:
+        module, param = name.rsplit(".", 1)
+        if module in layers:
+            return f"{PEFT_PREFIX}{module}.base_layer.{param}"
+        owner = next((f for f in full if name.startswith(f + ".")), None)
+        if owner is not None:
+            return f"{PEFT_PREFIX}{owner}.modules_to_save.{ADAPTER}.{name[len(owner) + 1:]}"
+        return PEFT_PREFIX + name
+
+    def merged(read: Callable, module: str) -> Callable:
+        layer, prefix = layers[module], f"{PEFT_PREFIX}{module}"
+        a, b = checkpointed[f"{prefix}.lora_A.{ADAPTER}.weight"], checkpointed[f"{prefix}.lora_B.{ADAPTER}.weight"]
+
+        def value():
+            delta = b.contiguous().float() @ a.contiguous().float()
+            return read().float() + (delta.T if layer.fan_in_fan_out else delta) * layer.scaling[ADAPTER]
+        return value
+
+    sources = {}
+    for name in names:
+        key = stored(name)
+        if key in checkpointed:
+            read, kind = (lambda key=key: checkpointed[key].contiguous()), checkpointed[key].dtype
+        elif name in base and base[name][1] == shapes[name]:
+            read, kind = base[name][0], base[name][2]
+        else:
+            continue
+        module, param = name.rsplit(".", 1)
+        if module in layers and param == "weight":
+            if f"{PEFT_PREFIX}{module}.lora_A.{ADAPTER}.weight" not in checkpointed:
+                continue
+            read = merged(read, module)
+        sources[name] = (read, kind)
+    return sources
 
 
 def saved_names(skeleton) -> list[str]:

@@ -8,7 +8,7 @@ import torch
 
 from tests.helpers import save_pretrained_llama, tiny_config
 from trainer.checkpoints import TAG, read_state
-from trainer.config_load import from_dict
+from trainer.config_load import from_dict, to_dict
 from trainer.loop import WorkerArgs, run, run_test
 from trainer.report import ListReporter
 
@@ -78,6 +78,23 @@ def test_zero3_lora_tests_and_exports_merged_and_adapter(tmp_path, tokenizer_dir
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "pretrained")
     adapted = PeftModel.from_pretrained(base, tmp_path / "final_adapter").eval()
     assert test_loss(adapted) == pytest.approx(result.after["loss"], rel=1e-5)
+    # export.lora: merged streams (each adapted weight merged as it is read, no model built): bit for
+    # bit the merge_and_unload export above (export.lora: both builds the model for peft's adapter folder).
+    merged_only = from_dict({**to_dict(cfg), "export": {"lora": "merged"}})
+    _same_tensors(merged_only, trained.calls[-1][1], tmp_path / "final_model", tmp_path / "streamed", tokenizer)
+
+
+def _same_tensors(cfg, checkpoint: Path, built: Path, streamed: Path, processor, labels=()) -> None:
+    """The streamed merged export of `checkpoint` has exactly the tensors of the built one in `built`."""
+    from safetensors.torch import load_file
+
+    from trainer.export import export_model
+
+    cache = str(streamed.parent / "cache")
+    assert export_model(cfg, Path(checkpoint), streamed, processor, list(labels), cache) == "streamed"
+    ours, theirs = load_file(streamed / "model.safetensors"), load_file(built / "model.safetensors")
+    assert sorted(ours) == sorted(theirs) and not any("lora" in n for n in ours)
+    assert all(torch.equal(ours[n], theirs[n]) for n in theirs), [n for n in theirs if not torch.equal(ours[n], theirs[n])]
 
 
 def test_a_classification_head_trains_fully_beside_the_adapters(tmp_path, process_group):
@@ -94,6 +111,16 @@ def test_a_classification_head_trains_fully_beside_the_adapters(tmp_path, proces
     assert head in changed and any("lora_B" in n for n in changed)  # the head trains fully beside the adapters
     assert all("lora_" in n or "modules_to_save" in n for n in changed)  # the base does not move
     assert "accuracy" in reporter.calls[-1][0].validation
+    # The merged export streams the fully trained head from its modules_to_save copy: as the built one.
+    from transformers import AutoTokenizer
+
+    from trainer import data_cache
+    from trainer.export import export_built
+
+    tokenizer = AutoTokenizer.from_pretrained(wordpiece)
+    labels = data_cache.prepare(cfg, tokenizer, None).labels
+    export_built(cfg, reporter.calls[-1][1], tmp_path / "built", tokenizer, labels, str(tmp_path / "cache"))
+    _same_tensors(cfg, reporter.calls[-1][1], tmp_path / "built", tmp_path / "streamed", tokenizer, labels)
 
 
 @pytest.mark.parametrize("stage", [0, 1])

@@ -92,7 +92,10 @@ def test_test_phase_and_export_memory_and_which_phase_is_the_peak():
     assert "test evaluation 0.01 GiB" in line and "export (rank 0) 0.00 GiB (streamed" in line
     assert line.endswith("the peak: training steps; activations on top")
     lora = memory_line(plan, cfg(deepspeed={"zero_stage": 3, "precision": "fp32"}, finetune={"mode": "lora"}))
-    assert "(built model 0.00)" in lora
+    assert "(streamed 0.00)" in lora  # export.lora: merged streams, merging each layer as it is read
+    both = memory_line(plan, cfg(deepspeed={"zero_stage": 3, "precision": "fp32"}, finetune={"mode": "lora"},
+                                 export={"lora": "both"}))
+    assert "(built model 0.00)" in both  # peft's adapter folder comes from the built model
 
 
 def test_zero_buckets_follow_the_model_size_unless_the_json_sets_them(tmp_path):
