@@ -127,7 +127,6 @@ def merged_lora_sources(cfg: RunConfig, model_dir: str | None, labels: list[str]
     if any(type(m) is not LoraLinear or m.use_dora.get(ADAPTER) or m.lora_bias.get(ADAPTER) for m in layers.values()):
         return None
     full = [plain(n) for n, m in wrapped.named_modules() if isinstance(m, ModulesToSaveWrapper)]
-    base = base_tensors(model_dir, names)
 
     def stored(name: str) -> str:
         module, param = name.rsplit(".", 1)
@@ -147,6 +146,7 @@ def merged_lora_sources(cfg: RunConfig, model_dir: str | None, labels: list[str]
             return read().float() + (delta.T if layer.fan_in_fan_out else delta) * layer.scaling[ADAPTER]
         return value
 
+    base = base_tensors(model_dir, [n for n in names if stored(n) not in checkpointed])  # a lean checkpoint's
     sources = {}
     for name in names:
         key = stored(name)
