@@ -74,7 +74,7 @@ def make_plan(cfg: RunConfig, cache_dir: str) -> Plan:
     for split in splits:
         task.prepare(split.sample(SAMPLE_ROWS), cfg, processor, labels)
     check_model_fits(cfg, model_dir, processor, labels)
-    deepspeed_config(cfg, cfg.scaling.world_size, "fp32")  # the user's DeepSpeed JSON, checked now
+    deepspeed_config(cfg, cfg.scaling.data_parallel_size, "fp32")  # the user's DeepSpeed JSON, checked now
     skeleton = build_skeleton(cfg.model, model_dir, labels)
     freezing = ""
     if cfg.finetune.mode == "lora":
@@ -87,8 +87,8 @@ def make_plan(cfg: RunConfig, cache_dir: str) -> Plan:
     t = cfg.train
     rows = {"train": sum(len(s) for s in sources), "validation": len(validation), "test": len(test)}
 
-    def steps() -> int:
-        return steps_of_run(cfg, rows["train"], world)
+    def steps() -> int:  # batches count data-parallel ranks (scaling.sequence_parallel splits sequences)
+        return steps_of_run(cfg, rows["train"], cfg.scaling.data_parallel_size)
 
     n_total, n_trainable = sum(s for _, s in sizes), sum(s for n, s in sizes if n in trainable)
     # fp32 weights of every parameter, plus Adam's two fp32 moments (and fp32 master weights in
@@ -96,7 +96,7 @@ def make_plan(cfg: RunConfig, cache_dir: str) -> Plan:
     per_trainable = 8 + (4 if cfg.deepspeed.precision in ("bf16", "fp16") else 0)
     return Plan(
         world_size=world, micro_batch_size=t.micro_batch_size,
-        global_batch_size=t.micro_batch_size * t.gradient_accumulation * world,
+        global_batch_size=t.micro_batch_size * t.gradient_accumulation * cfg.scaling.data_parallel_size,
         rows=rows,
         steps=steps(),
         trainable=n_trainable, total=n_total, largest=max((s for _, s in sizes), default=0),
@@ -127,7 +127,7 @@ def with_prepared_data(plan: Plan, cfg: RunConfig, data_root: Path, log: Callabl
     for line in prepared.describe():
         log(f"data: {line}")
     rows = {name: len(p) for name, p in prepared.splits.items()}
-    steps = steps_of_run(cfg, rows["train"], plan.world_size)
+    steps = steps_of_run(cfg, rows["train"], cfg.scaling.data_parallel_size)
     return replace(plan, rows=rows, steps=steps, data_dir=str(prepared.directory),
                    sources=mix_shares(cfg, prepared.splits["train"].parts))
 
@@ -150,6 +150,7 @@ def check_model_fits(cfg: RunConfig, model_dir: str | None, processor, labels: l
 
     from trainer.chunked_loss import loss_implementation
     from trainer.model import head_mismatch, model_config, position_limit
+    from trainer.sequence_parallel import head_refusal
     from trainer.tasks.registry import TASKS
 
     if cfg.model.attn_implementation == "flash_attention_2" and (
@@ -166,6 +167,9 @@ def check_model_fits(cfg: RunConfig, model_dir: str | None, processor, labels: l
                                   "the workers here have no GPU (or bitsandbytes is not installed)")
             + "; remove finetune.lora.quantize to train LoRA adapters on the full-precision base")
     config = model_config(cfg.model, model_dir)
+    if refusal := head_refusal(config, cfg.scaling.sequence_parallel):
+        raise ConfigError(f"scaling.sequence_parallel = {cfg.scaling.sequence_parallel}: {refusal} (Ulysses gives "
+                          f"each rank of a sequence a share of the heads); choose a divisor of the heads")
     # chunked on a model with transformed logits, liger without CUDA or the package: refused now
     loss_implementation(cfg, config, on_cuda=cfg.scaling.gpus_per_worker != 0,
                         has_liger=importlib.util.find_spec("liger_kernel") is not None)
@@ -241,8 +245,10 @@ def describe(plan: Plan, cfg: RunConfig) -> str:
     rows = ", ".join(f"{k} {v}" for k, v in plan.rows.items())
     return "\n".join([
         f"world size {plan.world_size} ({cfg.scaling.nodes} node(s) x {cfg.scaling.workers_per_node} worker(s)); "
-        f"micro batch {plan.micro_batch_size} per worker x accumulation {t.gradient_accumulation} "
-        f"= global batch {plan.global_batch_size}" + (
+        + (f"each sequence split over {cfg.scaling.sequence_parallel} consecutive workers (scaling.sequence_parallel, "
+           f"Ulysses): {cfg.scaling.data_parallel_size} data-parallel rank(s); micro batch {plan.micro_batch_size} per "
+           f"data-parallel rank" if cfg.scaling.sequence_parallel > 1 else f"micro batch {plan.micro_batch_size} per worker")
+        + f" x accumulation {t.gradient_accumulation} = global batch {plan.global_batch_size}" + (
             f"; elastic down to {cfg.scaling.min_world_size} worker(s) (scaling.min_nodes {cfg.scaling.min_nodes}), "
             f"the accumulation recomputed to keep the global batch; growing back checked every "
             f"{cfg.scaling.resize_check_s:g} s" if cfg.scaling.is_elastic else ""),

@@ -241,10 +241,11 @@ def load(engine, directory: Path, rank: int, load_optimizer: bool = True) -> Tra
 def own_partition_fits(engine, state: TrainState) -> bool:
     """Whether the weights alone can come from this rank's own shard: ZeRO-3 (parameters partitioned,
     no NVMe swapping), the checkpoint written by as many ranks as this engine has, not through the
-    universal format. Elsewhere DeepSpeed's load_checkpoint is used."""
+    universal format. Elsewhere DeepSpeed's load_checkpoint is used. ZeRO partitions over the
+    sequence-and-data-parallel group (the whole world; DeepSpeed's dp_world_size is None under Ulysses)."""
     optimizer = getattr(engine, "optimizer", None)
     return (engine.zero_optimization_partition_weights() and not engine.load_universal_checkpoint()
-            and state.world_size == engine.dp_world_size and hasattr(optimizer, "fp32_partitioned_groups_flat")
+            and state.world_size == engine.seq_dp_world_size and hasattr(optimizer, "fp32_partitioned_groups_flat")
             and not getattr(optimizer, "swap_optimizer", False) and not getattr(optimizer, "offload_param", False))
 
 

@@ -89,16 +89,18 @@ def _chunk_loss_sum(head: Callable[[Any], Any], hidden, target):
     return F.cross_entropy(_upcast(head(hidden)), target, ignore_index=IGNORE, reduction="sum")
 
 
-def chunked_loss(hidden, labels, head: Callable[[Any], Any], chunks: int):
+def chunked_loss(hidden, labels, head: Callable[[Any], Any], chunks: int, shift_labels=None, count=None):
     """Mean next-token cross-entropy over the label tokens (!= IGNORE) of `labels` (B x T, unshifted)
     given the last hidden states (B x T x H) and the LM head, the labelled positions in `chunks`
     near-equal slices (the head is called exactly `chunks` times, empty slices too).
     Equals F.cross_entropy(head(hidden)[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1)) (nan when
-    nothing is labelled, as there); with gradients, each chunk's logits are recomputed in backward."""
+    nothing is labelled, as there); with gradients, each chunk's logits are recomputed in backward.
+    A sequence-parallel shard (trainer/sequence_parallel.py) gives `shift_labels` (shifted already)
+    and `count`, the whole sequence's label count: the sum over this shard's positions / count."""
     import torch
     from torch.utils.checkpoint import checkpoint
 
-    target = shifted_targets(labels)
+    target = shift_labels.reshape(-1) if shift_labels is not None else shifted_targets(labels)
     where = (target != IGNORE).nonzero().squeeze(1)  # only labelled positions need logits
     flat = hidden.reshape(-1, hidden.size(-1))
     total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
@@ -110,6 +112,8 @@ def chunked_loss(hidden, labels, head: Callable[[Any], Any], chunks: int):
                                        preserve_rng_state=False)
         else:
             total = total + _chunk_loss_sum(head, flat[at], target[at])
+    if count is not None:
+        return total / count
     return total / where.numel() if where.numel() else total / 0.0
 
 
@@ -170,5 +174,6 @@ def loss_implementation(cfg: Any, model_config: Any, on_cuda: bool, has_liger: b
     if asked == "liger" and (refusal := liger_refusal(on_cuda, has_liger)):
         raise ConfigError(refusal)
     mb, length, vocab = cfg.train.micro_batch_size, cfg.data.max_length, int(getattr(model_config, "vocab_size", 0) or 0)
+    has_liger = has_liger and cfg.scaling.sequence_parallel == 1  # auto never picks liger for a shard (unverified)
     name = resolve_loss_impl(asked, on_cuda, has_liger, mb, length, vocab, cfg.deepspeed.zero_stage, supported)
     return LossImpl(name, chunk_count(mb, length, vocab) if name != "standard" else 1)

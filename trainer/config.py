@@ -368,6 +368,9 @@ class ScalingConfig:
     # min_nodes x workers_per_node .. nodes x workers_per_node, from the latest checkpoint.
     min_nodes: Optional[int] = None
     resize_check_s: float = 60.0  # how often Ray looks for returned or new nodes to grow back onto
+    # Ulysses sequence parallelism (trainer/sequence_parallel.py): each training sequence split over
+    # this many consecutive workers; batches, steps and data positions count world / N data-parallel ranks.
+    sequence_parallel: int = 1
 
     def __post_init__(self) -> None:
         for key in ("nodes", "workers_per_node", "cpus_per_worker"):
@@ -380,6 +383,15 @@ class ScalingConfig:
                              f"{self.min_nodes}")
         if self.resize_check_s <= 0:
             raise ValueError(f"scaling.resize_check_s must be > 0, got {self.resize_check_s:g}")
+        if self.sequence_parallel < 1:
+            raise ValueError(f"scaling.sequence_parallel must be >= 1, got {self.sequence_parallel}")
+        if self.world_size % self.sequence_parallel:
+            raise ValueError(f"scaling.sequence_parallel = {self.sequence_parallel} must divide the worker count "
+                             f"({self.nodes} scaling.nodes x {self.workers_per_node} scaling.workers_per_node = "
+                             f"{self.world_size}): each sequence is split over that many workers")
+        if self.sequence_parallel > 1 and self.is_elastic:
+            raise ValueError("scaling.sequence_parallel with scaling.min_nodes (elastic continuation) is not "
+                             "supported: a resize would break the sequence-parallel groups; remove one of them")
 
     @property
     def world_size(self) -> int:
@@ -394,6 +406,11 @@ class ScalingConfig:
     @property
     def is_elastic(self) -> bool:
         return self.min_world_size < self.world_size
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Data-parallel ranks at the starting size: the workers over scaling.sequence_parallel."""
+        return self.world_size // self.sequence_parallel
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ def check(cfg: RunConfig) -> None:
         raise ValueError("train.loss_impl: liger uses the LM head weight outside the head's forward, which "
                          "is not verified under deepspeed.zero_stage 3; use chunked (it gathers the weight "
                          "through the head module itself) or ZeRO stage 0-2")
+    check_sequence_parallel(cfg, task)
     stopping = cfg.train.early_stopping
     if stopping is not None and stopping.metric not in task.metrics:
         raise ValueError(f"train.early_stopping.metric is {stopping.metric!r}, but model.task "
@@ -50,6 +51,30 @@ def check(cfg: RunConfig) -> None:
         key, value = ("num_examples", g.num_examples) if g.num_examples else ("test", "true")
         raise ValueError(f"eval.generate.{key} is {value}, but model.task {m.task!r} does not "
                          f"generate text (only causal_lm does); remove it or set it to 0 / false")
+
+
+def check_sequence_parallel(cfg: RunConfig, task) -> None:
+    """What DeepSpeed's Ulysses (scaling.sequence_parallel > 1) cannot do, or sft has not verified with
+    it, refused by key (trainer/sequence_parallel.py; the heads are checked in preflight, on the model)."""
+    n = cfg.scaling.sequence_parallel
+    if n == 1:
+        return
+    refusals = [
+        (not task.splits_sequences, f"model.task {cfg.model.task!r} has no sequence-parallel objective (only causal_lm)"),
+        (cfg.deepspeed.zero_stage == 0, "deepspeed.zero_stage 0 is not supported by DeepSpeed's sequence "
+                                        "parallelism; use ZeRO stage 1, 2 or 3"),
+        (cfg.data.packing, "data.packing needs a varlen attention to keep packed examples apart, and Ulysses "
+                           "drops the attention mask; set data.packing: false"),
+        (cfg.model.attn_implementation == "eager", "model.attn_implementation eager needs a full attention mask, "
+                                                   "which Ulysses drops; use sdpa, flash_attention_2 or auto"),
+        (cfg.train.loss_impl == "liger", "train.loss_impl liger is not verified with sequence parallelism (its "
+                                         "loss over a shard is not tested on a GPU yet); use chunked or auto"),
+        (cfg.finetune.mode == "lora", "finetune.mode lora is not verified with sequence parallelism yet; use "
+                                      "global or local"),
+    ]
+    for refused, why in refusals:
+        if refused:
+            raise ValueError(f"scaling.sequence_parallel is {n}, but {why}")
 
 
 def check_task_section(cfg: RunConfig, task) -> None:

@@ -34,7 +34,9 @@ def partitioned_build(ds_config: dict):
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    alive = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference to it
+    # zero.Init reads this config without the sequence-parallel groups (trainer/sequence_parallel.py), so it
+    # would check train_batch_size against the whole world; it needs no batch size: DeepSpeed derives one.
+    alive = HfDeepSpeedConfig({k: v for k, v in ds_config.items() if k != "train_batch_size"})  # held weakly
     try:
         yield
     finally:
@@ -42,9 +44,10 @@ def partitioned_build(ds_config: dict):
         unset_hf_deepspeed_config()  # later builds (rank 0's export) are plain again
 
 
-def build_engine(cfg: RunConfig, model, ds_config: dict, steps: int):
+def build_engine(cfg: RunConfig, model, ds_config: dict, steps: int, mpu=None):
     """The DeepSpeed engine over the frozen-or-not model: AdamW (weight decay on matrices only) over
-    the trainable parameters, the LR schedule over `steps` (trainer/schedule.py)."""
+    the trainable parameters, the LR schedule over `steps` (trainer/schedule.py); `mpu`: the
+    sequence-parallel groups (trainer/sequence_parallel.py), None without."""
     import deepspeed
 
     # Freeze first: ZeRO partitions and the optimizer hold only what they are given.
@@ -52,7 +55,7 @@ def build_engine(cfg: RunConfig, model, ds_config: dict, steps: int):
     no_decay = [p for p in model.parameters() if p.requires_grad and len(full_shape(p)) < 2]
     groups = [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, lr_scheduler=lr_scheduler(cfg.optim, steps),
-                                      config=ds_config)
+                                      config=ds_config, mpu=mpu)
     share_fp32_partitions(engine)  # ZeRO-3 in fp32: no second copy of the weights' partition
     return engine
 

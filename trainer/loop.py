@@ -17,7 +17,7 @@ from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 
-from trainer import checkpoints, early_stopping, reference, schedule
+from trainer import checkpoints, early_stopping, reference, schedule, sequence_parallel
 from trainer.checkpoints import TrainState
 from trainer.config import RunConfig
 from trainer.config_checks import generate_examples, generates_test
@@ -72,10 +72,13 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
     state = checkpoints.restore(engine, start_from, fresh, rank, cfg.train.early_stopping, log)
 
     track = reporter.track if rank == 0 else (lambda metrics: None)  # the controller writes the tracker
-    accumulation, unit = schedule.accumulation(cfg.scaling, cfg.train, s.world), TASKS[cfg.model.task].unit
-    batches = micro_batches(cfg, s.data["train"], rank, s.world, state.epoch, state.position)
+    sp = s.parallel  # a sequence-parallel group reads one micro-batch, each rank its part of the positions
+    accumulation, unit = schedule.accumulation(cfg.scaling, cfg.train, sp.dp_world), TASKS[cfg.model.task].unit
+    batches = micro_batches(cfg, s.data["train"], sp.dp_rank, sp.dp_world, state.epoch, state.position)
     rows = "packed rows" if s.data["train"].packed else "examples"
-    log(f"training steps {state.step + 1}..{s.total_steps} on {s.world} worker(s), "
+    split = f" (each sequence split over {sp.size}: {sp.dp_world} data-parallel)" if sp.on else ""
+    scale = sequence_parallel.loss_scale(cfg.deepspeed.zero_stage, sp.size)
+    log(f"training steps {state.step + 1}..{s.total_steps} on {s.world} worker(s){split}, "
         f"{len(s.data['train']):,} training {rows}, {len(s.data['validation']):,} validation examples")
     # ZeRO's optimizers compute the global gradient norm; on stage 0 nothing does, so the loop does.
     own_norm = cfg.deepspeed.zero_stage == 0
@@ -88,9 +91,11 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
         for examples in islice(batches, accumulation):
             units += s.task.count(examples)
             batch = {k: v.to(s.shard.device) for k, v in s.shard.collate(examples).items()}
+            if sp.on:
+                batch = sequence_parallel.shard(batch, sp.rank, sp.size, cfg.train.micro_batch_size)
             places += batch["input_ids"].numel() if "input_ids" in batch else 0
             loss = s.task.loss(engine, batch, s.shard.loss_impl, cfg)  # the task's objective
-            engine.backward(loss)
+            engine.backward(loss * scale if scale != 1 else loss)
             if own_norm and engine.is_gradient_accumulation_boundary():
                 norm = grad_norm(params)  # the gradients are averaged across ranks by now
             engine.step()  # DeepSpeed updates the weights only on the last micro-step
@@ -101,7 +106,8 @@ def run(cfg: RunConfig, reporter: Reporter, args: WorkerArgs) -> tuple[TrainStat
         # rank stops after the same step even if only some of them see the file yet.
         asked = float(bool(args.stop_file) and os.path.exists(args.stop_file))
         loss_total, units_total, places_total, stop = s.shard.sum([loss_sum, float(units), float(places), asked])
-        loss_mean = loss_total / s.world
+        # Sequence parallel: each rank's loss is its part of its group's mean, its units the group's.
+        loss_mean, units_total = loss_total / sp.dp_world, units_total / sp.size
         elapsed = time.perf_counter() - started
         if not own_norm:
             norm = engine.get_global_grad_norm()

@@ -15,7 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Optional
 
-from trainer import checkpoints, data_cache, reference
+from trainer import checkpoints, data_cache, reference, sequence_parallel
 from trainer.chunked_loss import loss_implementation
 from trainer.config import RunConfig
 from trainer.data import Prepared
@@ -45,6 +45,8 @@ class Setup:
     model_id: str
     trainable_digest: str
     precision: str  # fp32, bf16 or fp16: what the engine trains in
+    # scaling.sequence_parallel: this rank's sequence-parallel group and data-parallel rank (trainer/sequence_parallel.py)
+    parallel: sequence_parallel.Layout
     # () -> a context around an evaluation or generation pass: under ZeRO-3 the whole model gathered
     # for it, or synced (trainer/zero3_generation.py); other stages hold the whole model already.
     whole_model: Callable[[], ContextManager[GenerationWeights]]
@@ -94,7 +96,9 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: R
     model_id = checkpoints.model_identity(cfg.model)
     universal = checkpoint is not None and checkpoints.universal_copy(
         Path(checkpoint), model_id, world, rank, reporter.log if rank == 0 else (lambda text: None))
-    ds_config = deepspeed_config(cfg, world, precision, load_universal=universal,
+    # Batch sizes and steps count data-parallel ranks: a sequence-parallel group reads one micro-batch.
+    parallel = sequence_parallel.layout(rank, world, cfg.scaling.sequence_parallel)
+    ds_config = deepspeed_config(cfg, parallel.dp_world, precision, load_universal=universal,
                                  hidden_size=getattr(model_config(cfg.model, model_dir), "hidden_size", None))
     torch.manual_seed(cfg.seed)  # same seed on all ranks: identical initial weights and heads
     with partitioned_build(ds_config):  # ZeRO-3: no rank ever holds the whole model
@@ -109,8 +113,10 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: R
     model, trainable = trainable_model(model, cfg.finetune)  # freezing rules, or LoRA adapters
     torch.manual_seed(cfg.seed + 1000 * (rank + 1))  # dropout differs across ranks, reproducibly
 
-    steps = steps_of_run(cfg, len(prepared.splits["train"]), world)  # an elastic run's: at its starting size
-    engine = build_engine(cfg, model, ds_config, steps)  # after freezing: ZeRO holds only what it is given
+    steps = steps_of_run(cfg, len(prepared.splits["train"]), parallel.dp_world)  # elastic: at its starting size
+    if parallel.on:  # Ulysses' attention for training, once per process (the test phase reuses it)
+        parallel = replace(parallel, mpu=sequence_parallel.register(model, parallel.size, cfg.train.micro_batch_size))
+    engine = build_engine(cfg, model, ds_config, steps, parallel.mpu)  # after freezing: ZeRO holds only what it is given
     # Which causal-LM objective (train.loss_impl); evaluation follows it (trainer/chunked_loss.py).
     loss_impl = loss_implementation(cfg, model.config, on_gpu, importlib.util.find_spec("liger_kernel") is not None)
     if rank == 0 and loss_impl.name != "standard":
@@ -120,7 +126,7 @@ def setup(cfg: RunConfig, args: WorkerArgs, splits: tuple[str, ...], reporter: R
                   cfg.train.micro_batch_size, device, model=engine, loss_impl=loss_impl, config=cfg)
     whole_model = partial(generation_weights, engine, cfg.eval.generate.zero3, cfg.deepspeed.zero_stage, world, device)
     return Setup(task, engine, processor, shard, data, labels, steps, rank, world,
-                 model_id, checkpoints.trainable_digest(trainable), precision, whole_model)
+                 model_id, checkpoints.trainable_digest(trainable), precision, parallel, whole_model)
 
 
 @contextmanager

@@ -36,8 +36,10 @@ def hidden_state_objective(lm, impl: str, chunks: int):
 
     from trainer.chunked_loss import chunked_loss, shifted_targets
 
-    def forward(input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None, **_):
-        # The rest (peft's output_* flags, return_dict) changes nothing of the loss.
+    def forward(input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
+                shift_labels=None, num_items_in_batch=None, **_):
+        # The rest (peft's output_* flags, return_dict) changes nothing of the loss. shift_labels and
+        # num_items_in_batch: a sequence-parallel shard's (trainer/sequence_parallel.py).
         hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                inputs_embeds=inputs_embeds, use_cache=False).last_hidden_state
         head = lm.get_output_embeddings()
@@ -47,7 +49,7 @@ def hidden_state_objective(lm, impl: str, chunks: int):
             fused = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE)
             loss = fused(head.weight, hidden.reshape(-1, hidden.size(-1)), shifted_targets(labels), head.bias)
         else:
-            loss = chunked_loss(hidden, labels, head, chunks)
+            loss = chunked_loss(hidden, labels, head, chunks, shift_labels, num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss)
 
     before = lm.__dict__.get("forward")  # a forward set on the instance already (a hook's wrapper)

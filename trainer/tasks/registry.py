@@ -39,6 +39,9 @@ class TaskSpec:
     # train.loss_impl chunked / liger apply: the module's loss and evaluate compute the logits from
     # the model's last hidden states a slice at a time (trainer/chunked_loss.py).
     chunks_loss: bool = False
+    # scaling.sequence_parallel applies: the module's loss takes a sequence-parallel shard (input_ids,
+    # position_ids, pre-shifted shift_labels and the sequence's num_items_in_batch; trainer/sequence_parallel.py).
+    splits_sequences: bool = False
     # The objective may compare with the starting model's per-example log-probabilities, computed once
     # before training (trainer/reference.py); then the module also has needs_reference(cfg) -> bool
     # and reference_logps(shard, prepared) -> [(chosen, rejected)] by position.
@@ -51,7 +54,7 @@ class TaskSpec:
 TASKS = {
     "causal_lm": TaskSpec("trainer.tasks.causal_lm", "AutoModelForCausalLM", "tokenizer", "tokens",
                           ("loss", "perplexity", "token_accuracy"), packs=True, generates=True,
-                          chunks_loss=True),
+                          chunks_loss=True, splits_sequences=True),
     "sequence_classification": TaskSpec("trainer.tasks.sequence_classification", "AutoModelForSequenceClassification",
                                         "tokenizer", "tokens", ("loss", "accuracy", "macro_f1")),
     "token_classification": TaskSpec("trainer.tasks.token_classification", "AutoModelForTokenClassification",
