@@ -69,8 +69,6 @@ def check_sequence_parallel(cfg: RunConfig, task) -> None:
                                                    "which Ulysses drops; use sdpa, flash_attention_2 or auto"),
         (cfg.train.loss_impl == "liger", "train.loss_impl liger is not verified with sequence parallelism (its "
                                          "loss over a shard is not tested on a GPU yet); use chunked or auto"),
-        (cfg.finetune.mode == "lora", "finetune.mode lora is not verified with sequence parallelism yet; use "
-                                      "global or local"),
     ]
     for refused, why in refusals:
         if refused:

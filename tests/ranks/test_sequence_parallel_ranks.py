@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.helpers import tiny_config, tiny_llama
+from tests.helpers import save_pretrained_llama, tiny_config, tiny_llama
 from tests.ranks.spawn import join_group, run_ranks
 from trainer import checkpoints, chunked_loss
 from trainer.config_load import from_dict
@@ -16,14 +16,18 @@ from trainer.loop import WorkerArgs, fine_tune
 from trainer.messages import TestResult, TrainReport
 from trainer.report import ListReporter
 
-CASES = [(2, "standard"), (3, "standard"), (3, "chunked")]  # chunked under ZeRO-3: the head gathered per chunk
+# (ZeRO stage, train.loss_impl, LoRA): chunked under ZeRO-3 gathers the head per chunk; LoRA on ZeRO-3
+# trains adapters of a pretrained model's projections (its exported model merged).
+CASES = [(2, "standard", False), (3, "standard", False), (3, "chunked", False), (3, "standard", True)]
 
 
-def _config(tmp: Path, tokenizer_dir, stage: int, impl: str, sp: int) -> dict:
+def _config(tmp: Path, tokenizer_dir, stage: int, impl: str, sp: int, pretrained: Path = None) -> dict:
     # 2 heads and 2 key/value heads: one each per rank. Micro-batch 3 of 96 tokens (48 per rank), labels
     # on the answers only, so the two halves of a sequence hold different label counts.
-    return tiny_config(tmp, tokenizer_dir, model={"architecture": tiny_llama(2), "tokenizer": str(tokenizer_dir),
-                                                   "attn_implementation": "sdpa"},
+    model = {"architecture": tiny_llama(2), "tokenizer": str(tokenizer_dir)} if pretrained is None else \
+        {"name_or_path": str(pretrained), "architecture": None, "tokenizer": None}
+    lora = {"finetune": {"mode": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}} if pretrained else {}
+    return tiny_config(tmp, tokenizer_dir, model={**model, "attn_implementation": "sdpa"}, **lora,
                        deepspeed={"zero_stage": stage}, scaling={"workers_per_node": sp, "sequence_parallel": sp},
                        train={"max_steps": 3, "micro_batch_size": 3, "eval_every": 3, "save_every": 3,
                               "log_every": 1, "loss_impl": impl})
@@ -58,15 +62,18 @@ def test_two_ranks_splitting_each_sequence_train_as_one_rank_with_whole_sequence
     micro-batches, so per step the same loss and gradient norm (the updates equal: the later steps'
     losses say so too), the same validation, and after training (the test phase and the export run in
     the same processes, as in a launch) the same test metrics and exported weights, within fp32 noise."""
-    names = {f"zero{stage}-{impl}": (stage, impl) for stage, impl in CASES}
-    split = {name: _config(tmp_path / f"sp2-{name}", tokenizer_dir, stage, impl, 2) for name, (stage, impl) in names.items()}
+    base = save_pretrained_llama(tmp_path / "pretrained", tokenizer_dir)
+    names = {f"zero{stage}-{impl}{'-lora' if lora else ''}": (stage, impl, base if lora else None)
+             for stage, impl, lora in CASES}
+    split = {name: _config(tmp_path / f"sp2-{name}", tokenizer_dir, stage, impl, 2, pretrained)
+             for name, (stage, impl, pretrained) in names.items()}
     for name in split:
         (tmp_path / "sp2" / name).mkdir(parents=True)
     run_ranks(_rank, (split, str(tmp_path / "sp2")))  # a collective out of step would hang: fails after the limit
 
     monkeypatch.setattr(chunked_loss, "CHUNK_BYTES", 400 * 4 * 20)
-    for name, (stage, impl) in names.items():
-        whole = _train(_config(tmp_path / f"sp1-{name}", tokenizer_dir, stage, impl, 1), tmp_path / "sp1" / name)
+    for name, (stage, impl, pretrained) in names.items():
+        whole = _train(_config(tmp_path / f"sp1-{name}", tokenizer_dir, stage, impl, 1, pretrained), tmp_path / "sp1" / name)
         ranks = [json.loads((tmp_path / "sp2" / name / f"rank{r}.json").read_text()) for r in range(2)]
         got = ranks[0]  # rank 0 tracks the step's loss (its group's mean) and the norm
         assert len(whole["loss"]) == 3, name

@@ -62,7 +62,6 @@ def test_heads_must_split_over_the_ranks_as_ulysses_needs():
     ({"data": {"train_file": "x.jsonl", "packing": True}}, "data.packing needs a varlen attention"),
     ({"model": {"name_or_path": "gpt2", "attn_implementation": "eager"}}, "model.attn_implementation eager"),
     ({"train": {"loss_impl": "liger"}}, "train.loss_impl liger is not verified"),
-    ({"finetune": {"mode": "lora"}}, "finetune.mode lora is not verified"),
     ({"model": {"name_or_path": "bert", "task": "sequence_classification"}}, "has no sequence-parallel objective"),
 ])
 def test_what_ulysses_cannot_do_is_refused_by_key(sections, words):
