@@ -224,7 +224,8 @@ def logits_lines(plan: Plan, cfg: RunConfig) -> list[str]:
 
     if not TASKS[cfg.model.task].chunks_loss or not plan.vocab_size:
         return []
-    mb, length, vocab = plan.micro_batch_size, cfg.data.max_length, plan.vocab_size
+    # scaling.sequence_parallel: each worker computes the logits of its 1/N of the positions
+    mb, length, vocab = plan.micro_batch_size, math.ceil(cfg.data.max_length / cfg.scaling.sequence_parallel), plan.vocab_size
     full = LOGIT_COPIES * logits_bytes(mb, length, vocab)
     positions = math.ceil(mb * length / chunk_count(mb, length, vocab))
     chunk = LOGIT_COPIES * logits_bytes(1, positions, vocab)
@@ -232,7 +233,9 @@ def logits_lines(plan: Plan, cfg: RunConfig) -> list[str]:
     how = (f"train.loss_impl {asked}" if asked == plan.loss_impl else
            f"train.loss_impl auto: {plan.loss_impl} on CPU workers (chunked above "
            f"{AUTO_THRESHOLD_BYTES / 2**20:.0f} MiB of logits; liger on CUDA workers where liger-kernel is installed)")
-    sizes = f"micro batch {mb} x {length} tokens x vocab {vocab:,} x 4 bytes x {LOGIT_COPIES} (logits, log-softmax, gradient)"
+    tokens = f"{length} tokens" if cfg.scaling.sequence_parallel == 1 else \
+        f"{length} tokens (data.max_length / scaling.sequence_parallel)"
+    sizes = f"micro batch {mb} x {tokens} x vocab {vocab:,} x 4 bytes x {LOGIT_COPIES} (logits, log-softmax, gradient)"
     if plan.loss_impl == "standard":
         return [f"logits per worker: {full / 2**30:.2f} GiB at data.max_length ({sizes}); {how}; "
                 f"chunked would hold {chunk / 2**30:.3f} GiB"]

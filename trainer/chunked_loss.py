@@ -173,7 +173,9 @@ def loss_implementation(cfg: Any, model_config: Any, on_cuda: bool, has_liger: b
                           f"states, but this model transforms them ({', '.join(found)}); use standard or auto")
     if asked == "liger" and (refusal := liger_refusal(on_cuda, has_liger)):
         raise ConfigError(refusal)
-    mb, length, vocab = cfg.train.micro_batch_size, cfg.data.max_length, int(getattr(model_config, "vocab_size", 0) or 0)
+    # A sequence-parallel rank computes the logits of its 1/N of the positions (trainer/sequence_parallel.py).
+    length = math.ceil(cfg.data.max_length / cfg.scaling.sequence_parallel)
+    mb, vocab = cfg.train.micro_batch_size, int(getattr(model_config, "vocab_size", 0) or 0)
     has_liger = has_liger and cfg.scaling.sequence_parallel == 1  # auto never picks liger for a shard (unverified)
     name = resolve_loss_impl(asked, on_cuda, has_liger, mb, length, vocab, cfg.deepspeed.zero_stage, supported)
     return LossImpl(name, chunk_count(mb, length, vocab) if name != "standard" else 1)

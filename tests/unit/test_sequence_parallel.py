@@ -79,6 +79,7 @@ def test_dry_run_counts_data_parallel_ranks_and_refuses_heads_that_do_not_split(
     assert ("world size 2 (1 node(s) x 2 worker(s)); each sequence split over 2 consecutive workers "
             "(scaling.sequence_parallel, Ulysses): 1 data-parallel rank(s); micro batch 8 per data-parallel rank "
             "x accumulation 1 = global batch 8") in proc.stdout
+    assert "(micro batch 8 x 48 tokens (data.max_length / scaling.sequence_parallel) x vocab 400" in proc.stdout
     raw["model"]["architecture"] = {**tiny_llama(2), "num_attention_heads": 1, "num_key_value_heads": 1}
     proc = cli(write_config(tmp_path / "c.yaml", raw), "--dry-run")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
