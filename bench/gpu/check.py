@@ -383,7 +383,7 @@ def loss_comparison(results: dict[Case, dict], memory: str) -> list[str]:
         def over(key: str) -> str:
             return f"{f[key] / base[key]:.2f}x" if base else "-"
 
-        diff = f"{f['loss_first'] - base['loss_first']:+.2e}" if base else "-"
+        diff = f"{f['loss_first'] - base['loss_first']:+.2e}" if base and base is not f else "-"
         lines.append(f"| {case.model} len={case.max_length} | {case.loss_impl} | {f['loss_first']:.5f} | {diff} | "
                      f"{f['peak_gib']:.2f} | {over('peak_gib')} | {f['tokens_per_s']:,.0f} | {over('tokens_per_s')} |")
     if not lines:
