@@ -3,7 +3,9 @@
 # (git-ignored) everything the GPU check needs that the lent machine's image lacks, under 64 MiB:
 #   wheels/        cp312 manylinux x86-64 wheels of the pinned versions below (what the project
 #                  was tested with), and a pure-Python wheel of deepspeed built here from its sdist
-#                  (DS_BUILD_OPS=0: no op is compiled; the check needs none);
+#                  (DS_BUILD_OPS=0: no op is compiled; the check needs none); liger-kernel's pure-Python
+#                  wheel (the `liger` extra, for train.loss_impl: liger; its Triton kernels compile there,
+#                  with the image's triton);
 #   smollm2-135m/  SmolLM2-135M's config and tokenizer, read from the shipped GGUF (the GGUF itself
 #                  is 94 MB and its de-quantized folder larger: the weights do not travel, so the
 #                  check builds SmolLM2's shape with random weights: throughput only).
@@ -25,9 +27,12 @@ PY=${PY:-.venv/bin/python}
 # What the image lacks (deepspeed, datasets and theirs), or holds in another version than the project
 # needs (transformers 5.17 there, >= 5.24 here; peft, pinned < 0.22 here). The image has torch,
 # accelerate, safetensors, tokenizers, huggingface-hub, tensorboard, pyarrow, pandas, numpy, regex,
-# typer, xxhash, fsspec, psutil, py-cpuinfo, msgpack, einops, ninja, nvidia-ml-py, typing-extensions.
+# typer, xxhash, fsspec, psutil, py-cpuinfo, msgpack, einops, ninja, nvidia-ml-py, typing-extensions, and
+# triton 3.6.0 (liger-kernel's one requirement besides torch). liger-kernel: pyproject's `liger` extra
+# allows >= 0.8; 0.8.5 is its newest.
 WHEELS=(transformers==5.24.0 peft==0.21.2 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
-        pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 hjson==3.1.0)
+        pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 hjson==3.1.0
+        liger-kernel==0.8.5)
 DEEPSPEED=deepspeed==0.19.8
 
 rm -rf "$DEST/wheels" "$DEST/smollm2-135m"

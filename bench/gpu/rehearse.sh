@@ -7,8 +7,11 @@
 #   2. bench/gpu/fetch.sh's folder, made if missing: the very files that travel;
 #   3. bench/gpu/run.sh, the command the lent machine runs: the carried wheels installed with
 #      --no-index into a target folder, then the check, here on the CPU in fp32 for 2 steps on the
-#      same cases with 2-layer models (the figures mean nothing; that every case runs does).
-#     bash bench/gpu/rehearse.sh [check.py options]
+#      same cases with 2-layer models, the loss cases at 256 and 512 tokens instead of 4k and 8k
+#      (the figures mean nothing; that every case runs does). The liger cases are refused here: no
+#      CUDA (liger-kernel's wheel is installed, as there).
+#     bash bench/gpu/rehearse.sh [check.py options]     # later options win, e.g.:
+#     bash bench/gpu/rehearse.sh --only 'len=4096 loss=chunked' --loss-lengths 4096 8192
 # PY312: a python 3.12 (default: python3.12 on PATH, else pyenv's); VENV: default /tmp/sft-gpu-rehearsal.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -37,4 +40,5 @@ for missing in ray deepspeed datasets gguf; do
 done
 [ -d bench/gpu/carry/wheels ] || bash bench/gpu/fetch.sh
 PY="$VENV/bin/python" SITE="$VENV/carried" bash bench/gpu/run.sh --device cpu --steps 2 --layers 2 \
-  --micro-batch 2 --max-length 128 --rows 300 --threads 2 --budget 1500 --case-timeout 300 "$@"
+  --micro-batch 2 --max-length 128 --loss-lengths 256 512 --loss-micro-batch 2 --rows 300 --threads 2 \
+  --budget 1800 --case-timeout 300 "$@"
