@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -50,8 +51,13 @@ def main() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     dist.init_process_group("gloo")
     world = dist.get_world_size()
-    torch.set_num_threads(1)
     cfg = load_config(a.config, a.set)
+    # The threads sft gives each worker (scaling.cpus_per_worker). OMP_NUM_THREADS too: without it,
+    # accelerate (TrainingArguments' device setup) resets torch's threads to physical cores / local
+    # ranks, which torchrun leaves alone only with one rank (it sets 1 itself from two): one HF rank
+    # then ran on both cores of this machine against sft's one.
+    os.environ["OMP_NUM_THREADS"] = str(cfg.scaling.cpus_per_worker)
+    torch.set_num_threads(cfg.scaling.cpus_per_worker)
     model_dir = prepare_pretrained(cfg.model, cache_dir())
     tokenizer = load_tokenizer(cfg.model, model_dir)
     train = data_cache.prepare(cfg, tokenizer, None).splits["train"]
@@ -78,7 +84,8 @@ def main() -> None:
     class Clock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
             if rank0:  # the engine is built: what follows is the training phase
-                print(f"[hf] training steps 1..{state.max_steps} on {world} worker(s)", flush=True)
+                print(f"[hf] training steps 1..{state.max_steps} on {world} worker(s), "
+                      f"{torch.get_num_threads()} thread(s) each", flush=True)
             marks[0] = (time.perf_counter(), 0)
 
         def on_step_end(self, args, state, control, **kwargs):
