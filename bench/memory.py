@@ -143,7 +143,7 @@ def by_loss(a) -> None:
         data = Path(tmp) / "long_rows.jsonl"
         n = max(20, 2 * a.steps * a.workers[0])  # 90% train (enough for the steps); 1 validation row or so
         data.write_text("".join(json.dumps(r) + "\n" for r in long_rows(n, int(max(a.max_length) * 1.3))))
-        impls = [*a.loss_impls, *(["hf"] if a.hf else [])]
+        impls = [*a.loss_impls, *(["hf"] if a.hf and "hf" not in a.loss_impls else [])]
         print(f"{'tokens':>6} {'mode':<7} {'impl':<10} {'setup MB':>9} {'train peak RSS/anon MB':>23} "
               f"{'s/step':>7} {'tokens/s':>9}", flush=True)
         for length in a.max_length:
@@ -335,9 +335,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1, help="launches per cell; the table shows the median")
     p.add_argument("--phases", action="store_true", help="one row per phase, RSS and anonymous, with issue #27's ratios")
     p.add_argument("--spawn", action="store_true", help="with --phases: the worker loop in spawned processes, no Ray")
-    p.add_argument("--loss-impls", nargs="+", choices=["standard", "chunked"],
+    p.add_argument("--loss-impls", nargs="+", choices=["standard", "chunked", "hf"],
                    help="issue #26: the training phase per train.loss_impl (micro-batch 1, gradient "
-                        "checkpointing, spawned workers, no Ray); with --max-length and --hf")
+                        "checkpointing, spawned workers, no Ray); with --max-length; hf: HF Trainer's alone")
     p.add_argument("--max-length", nargs="+", type=int, default=[1024, 2048], help="with --loss-impls")
     p.add_argument("--hf", action="store_true", help="with --loss-impls: HF Trainer + DeepSpeed on the same job")
     p.add_argument("--spawned", help=argparse.SUPPRESS)  # the --spawn child: its output folder
