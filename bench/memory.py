@@ -153,6 +153,9 @@ def by_loss(a) -> None:
                                           a.steps)
                     r = measure(Path(a.config), sets, spawn=True, workers=a.workers[0], hf=impl == "hf",
                                 test_after=False)
+                    # Every micro-batch is `length` tokens: tokens/s from the median step time (the
+                    # console lines round tokens/s to whole numbers).
+                    r["tokens_per_s"] = length * a.workers[0] / r["s_per_step"]
                     rows.append({"tokens": length, "mode": mode, "impl": impl, **{k: v for k, v in r.items()
                                                                                    if k != "test_parts"}})
                     print(f"{length:>6} {mode:<7} {impl:<10} {r['setup']:>9,.0f} "
@@ -163,14 +166,14 @@ def by_loss(a) -> None:
     print(f"\n{a.workers[0]} worker(s), micro-batch 1, gradient checkpointing, {a.steps} steps (median after the "
           f"first); peaks: the largest worker's, MB; logits of a micro-batch, fp32: {vocab:,} x tokens x 4 bytes "
           f"(chunks of {CHUNK_BYTES / 2**20:.0f} MiB)")
-    print("| tokens | mode | loss | train peak RSS MB | anon MB | tokens/s | peak / standard | peak / HF Trainer "
-          "| tokens/s / standard |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| tokens | mode | loss | train peak RSS MB | anon MB | s/step | tokens/s | peak / standard "
+          "| peak / HF Trainer | tokens/s / standard |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         same = {x["impl"]: x for x in rows if x["tokens"] == r["tokens"] and x["mode"] == r["mode"]}
         ratio = lambda key, base: f"{r[key] / same[base][key]:.2f}" if base in same else "-"  # noqa: E731
         print(f"| {r['tokens']:,} | {r['mode']} | {name[r['impl']]} | {r['train']:,.0f} | {r['train_anon']:,.0f} | "
-              f"{r['tokens_per_s']:,.1f} | {ratio('train', 'standard')} | {ratio('train', 'hf')} | "
+              f"{r['s_per_step']:.2f} | {r['tokens_per_s']:,.1f} | {ratio('train', 'standard')} | {ratio('train', 'hf')} | "
               f"{ratio('tokens_per_s', 'standard')} |")
 
 
