@@ -17,10 +17,18 @@ ZeRO-0's whole run on the same job, and to the run's own training-steps peak. No
     .venv/bin/python bench/memory.py --stages 2 --workers 2 --modes global local lora --steps 12
     .venv/bin/python bench/memory.py --stages 0 3 --workers 2 --modes global --phases   # issue #27
     .venv/bin/python bench/memory.py --stages 0 3 --workers 2 --modes global --phases --spawn   # no Ray
+    .venv/bin/python bench/memory.py --loss-impls standard chunked --hf --max-length 2048 1024 \
+        --modes lora global --workers 1 --steps 4      # issue #26: the training phase, vs HF Trainer
 
 --spawn runs the same worker loop (trainer/loop.py fine_tune: train, test, export) in processes of
 torch.multiprocessing with gloo, as tests/loop does, instead of sft-launch's Ray Train workers: no
 Ray worker's own memory, no controller; the same phases, read from the same console lines.
+
+--loss-impls runs that loop (training only) per train.loss_impl, data.max_length and mode, at
+micro-batch 1 with gradient checkpointing, on generated rows longer than any length (every sequence is
+data.max_length tokens), and with --hf HF Trainer + DeepSpeed on the same job (bench/hf_trainer.py
+under torchrun); it reports the training phase's peak per worker (first step to the end of the last)
+and tokens/s, with the ratios issue #26 names.
 """
 from __future__ import annotations
 
