@@ -17,16 +17,26 @@ ZeRO-0's whole run on the same job, and to the run's own training-steps peak. No
     .venv/bin/python bench/memory.py --stages 2 --workers 2 --modes global local lora --steps 12
     .venv/bin/python bench/memory.py --stages 0 3 --workers 2 --modes global --phases   # issue #27
     .venv/bin/python bench/memory.py --stages 0 3 --workers 2 --modes global --phases --spawn   # no Ray
+    .venv/bin/python bench/memory.py --loss-impls standard chunked --hf --max-length 2048 1024 \
+        --modes lora global --workers 1 --steps 4      # issue #26: the training phase, vs HF Trainer
 
 --spawn runs the same worker loop (trainer/loop.py fine_tune: train, test, export) in processes of
 torch.multiprocessing with gloo, as tests/loop does, instead of sft-launch's Ray Train workers: no
 Ray worker's own memory, no controller; the same phases, read from the same console lines.
+
+--loss-impls runs that loop (training only) per train.loss_impl, data.max_length and mode, at
+micro-batch 1 with gradient checkpointing, on generated rows longer than any length (every sequence is
+data.max_length tokens), and with --hf HF Trainer + DeepSpeed on the same job (bench/hf_trainer.py
+under torchrun); it reports the training phase's peak per worker (first step to the end of the last)
+and tokens/s, with the ratios issue #26 names.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import random
+import re
 import statistics
 import subprocess
 import sys
@@ -36,6 +46,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's trainer/ and launcher/, not the installed one
 VARIANTS = {"0": (0, "none"), "1": (1, "none"), "2": (2, "none"), "3": (3, "none"), "3+offload": (3, "cpu")}
 
 
@@ -58,16 +69,19 @@ def descends_from(pid: int, root: int) -> bool:
 PHASES = ("setup", "steps", "test", "export")
 
 
-def worker_memory_mb(root: int, title: bytes = b"RayTrainWorker") -> dict[int, tuple[float, float]]:
+def worker_memory_mb(root: int, title: bytes = b"RayTrainWorker", exclude: bytes | None = None
+                     ) -> dict[int, tuple[float, float]]:
     """(resident, anonymous) memory of every Ray Train worker process of the launch `root` now (they
     are titled ray::RayTrainWorker...; the launch's private Ray instance makes them its descendants).
-    Other launches on the same machine are not counted."""
+    Other launches on the same machine are not counted; nor are processes whose command line holds
+    `exclude` (torchrun's own agent, whose command line names the script too)."""
     out = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            if title not in (proc / "cmdline").read_bytes() or not descends_from(int(proc.name), root):
+            cmdline = (proc / "cmdline").read_bytes()
+            if title not in cmdline or (exclude and exclude in cmdline) or not descends_from(int(proc.name), root):
                 continue
             status = {l.split(":")[0]: l for l in (proc / "status").read_text().splitlines()}
             out[int(proc.name)] = (int(status["VmRSS"].split()[1]) / 1024, int(status["RssAnon"].split()[1]) / 1024)
@@ -86,8 +100,94 @@ def overrides(stage: int, offload: str, workers: int, mode: str, steps: int) -> 
     return [a for s in sets for a in ("--set", s)]
 
 
-def spawned(config: str, sets: list[str], out: str, workers: int) -> None:
-    """--spawn: the worker loop in `workers` processes (gloo), as tests/loop runs it; no Ray."""
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+WORDS = ("the of and to in is you that it he was for on are as with his they at be this have from or one had by "
+         "word but not what all were we when your can said there use an each which she do how their if will up "
+         "other about out many then them these so some her would make like him into time has look two more write "
+         "go see number no way could people my than first water been call who oil its now find long down day did "
+         "get come made may part").split()
+
+
+def long_rows(n: int, words: int, seed: int = 0) -> list[dict]:
+    """Prompt/response rows longer than any data.max_length asked for (`words` words of response,
+    about a token each): truncation makes every example exactly data.max_length tokens, so sft and
+    HF Trainer train on the same sequences with no padding and packing changes nothing. Short prompts:
+    nearly every position is labelled (what the chunked loss computes; standard computes all)."""
+    rng = random.Random(seed)
+    return [{"prompt": " ".join(rng.choices(WORDS, k=rng.randint(10, 40))) + "?",
+             "response": " ".join(rng.choices(WORDS, k=words)) + "."} for _ in range(n)]
+
+
+def loss_overrides(data: Path, length: int, mode: str, impl: str, workers: int, steps: int) -> list[str]:
+    finetune = {"global": "{mode: global}", "local": "{mode: local, train_last_layers: 2}",
+                "lora": "{mode: lora}"}[mode]
+    sets = (["optim.lr=1.0e-3"] if mode == "lora" else []) + [
+        f"data.train_file={json.dumps(str(data))}", f"data.max_length={length}", "data.packing=false",
+        "data.fractions=[0.9, 0.05, 0.05]",
+        f"finetune={finetune}", f"scaling.workers_per_node={workers}", "train.micro_batch_size=1",
+        "train.gradient_accumulation=1", "train.gradient_checkpointing=true", f"train.loss_impl={impl}",
+        f"train.max_steps={steps}", f"train.eval_every={steps}", "train.log_every=1",
+        "eval.generate.num_examples=0"]  # the last step's validation: loss only (it is not measured)
+    return [a for s in sets for a in ("--set", s)]
+
+
+def by_loss(a) -> None:
+    """Issue #26's table: the training phase's peak memory per worker and real tokens/s of the causal-LM
+    loss implementations (train.loss_impl) and of HF Trainer + DeepSpeed on the same job, per
+    data.max_length and fine-tuning mode: micro-batch 1, gradient checkpointing on, the config's ZeRO
+    stage, every sequence data.max_length tokens. sft runs its worker loop in spawned processes
+    (--spawn's, training only), HF Trainer under torchrun; both with sft's allocator setting."""
+    from trainer.chunked_loss import CHUNK_BYTES
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="sft-bench-loss-") as tmp:
+        data = Path(tmp) / "long_rows.jsonl"
+        n = max(20, 2 * a.steps * a.workers[0])  # 90% train (enough for the steps); 1 validation row or so
+        data.write_text("".join(json.dumps(r) + "\n" for r in long_rows(n, int(max(a.max_length) * 1.3))))
+        impls = [*a.loss_impls, *(["hf"] if a.hf and "hf" not in a.loss_impls else [])]
+        print(f"{'tokens':>6} {'mode':<7} {'impl':<10} {'setup MB':>9} {'train peak RSS/anon MB':>23} "
+              f"{'s/step':>7} {'tokens/s':>9}", flush=True)
+        for length in a.max_length:
+            for mode in a.modes:
+                for impl in impls:
+                    sets = loss_overrides(data, length, mode, "standard" if impl == "hf" else impl, a.workers[0],
+                                          a.steps)
+                    r = measure(Path(a.config), sets, spawn=True, workers=a.workers[0], hf=impl == "hf",
+                                test_after=False)
+                    # Every micro-batch is `length` tokens: tokens/s from the median step time (the
+                    # console lines round tokens/s to whole numbers).
+                    r["tokens_per_s"] = length * a.workers[0] / r["s_per_step"]
+                    rows.append({"tokens": length, "mode": mode, "impl": impl, **{k: v for k, v in r.items()
+                                                                                   if k != "test_parts"}})
+                    print(f"{length:>6} {mode:<7} {impl:<10} {r['setup']:>9,.0f} "
+                          f"{r['train']:>12,.0f} / {r['train_anon']:>8,.0f} {r['s_per_step']:>7.2f} "
+                          f"{r['tokens_per_s']:>9,.1f}", flush=True)
+    vocab = 49152  # SmolLM2's; the logits column is for the shipped model
+    name = {"standard": "standard", "chunked": "chunked", "hf": "HF Trainer + DeepSpeed"}
+    print(f"\n{a.workers[0]} worker(s), micro-batch 1, gradient checkpointing, {a.steps} steps (median after the "
+          f"first); peaks: the largest worker's, MB; logits of a micro-batch, fp32: {vocab:,} x tokens x 4 bytes "
+          f"(chunks of {CHUNK_BYTES / 2**20:.0f} MiB)")
+    print("| tokens | mode | loss | train peak RSS MB | anon MB | s/step | tokens/s | peak / standard "
+          "| peak / HF Trainer | tokens/s / standard |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        same = {x["impl"]: x for x in rows if x["tokens"] == r["tokens"] and x["mode"] == r["mode"]}
+        ratio = lambda key, base: f"{r[key] / same[base][key]:.2f}" if base in same else "-"  # noqa: E731
+        print(f"| {r['tokens']:,} | {r['mode']} | {name[r['impl']]} | {r['train']:,.0f} | {r['train_anon']:,.0f} | "
+              f"{r['s_per_step']:.2f} | {r['tokens_per_s']:,.1f} | {ratio('train', 'standard')} | {ratio('train', 'hf')} | "
+              f"{ratio('tokens_per_s', 'standard')} |")
+
+
+def spawned(config: str, sets: list[str], out: str, workers: int, test_after: bool = True) -> None:
+    """--spawn: the worker loop in `workers` processes (gloo), as tests/loop runs it; no Ray.
+    test_after False: training only (with its last validation and checkpoint), no test or export."""
     import socket
 
     import torch.multiprocessing as mp
@@ -95,10 +195,10 @@ def spawned(config: str, sets: list[str], out: str, workers: int) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(workers, port, config, sets, out), nprocs=workers, join=True)
+    mp.spawn(_worker, args=(workers, port, config, sets, out, test_after), nprocs=workers, join=True)
 
 
-def _worker(rank: int, world: int, port: int, config: str, sets: list[str], out: str) -> None:
+def _worker(rank: int, world: int, port: int, config: str, sets: list[str], out: str, test_after: bool) -> None:
     from datetime import timedelta
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
@@ -115,7 +215,8 @@ def _worker(rank: int, world: int, port: int, config: str, sets: list[str], out:
                             timeout=timedelta(seconds=1800))
     root = Path(out) / "ckpt"
     fine_tune(load_config(config, sets), ListReporter(root) if rank == 0 else _Quiet(root), WorkerArgs(
-        cache_dir=cache_dir(), checkpoint_root=str(root), export_dir=str(Path(out) / "final_model")))
+        cache_dir=cache_dir(), checkpoint_root=str(root), export_dir=str(Path(out) / "final_model"),
+        test_after=test_after))
     dist.barrier()
     os._exit(0)
 
@@ -138,20 +239,33 @@ class _Quiet:
         pass
 
 
-def measure(config: Path, args: list[str], spawn: bool = False, workers: int = 2) -> dict:
-    """One launch: per-worker peaks (MB) of each phase, resident (phase name) and anonymous (name + "_anon")."""
+def measure(config: Path, args: list[str], spawn: bool = False, workers: int = 2, hf: bool = False,
+            test_after: bool = True) -> dict:
+    """One launch: per-worker peaks (MB) of each phase, resident (phase name) and anonymous (name + "_anon");
+    "train": from the first training step to the end of the last (before its validation and checkpoint).
+    hf: the same job run by HF Trainer + DeepSpeed under torchrun (bench/hf_trainer.py; training only).
+    test_after False (with spawn): no test evaluation or export after the training."""
     with tempfile.TemporaryDirectory(prefix="sft-bench-") as out:
         # PYTHONPATH: Ray's workers import this checkout, not the one the package was installed from.
         path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-        command = [sys.executable, __file__, "--spawned", out, "--config", str(config), "--workers", str(workers),
-                   *args] if spawn else [sys.executable, "-m", "launcher.cli", str(config), "--output", out, *args]
+        if hf:
+            command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(workers),
+                       "--master_port", str(free_port()), str(REPO / "bench" / "hf_trainer.py"), str(config), *args]
+        elif spawn:
+            command = [sys.executable, __file__, "--spawned", out, "--config", str(config), "--workers", str(workers),
+                       *([] if test_after else ["--no-test"]), *args]
+        else:
+            command = [sys.executable, "-m", "launcher.cli", str(config), "--output", out, *args]
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path,
-                                     # what sft-launch gives its Ray workers (launcher/ray_job.py)
-                                     **({"MALLOC_MMAP_THRESHOLD_": "65536"} if spawn else {})})
-        title = b"spawn_main" if spawn else b"RayTrainWorker"
+                                     # what sft-launch gives its Ray workers (launcher/ray_job.py); HF
+                                     # Trainer gets the same so that both sides' allocators behave alike
+                                     **({"MALLOC_MMAP_THRESHOLD_": "65536"} if spawn or hf else {})})
+        title, exclude = (b"bench/hf_trainer.py", b"torch.distributed.run") if hf else (
+            (b"spawn_main" if spawn else b"RayTrainWorker"), None)
         phase, part, done = ["setup"], ["test: build"], threading.Event()
-        peaks = {name: {} for p in PHASES for name in (p, p + "_anon")}
+        training = [False]  # between the "training steps" line and the last step's line
+        peaks = {name: {} for p in (*PHASES, "train") for name in (p, p + "_anon")}
         parts: dict[str, dict] = {}  # within the test phase: the peak (RSS, anon) between its console lines
 
         def note(rss: float, anon: float) -> None:
@@ -161,21 +275,28 @@ def measure(config: Path, args: list[str], spawn: bool = False, workers: int = 2
 
         def sample():
             while not done.is_set():
-                for pid, (rss, anon) in worker_memory_mb(proc.pid, title).items():
-                    for name, mb in ((phase[0], rss), (phase[0] + "_anon", anon)):
+                for pid, (rss, anon) in worker_memory_mb(proc.pid, title, exclude).items():
+                    now = (phase[0], *(("train",) if training[0] else ()))
+                    for name, mb in ((p + suffix, v) for p in now for suffix, v in (("", rss), ("_anon", anon))):
                         peaks[name][pid] = max(peaks[name].get(pid, 0.0), mb)
                     note(rss, anon)
                 time.sleep(0.2)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        lines, seconds = [], []
+        lines, seconds, rates, last = [], [], [], [None]
         for line in proc.stdout:
             lines.append(line)
             if " s/step" in line:
                 seconds.append(float(line.rsplit(" s/step", 1)[0].split()[-1]))
-            if spawn and ("[sft]" in line or "Error" in line):
+                if " tokens/s" in line:
+                    rates.append(float(line.rsplit(" tokens/s", 1)[0].split()[-1].replace(",", "")))
+            if (spawn or hf) and ("[sft]" in line or "[hf]" in line or "Error" in line):
                 print("   ", line.rstrip(), flush=True)
+            if (found := re.search(r"\[(sft|hf)\] training steps \d+\.\.(\d+) ", line)):
+                phase[0], training[0], last[0] = "steps", True, found.group(2)
+            elif last[0] and f" step {last[0]}/{last[0]} " in line:
+                training[0] = False  # the last step is done; its validation and checkpoint follow
             if "[sft] training steps" in line:
                 phase[0] = "steps"
             elif "[sft] test evaluation" in line:
@@ -193,8 +314,9 @@ def measure(config: Path, args: list[str], spawn: bool = False, workers: int = 2
             raise SystemExit(f"sft-launch failed ({code}):\n{''.join(lines[-30:])}")
         peak = {k: max(v.values(), default=0.0) for k, v in peaks.items()}
         peak["test_parts"] = parts
-        if spawn:
-            return {**peak, "s_per_step": statistics.median(seconds[1:] if len(seconds) > 1 else seconds)}
+        after_first = lambda xs: statistics.median(xs[1:] if len(xs) > 1 else xs) if xs else float("nan")  # noqa: E731
+        if spawn or hf:
+            return {**peak, "s_per_step": after_first(seconds), "tokens_per_s": after_first(rates)}
         summary = json.loads((Path(out) / "run_summary.json").read_text())
     return {**peak,
             "checkpoint_mb": max(summary["checkpoint_bytes"].values()) / 2**20,
@@ -224,11 +346,19 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1, help="launches per cell; the table shows the median")
     p.add_argument("--phases", action="store_true", help="one row per phase, RSS and anonymous, with issue #27's ratios")
     p.add_argument("--spawn", action="store_true", help="with --phases: the worker loop in spawned processes, no Ray")
+    p.add_argument("--loss-impls", nargs="+", choices=["standard", "chunked", "hf"],
+                   help="issue #26: the training phase per train.loss_impl (micro-batch 1, gradient "
+                        "checkpointing, spawned workers, no Ray); with --max-length; hf: HF Trainer's alone")
+    p.add_argument("--max-length", nargs="+", type=int, default=[1024, 2048], help="with --loss-impls")
+    p.add_argument("--hf", action="store_true", help="with --loss-impls: HF Trainer + DeepSpeed on the same job")
     p.add_argument("--spawned", help=argparse.SUPPRESS)  # the --spawn child: its output folder
+    p.add_argument("--no-test", action="store_true", help=argparse.SUPPRESS)  # the --spawn child: training only
     p.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.spawned:
-        return spawned(a.config, a.set, a.spawned, a.workers[0])
+        return spawned(a.config, a.set, a.spawned, a.workers[0], not a.no_test)
+    if a.loss_impls:
+        return by_loss(a)
     if a.phases:
         return by_phase(a)
     rows = []
