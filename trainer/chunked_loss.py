@@ -2,15 +2,19 @@
 slices of the labelled positions, never the whole micro-batch x tokens x vocabulary logits at once.
 
 Pure functions over tensors and a `head` (a callable hidden -> logits: the model's LM head module,
-so ZeRO-3's module hooks gather its weight, tied to the input embedding or not, each time a chunk
-calls it, in forward and again in the recompute of backward). Each chunk's logits are recomputed in
-backward (torch.utils.checkpoint, non-reentrant), so at most one chunk's logits, log-softmax and
-gradient are alive. The number of chunks is fixed per run (LossImpl.chunks, from micro_batch_size x
-data.max_length), not per batch: under ZeRO-3 each head call is an all-gather, so every rank must
-make the same number of them whatever its batch holds (empty chunks still call the head). Position t predicts token t + 1 and the mean is over label tokens != IGNORE,
-as transformers' ForCausalLMLoss without num_items_in_batch (the loop never passes it). Also which
-implementation `train.loss_impl` resolves to, and how many bytes the logits take. Imports torch
-inside functions only; never ray, deepspeed or transformers.
+so ZeRO-3's module hooks gather its weight, tied to the input embedding or not). Training: when the
+head is a plain Linear, each slice's logits give their gradients (of the hidden states, the weight
+and the bias) in the forward pass itself, as liger-kernel's fused linear cross-entropy does, in plain
+torch (`_SummedCrossEntropy`, run as the head's own forward so that ZeRO-3 gathers its weight for it
+and again for its backward); backward recomputes nothing, and at most one slice's logits are alive
+beside a gradient buffer the size of the weight. Any other head (peft's wrappers) recomputes each
+slice in backward (torch.utils.checkpoint), calling the head once per slice. The number of chunks is
+fixed per run (LossImpl.chunks, from micro_batch_size x data.max_length), not per batch: under ZeRO-3
+each head call is an all-gather, so every rank must make the same number of them whatever its batch
+holds (empty chunks still call the head). Position t predicts token t + 1 and the mean is over label
+tokens != IGNORE, as transformers' ForCausalLMLoss without num_items_in_batch (the loop never passes
+it). Also which implementation `train.loss_impl` resolves to, and how many bytes the logits take.
+Imports torch inside functions only; never ray, deepspeed or transformers.
 """
 from __future__ import annotations
 
@@ -89,12 +93,81 @@ def _chunk_loss_sum(head: Callable[[Any], Any], hidden, target):
     return F.cross_entropy(_upcast(head(hidden)), target, ignore_index=IGNORE, reduction="sum")
 
 
+def _summed_cross_entropy():
+    """The autograd function (built on first use: this module imports torch inside functions only)."""
+    global _SUMMED
+    if _SUMMED is not None:
+        return _SUMMED
+    import torch
+    import torch.nn.functional as F
+
+    class SummedCrossEntropy(torch.autograd.Function):
+        """sum over rows i of CE(x_i W^T + b, y_i), a slice of rows at a time, every gradient computed
+        in forward (softmax - one-hot of each slice, multiplied out at once) and only scaled in backward."""
+
+        @staticmethod
+        def forward(ctx, x, weight, bias, y, chunks):
+            wide = torch.promote_types(weight.dtype, torch.float32)
+            total = x.new_zeros((), dtype=wide)
+            grad_x = torch.empty_like(x) if x.requires_grad else None
+            grad_w = torch.zeros_like(weight, dtype=wide) if weight.requires_grad else None
+            grad_b = torch.zeros_like(bias, dtype=wide) if bias is not None and bias.requires_grad else None
+            for at in torch.tensor_split(torch.arange(x.shape[0], device=x.device), chunks):
+                xs, target = x[at], y[at]
+                logits = _upcast(F.linear(xs, weight, bias))
+                lse = torch.logsumexp(logits, dim=-1)
+                total = total + (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
+                probs = logits.sub_(lse[:, None]).exp_()  # in place: the slice's d(sum)/d logits
+                probs[torch.arange(len(at), device=x.device), target] -= 1
+                if grad_x is not None:
+                    grad_x[at] = (probs.to(weight.dtype) @ weight).to(x.dtype)
+                if grad_w is not None:
+                    grad_w.addmm_(probs.t(), xs.to(wide))
+                if grad_b is not None:
+                    grad_b += probs.sum(0)
+            ctx.save_for_backward(*(t for t in (grad_x, grad_w, grad_b) if t is not None))
+            ctx.present = (grad_x is not None, grad_w is not None, grad_b is not None)
+            ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+            return total
+
+        @staticmethod
+        def backward(ctx, g):
+            saved = iter(ctx.saved_tensors)
+            grad_x, grad_w, grad_b = (next(saved) if present else None for present in ctx.present)
+            return (None if grad_x is None else grad_x * g.to(grad_x.dtype),
+                    None if grad_w is None else (grad_w * g).to(ctx.dtypes[0]),
+                    None if grad_b is None else (grad_b * g).to(ctx.dtypes[1]), None, None)
+
+    _SUMMED = SummedCrossEntropy
+    return _SUMMED
+
+
+_SUMMED = None
+
+
+def _fused_loss_sum(head, x, y, chunks: int):
+    """The summed cross-entropy of rows `x` against `y` through a Linear head, gradients computed in the
+    forward pass. Run as the head module's own forward: ZeRO-3's hooks gather its (partitioned, maybe
+    tied) weight around it, and again before its backward, where the weight's gradient arrives whole."""
+    function = _summed_cross_entropy()
+    before = head.__dict__.get("forward")
+    head.forward = lambda rows: function.apply(rows, head.weight, head.bias, y, chunks)
+    try:
+        return head(x)
+    finally:
+        if before is None:
+            del head.forward
+        else:
+            head.forward = before
+
+
 def chunked_loss(hidden, labels, head: Callable[[Any], Any], chunks: int, shift_labels=None, count=None):
     """Mean next-token cross-entropy over the label tokens (!= IGNORE) of `labels` (B x T, unshifted)
     given the last hidden states (B x T x H) and the LM head, the labelled positions in `chunks`
     near-equal slices (the head is called exactly `chunks` times, empty slices too).
     Equals F.cross_entropy(head(hidden)[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1)) (nan when
-    nothing is labelled, as there); with gradients, each chunk's logits are recomputed in backward.
+    nothing is labelled, as there); with gradients, a Linear head's are computed in forward (called
+    once), any other head's chunks recomputed in backward.
     A sequence-parallel shard (trainer/sequence_parallel.py) gives `shift_labels` (shifted already)
     and `count`, the whole sequence's label count: the sum over this shard's positions / count."""
     import torch
@@ -104,6 +177,9 @@ def chunked_loss(hidden, labels, head: Callable[[Any], Any], chunks: int, shift_
     where = (target != IGNORE).nonzero().squeeze(1)  # only labelled positions need logits
     flat = hidden.reshape(-1, hidden.size(-1))
     total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+    if torch.is_grad_enabled() and isinstance(head, torch.nn.Linear):
+        total = _fused_loss_sum(head, flat[where], target[where], chunks)
+        return total / count if count is not None else total / where.numel() if where.numel() else total / 0.0
     for at in torch.tensor_split(where, chunks):
         if torch.is_grad_enabled():
             # Deterministic: no RNG state to keep. The head module runs again in backward, so ZeRO-3

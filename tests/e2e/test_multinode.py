@@ -22,6 +22,7 @@ from typing import Optional
 
 import pytest
 
+from tests.helpers import tiny_config, write_config
 
 pytestmark = pytest.mark.e2e
 RAY = str(Path(sys.executable).parent / "ray")
@@ -133,9 +134,9 @@ def two_nodes(tmp_path_factory):
 
 @pytest.mark.parametrize("extra, message", [
     (("--nodes", "2", "--workers-per-node", "64"), "cannot place 2 node(s) x 64 worker(s)")])
-def test_asking_for_more_than_the_cluster_has_fails_fast(two_nodes, zero2, tmp_path, extra, message):
+def test_asking_for_more_than_the_cluster_has_fails_fast(two_nodes, tokenizer_dir, tmp_path, extra, message):
     address, env = two_nodes.address, two_nodes.env
-    _, config, _ = zero2
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path, tokenizer_dir))
     proc = subprocess.run([sys.executable, "-m", "launcher.cli", str(config), "--address", address, *extra,
                            "--output", str(tmp_path / "run")],
                           env=env, capture_output=True, text=True, timeout=300)  # a hang would time out
@@ -158,7 +159,6 @@ def test_a_lost_node_is_absorbed_by_a_resize_and_the_resumed_run_grows_back_when
     The single worker of launch 2 is held (SIGSTOP) while the new node joins, so the run cannot end
     before Ray's resize check sees the node: nothing here depends on how fast the machine trains."""
     from tests.e2e.common import scalars, train_worker_pids
-    from tests.helpers import tiny_config, write_config
     from trainer import checkpoints
 
     steps, global_batch = 24, 4 * 2  # micro batch 4 x 2 workers (x accumulation 2 on one worker)

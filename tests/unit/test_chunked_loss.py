@@ -75,12 +75,37 @@ def test_nothing_labelled_is_nan_as_in_torch_and_an_unlabelled_row_adds_nothing(
                                reference(hidden[keep], labels[keep], weight))
 
 
-@pytest.mark.parametrize("chunks", [4, 40])
-def test_module_head_is_called_once_per_chunk_and_again_in_backward(chunks):
-    """Exactly `chunks` calls whatever the batch holds (under ZeRO-3 each is an all-gather that
-    every rank must make): 40 chunks for 13 labelled positions leaves 27 empty ones, still called."""
+def test_a_linear_head_gives_its_gradients_in_forward_called_once():
+    """A plain Linear head: one call (as its own forward, so ZeRO-3's hooks gather the weight once per
+    micro-batch on every rank), the gradients computed there slice by slice and not recomputed in
+    backward; the same loss and gradients as the full logits."""
     hidden, weight, labels = tensors()
-    head = torch.nn.Linear(weight.size(1), weight.size(0), bias=False, dtype=torch.float64)
+    head = torch.nn.Linear(weight.size(1), weight.size(0), bias=True, dtype=torch.float64)
+    calls = []
+    head.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    labelled = int((labels[:, 1:] != IGNORE).sum())
+    x = hidden.clone().requires_grad_()
+    loss = chunked_loss(x, labels, head, 4)
+    loss.backward()
+    assert calls == [labelled]  # only labelled positions, and nothing again in backward
+    got = (x.grad, head.weight.grad, head.bias.grad)
+    x.grad, head.weight.grad, head.bias.grad = None, None, None
+    logits = head(x)[:, :-1]
+    F.cross_entropy(logits.reshape(-1, weight.size(0)), labels[:, 1:].reshape(-1), ignore_index=IGNORE).backward()
+    torch.testing.assert_close(loss, F.cross_entropy(logits.reshape(-1, weight.size(0)), labels[:, 1:].reshape(-1),
+                                                     ignore_index=IGNORE))
+    for a, b in zip(got, (x.grad, head.weight.grad, head.bias.grad)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("chunks", [4, 40])
+def test_another_head_is_called_once_per_chunk_and_again_in_backward(chunks):
+    """Any other head (peft wraps the head in modules of its own): exactly `chunks` calls whatever the
+    batch holds (under ZeRO-3 each is an all-gather that every rank must make): 40 chunks for 13
+    labelled positions leaves 27 empty ones, still called; each recomputed in backward."""
+    hidden, weight, labels = tensors()
+    linear = torch.nn.Linear(weight.size(1), weight.size(0), bias=False, dtype=torch.float64)
+    head = torch.nn.Sequential(linear)
     calls = []
     head.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
     labelled = int((labels[:, 1:] != IGNORE).sum())
@@ -89,7 +114,7 @@ def test_module_head_is_called_once_per_chunk_and_again_in_backward(chunks):
     assert len(calls) == chunks and sum(calls) == labelled  # only labelled positions get logits
     loss.backward()
     assert len(calls) == 2 * chunks and sum(calls) == 2 * labelled  # recomputed in backward, not kept
-    assert head.weight.grad is not None
+    assert linear.weight.grad is not None
     calls.clear()
     chunked_sums(hidden, labels, head, chunks)
     assert len(calls) == chunks
