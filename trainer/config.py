@@ -313,7 +313,7 @@ class TrainConfig:
     # Activation checkpointing on the model's blocks (recompute in backward; use_reentrant=False).
     gradient_checkpointing: bool = False
     # The causal-LM objective (trainer/chunked_loss.py): standard (the model's own, full logits),
-    # chunked (LM head + cross-entropy over slices, recomputed in backward; any device), liger
+    # chunked (LM head + cross-entropy over slices, gradients made in forward; any device), liger
     # (liger-kernel's fused linear cross-entropy; CUDA), auto (liger on CUDA when installed, else
     # chunked when micro_batch_size x data.max_length x vocab x 4 bytes > 256 MiB, else standard).
     loss_impl: Literal["auto", "standard", "chunked", "liger"] = "auto"

@@ -1,7 +1,7 @@
 """scaling.sequence_parallel: 2 (DeepSpeed Ulysses) on two spawned CPU ranks (gloo) trains as one rank
 with the whole sequences does (#26 point 3): the same losses, gradient norms, validation, test metrics
-and exported model, on ZeRO 2 and 3, with the standard and the chunked objective; its checkpoint goes
-on without sequence parallelism on one rank."""
+and exported model, on ZeRO 2 and 3, with the standard and the chunked objective, and with LoRA; its
+checkpoint goes on without sequence parallelism on one rank."""
 import json
 from pathlib import Path
 
@@ -16,8 +16,9 @@ from trainer.loop import WorkerArgs, fine_tune
 from trainer.messages import TestResult, TrainReport
 from trainer.report import ListReporter
 
-# (ZeRO stage, train.loss_impl, LoRA): chunked under ZeRO-3 gathers the head per chunk; LoRA on ZeRO-3
-# trains adapters of a pretrained model's projections (its exported model merged).
+# (ZeRO stage, train.loss_impl, LoRA): chunked under ZeRO-3 gathers the head for a shard's fused loss
+# (its count the whole sequence's); LoRA on ZeRO-3 trains adapters of a pretrained model's projections
+# (its exported model merged).
 CASES = [(2, "standard", False), (3, "standard", False), (3, "chunked", False), (3, "standard", True)]
 
 
