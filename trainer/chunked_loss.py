@@ -121,8 +121,10 @@ def _summed_cross_entropy():
                 probs[torch.arange(len(at), device=x.device), target] -= 1
                 if grad_x is not None:
                     grad_x[at] = (probs.to(weight.dtype) @ weight).to(x.dtype)
-                if grad_w is not None:
-                    grad_w.addmm_(probs.t(), xs.to(wide))
+                if grad_w is not None and weight.dtype == wide:
+                    grad_w.addmm_(probs.t(), xs)
+                elif grad_w is not None:  # bf16/fp16: the product in the weight's dtype (as standard's backward), summed in fp32
+                    grad_w += probs.t().to(weight.dtype) @ xs.to(weight.dtype)
                 if grad_b is not None:
                     grad_b += probs.sum(0)
             ctx.save_for_backward(*(t for t in (grad_x, grad_w, grad_b) if t is not None))
