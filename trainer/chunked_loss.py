@@ -18,6 +18,7 @@ Imports torch inside functions only; never ray, deepspeed or transformers.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -93,11 +94,9 @@ def _chunk_loss_sum(head: Callable[[Any], Any], hidden, target):
     return F.cross_entropy(_upcast(head(hidden)), target, ignore_index=IGNORE, reduction="sum")
 
 
+@functools.cache
 def _summed_cross_entropy():
     """The autograd function (built on first use: this module imports torch inside functions only)."""
-    global _SUMMED
-    if _SUMMED is not None:
-        return _SUMMED
     import torch
     import torch.nn.functional as F
 
@@ -140,11 +139,7 @@ def _summed_cross_entropy():
                     None if grad_w is None else (grad_w * g).to(ctx.dtypes[0]),
                     None if grad_b is None else (grad_b * g).to(ctx.dtypes[1]), None, None)
 
-    _SUMMED = SummedCrossEntropy
-    return _SUMMED
-
-
-_SUMMED = None
+    return SummedCrossEntropy
 
 
 def _fused_loss_sum(head, x, y, chunks: int):
@@ -166,10 +161,10 @@ def _fused_loss_sum(head, x, y, chunks: int):
 def chunked_loss(hidden, labels, head: Callable[[Any], Any], chunks: int, shift_labels=None, count=None):
     """Mean next-token cross-entropy over the label tokens (!= IGNORE) of `labels` (B x T, unshifted)
     given the last hidden states (B x T x H) and the LM head, the labelled positions in `chunks`
-    near-equal slices (the head is called exactly `chunks` times, empty slices too).
-    Equals F.cross_entropy(head(hidden)[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1)) (nan when
-    nothing is labelled, as there); with gradients, a Linear head's are computed in forward (called
-    once), any other head's chunks recomputed in backward.
+    near-equal slices. Equals F.cross_entropy(head(hidden)[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1))
+    (nan when nothing is labelled, as there). With gradients, a Linear head is called once and the
+    gradients made in forward (_fused_loss_sum); any other head, and every head without gradients, is
+    called exactly `chunks` times (empty slices too), each chunk recomputed in backward.
     A sequence-parallel shard (trainer/sequence_parallel.py) gives `shift_labels` (shifted already)
     and `count`, the whole sequence's label count: the sum over this shard's positions / count."""
     import torch
@@ -178,18 +173,18 @@ def chunked_loss(hidden, labels, head: Callable[[Any], Any], chunks: int, shift_
     target = shift_labels.reshape(-1) if shift_labels is not None else shifted_targets(labels)
     where = (target != IGNORE).nonzero().squeeze(1)  # only labelled positions need logits
     flat = hidden.reshape(-1, hidden.size(-1))
-    total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
     if torch.is_grad_enabled() and isinstance(head, torch.nn.Linear):
         total = _fused_loss_sum(head, flat[where], target[where], chunks)
-        return total / count if count is not None else total / where.numel() if where.numel() else total / 0.0
-    for at in torch.tensor_split(where, chunks):
-        if torch.is_grad_enabled():
-            # Deterministic: no RNG state to keep. The head module runs again in backward, so ZeRO-3
-            # gathers its weight again there (its own hooks), as for any checkpointed module.
-            total = total + checkpoint(_chunk_loss_sum, head, flat[at], target[at], use_reentrant=False,
-                                       preserve_rng_state=False)
-        else:
-            total = total + _chunk_loss_sum(head, flat[at], target[at])
+    else:
+        total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+        for at in torch.tensor_split(where, chunks):
+            if torch.is_grad_enabled():
+                # Deterministic: no RNG state to keep. The head module runs again in backward, so ZeRO-3
+                # gathers its weight again there (its own hooks), as for any checkpointed module.
+                total = total + checkpoint(_chunk_loss_sum, head, flat[at], target[at], use_reentrant=False,
+                                           preserve_rng_state=False)
+            else:
+                total = total + _chunk_loss_sum(head, flat[at], target[at])
     if count is not None:
         return total / count
     return total / where.numel() if where.numel() else total / 0.0

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from trainer.chunked_loss import shifted_targets
 from trainer.masking import IGNORE
 
 
@@ -100,9 +101,10 @@ def shard(batch: dict, rank: int, size: int, micro_batch_size: int) -> dict:
     fill_rows = micro_batch_size - rows
     ids = F.pad(ids, (0, width - length, 0, max(fill_rows, 0)), value=0)
     labels = F.pad(labels, (0, width - length, 0, max(fill_rows, 0)), value=IGNORE)
-    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    shifted = shifted_targets(labels).view(labels.shape)
     positions = torch.arange(width, device=ids.device).expand(ids.shape[0], width)
     part = slice(rank * width // size, (rank + 1) * width // size)
+    # "labels" too: transformers computes a loss only when given labels; with shift_labels it shifts none.
     return {"input_ids": ids[:, part].contiguous(), "position_ids": positions[:, part].contiguous(),
             "labels": shifted[:, part].contiguous(), "shift_labels": shifted[:, part].contiguous(),
             "num_items_in_batch": (shifted != IGNORE).sum()}
