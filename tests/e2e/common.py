@@ -42,13 +42,31 @@ def texts(logdir: Path, tag: str) -> dict[int, str]:
     return {e.step: e.tensor_proto.string_val[0].decode() for e in acc.Tensors(tag)}
 
 
-def train_worker_pids() -> list[int]:
-    """The Ray Train worker processes running now (Ray titles them ray::RayTrainWorker...)."""
+def descendants(roots: set[int]) -> set[int]:
+    """The processes below `roots` (children, their children, ...), read from /proc now."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    found = set()
+    while True:
+        more = {pid for pid, parent in parents.items() if parent in roots | found} - found
+        if not more:
+            return found
+        found |= more
+
+
+def train_worker_pids(*roots: int) -> list[int]:
+    """The Ray Train worker processes running now below `roots` (the launcher, or the Ray nodes of a
+    cluster: Ray titles them ray::RayTrainWorker...), never another test's."""
     pids = []
-    for proc in Path("/proc").iterdir():
+    for pid in descendants(set(roots)):
         try:
-            if proc.name.isdigit() and b"RayTrainWorker" in (proc / "cmdline").read_bytes():
-                pids.append(int(proc.name))
+            if b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
         except OSError:
             pass
     return sorted(pids)

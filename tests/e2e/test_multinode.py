@@ -10,10 +10,12 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ from typing import Optional
 
 import pytest
 
+from tests.e2e.common import descendants
 from tests.helpers import tiny_config, write_config
 
 pytestmark = pytest.mark.e2e
@@ -70,17 +73,8 @@ class Cluster:
     def kill_node(self, proc) -> list[int]:
         """SIGKILL every process of a node, by pid: its `ray start`, raylet and agents (the process group
         of `proc`) and the workers the raylet started (its descendants, in sessions of their own)."""
-        parents = {}
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                with contextlib.suppress(OSError, ValueError, IndexError):
-                    parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        node = {pid for pid in parents if _pgid(pid) == proc.pid}
-        while True:
-            more = {pid for pid, parent in parents.items() if parent in node} - node
-            if not more:
-                break
-            node |= more
+        group = {int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit() and _pgid(int(e.name)) == proc.pid}
+        node = group | descendants(group)
         for pid in node:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -95,9 +89,11 @@ def _pgid(pid: int):
 
 
 @pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory):
+def two_nodes():
     """Starts and stops only its own Ray processes (never `ray stop`, which ends every Ray here)."""
-    tmp = tmp_path_factory.mktemp("cluster")
+    # Ray's session directory holds its Unix sockets, whose paths may not pass 107 bytes: a pytest temp
+    # directory (deeper still under xdist, .../popen-gw0/...) leaves the head unable to start.
+    tmp = Path(tempfile.mkdtemp(prefix="sft-ray-"))
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "RAY_USAGE_STATS_ENABLED": "0"}
     port = _free_port()
@@ -130,6 +126,7 @@ def two_nodes(tmp_path_factory):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -187,7 +184,7 @@ def test_a_lost_node_is_absorbed_by_a_resize_and_the_resumed_run_grows_back_when
     second = _Launch(two_nodes, config, target, "--resume")
     # Two checkpoints of its own: Ray has registered the first, which the grown group converts.
     second.wait_for(lambda: _written_by(target, 1, count=2, attempt="attempt-2"))
-    held = train_worker_pids()
+    held = train_worker_pids(*(p.pid for p in two_nodes.procs))
     for pid in held:
         os.kill(pid, signal.SIGSTOP)
     try:

@@ -160,7 +160,7 @@ def test_a_full_disk_ends_the_run_and_the_resume_on_one_worker_survives_a_killed
     for line in proc.stdout:
         lines.append(line)
         if f"[sft] step {kill_at}/150" in line and killed is None:
-            killed = train_worker_pids()[-1]
+            killed = train_worker_pids(proc.pid)[-1]
             os.kill(killed, signal.SIGKILL)
     text = "".join(lines)
     assert proc.wait(timeout=600) == 0, text[-4000:]
