@@ -8,6 +8,40 @@ from tests.e2e.common import launch
 from tests.helpers import DATA, make_tokenizer, shouted_copy, tiny_config, tiny_llama, write_config
 
 
+# pyproject's addopts run the suite in two pytest-xdist workers. The tests that start Ray (the e2e marker)
+# run in two sequences, each in one worker, in collection order: the first shares the ZeRO-2 launch and its
+# stop/resume (conftest's session fixtures: end to end, recovery, Slurm), the second holds the runs of
+# their own (two nodes, the search, a classification task). The rest (unit, loop, spawned ranks, trackers:
+# no Ray) go a module at a time to whichever worker is free. `-n 0` runs everything in one process.
+RAY_TESTS = {"tests/e2e/test_e2e.py": "ray-shared", "tests/e2e/test_recovery.py": "ray-shared",
+             "tests/slurm/": "ray-shared", "tests/e2e/test_multinode.py": "ray-own",
+             "tests/e2e/test_tune.py": "ray-own", "tests/e2e/test_tasks_e2e.py": "ray-own"}
+
+
+def ray_sequence(nodeid: str):
+    return next((name for prefix, name in RAY_TESTS.items() if nodeid.startswith(prefix)), None)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RaySequences(LoadScopeScheduling):
+        """LoadScopeScheduling's unit of work is a scope: a Ray sequence, else a test module."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return ray_sequence(nodeid) or nodeid.split("::", 1)[0]
+
+    return RaySequences(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    stray = [item.nodeid for item in items if item.get_closest_marker("e2e") and not ray_sequence(item.nodeid)]
+    if stray:
+        raise pytest.UsageError(f"tests that start Ray (marked e2e) need a sequence in RAY_TESTS (tests/conftest.py): "
+                                f"{stray}")
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     return make_tokenizer(tmp_path_factory.mktemp("tokenizer"))
