@@ -13,9 +13,28 @@ from trainer.model import full_shape
 from trainer.schedule import lr_scheduler
 
 
+def import_deepspeed():
+    """`import deepspeed`, the first time without the MLflow import that DeepSpeed's autotuner makes at
+    import time wherever MLflow is installed (deepspeed.autotuning.autotuner, `try: import mlflow`):
+    1.3 of the 3 s that importing DeepSpeed takes here, in every worker's start. Workers use neither
+    DeepSpeed's autotuner nor MLflow (a run's controller is its trackers' one writer); a process that
+    imported MLflow already (a test process, say) imports DeepSpeed as it is."""
+    import sys
+
+    if "deepspeed" not in sys.modules and "mlflow" not in sys.modules:
+        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError: the autotuner goes on without it
+        try:
+            import deepspeed
+        finally:
+            del sys.modules["mlflow"]
+    import deepspeed
+
+    return deepspeed
+
+
 def init_distributed() -> None:
     """DeepSpeed adopts the orchestrator's process group (zero.Init needs it to build a model)."""
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     # DeepSpeed 0.19.8 (private): the shared-memory all-reduce op is JIT-compiled on first use (by
     # init_distributed) and serves only inference; mark it incompatible so it is never built.
