@@ -51,12 +51,11 @@ def descendants(roots: set[int]) -> set[int]:
                 parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
             except (OSError, ValueError, IndexError):
                 pass
-    found = set()
-    while True:
-        more = {pid for pid, parent in parents.items() if parent in roots | found} - found
-        if not more:
-            return found
-        found |= more
+    found, frontier = set(), set(roots)
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
 
 
 def train_worker_pids(*roots: int) -> list[int]:
